@@ -1,0 +1,2216 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["httpx>=0.25", "tqdm>=4.64", "pyarrow>=14"]
+# ///
+"""Score every row of a large dataset with a local LLM spread over a fleet of machines.
+
+Reads source-code functions from Parquet or JSONL, asks each Ollama (or
+OpenAI-compatible) server listed in endpoints.txt to grade them 1..10, and
+appends one JSON line per finished row to a checkpoint that survives crashes.
+Throughput adds up across machines; each machine gets as many requests in flight
+as it can use (adaptive), and the run can be killed and resumed at any moment.
+
+Usage:
+    python score.py data.parquet --endpoints endpoints.txt
+    python score.py data.parquet --endpoints endpoints.txt --resume   # after a crash
+    python score.py data.parquet --check                              # preflight only
+
+Input:
+    a .parquet file, a directory of .parquet files, or .jsonl/.ndjson (optionally .gz).
+    Ids come from --id-column (default "id" if present, else the 0-based row number;
+    for JSONL the physical line number). Text comes from --text-column (default the
+    first of code, function, content, text).
+
+Output (<input>.scores.jsonl unless -o): one JSON object per finished row, e.g.
+    {"id": "fn-17", "score": 7, "reason": "...", "model": "qwen2.5-coder:7b", ...,
+     "error": null, "error_kind": null}
+    Consumers take the last record with a non-null score per id.
+
+Resuming: --resume skips every id that has a score or a permanent error (empty text,
+malformed line), repairs a torn final line, and retries rows whose attempts ran out.
+A sidecar <output>.meta.json pins model, prompt and input; mixing needs --force.
+
+Exit codes:
+    0    every row taken has a score
+    1    some rows have no score (failed, permanently skipped, or --max-downtime hit)
+    2    bad usage or input, no usable endpoint, or an existing output without --resume
+    130  interrupted (SIGINT);  143  terminated (SIGTERM)
+
+Layout of this file (in the order data flows):
+    Constants · Data model · Errors · Input · Checkpoint · Endpoints · Scoring ·
+    Scheduling · Progress and summary · Export and report · CLI
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import html
+import itertools
+import json
+import math
+import os
+import random
+import re
+import signal
+import string
+import sys
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+# ── Constants ───────────────────────────────────────────────────────────────────
+
+__version__ = "0.3.0"
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+DEFAULT_MODEL = "qwen2.5-coder:7b"
+DEFAULT_ENDPOINT = "http://localhost:11434"
+OLLAMA_PORT = 11434
+TEXT_COLUMNS = ("code", "function", "content", "text")
+ENDPOINT_KEYS = ("concurrency", "model", "name", "api", "key_env")
+
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "integer", "minimum": 1, "maximum": 10},
+        "reason": {"type": "string"},
+    },
+    "required": ["score", "reason"],
+}
+
+DEFAULT_PROMPT = """\
+You are reviewing source code to select high-quality examples for fine-tuning a code model.
+Rate the function below from 1 to 10 as a training example.
+
+Judge: readability and naming; apparent correctness; idiomatic use of the language;
+documentation (docstring or comments where they help); usefulness as a self-contained
+example a model should learn from.
+
+1  = broken, meaningless, auto-generated or unreadable; never train on it.
+5  = works and is readable but unremarkable: thin docs, some smells, little to learn.
+10 = exemplary: clear, correct, idiomatic, well documented, worth imitating.
+
+Answer with JSON only: {{"score": <integer 1-10>, "reason": "<one short sentence>"}}
+
+```
+{code}
+```
+"""
+
+NUM_PREDICT = 256           # answer budget; a score and one sentence fit easily
+CHARS_PER_TOKEN = 2.5       # conservative for code: cut more rather than overflow
+CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own markup
+MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
+TRUNCATION_MARK = "\n... [truncated]"
+
+PERMANENT_ERRORS = frozenset({"empty", "malformed", "no_id", "template"})
+
+DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
+PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
+POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
+
+AUTO_MAX = 64               # ceiling for adaptive concurrency
+AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay
+AUTO_HOLD_WINDOWS = 6       # windows at the chosen limit before re-probing around it
+HEDGE_RATIO = 0.5           # race an item when we expect to finish in < this share of its remaining time
+
+QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
+READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
+FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
+
+# ── Data model ──────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """One line of endpoints.txt, validated."""
+
+    url: str
+    name: str
+    api: str                     # "auto", "ollama" or "openai"
+    model: str | None            # per-machine override of --model
+    concurrency: int | None      # None = adaptive
+    key_env: str | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the run needs, typed; argparse stops before this."""
+
+    input: Path
+    output: Path
+    endpoints: tuple[EndpointSpec, ...]
+    resume: bool
+    overwrite: bool
+    force: bool
+    model: str
+    id_column: str | None
+    text_column: str | None
+    prompt: str
+    prompt_source: str
+    concurrency: int | None
+    timeout: float
+    max_attempts: int
+    limit: int | None
+    num_ctx: int
+    temperature: float
+    seed: int
+    keep_alive: str
+    max_downtime: float | None
+    startup_timeout: float
+    allow_mixed_models: bool
+    pull: bool
+    check: bool
+    hedge: bool
+    dedup: bool
+    progress: bool
+    export: Path | None
+    min_score: int | None
+    report: bool
+    report_html: Path | None
+
+
+@dataclass(slots=True, eq=False)
+class Item:
+    """One input row on its way through the fleet; identity-hashed."""
+
+    id: int | str
+    key: int                      # compact 64-bit form of the id, for the done-set
+    row: int
+    text: str | None
+    fields: dict[str, Any]
+    digest: int = 0               # content hash for duplicate fan-out (0 = none)
+    problem: tuple[str, str] | None = None   # (error_kind, message): never sent
+    attempts: int = 0             # item faults charged against --max-attempts
+    faults: int = 0               # endpoint faults seen while carrying this item
+    fault_endpoints: set[str] = field(default_factory=set)
+    avoid: str | None = None      # endpoint that last gave a bad answer for it
+    max_chars: int | None = None  # code budget learned from a context overflow
+    shrinks: int = 0
+    last_error: str = ""
+    tasks: dict[Any, asyncio.Task] = field(default_factory=dict)
+    hedged: bool = False
+    racer: Any = None             # the endpoint that sent the raced copy
+    finished: bool = False
+    followers: list[Item] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Answer:
+    """A validated answer from one request."""
+
+    score: int
+    reason: str
+    prompt_tokens: int | None
+    output_tokens: int | None
+    latency: float
+    truncated: bool
+    seed: int
+    temperature: float
+
+
+# ── Errors ──────────────────────────────────────────────────────────────────────
+# Whose fault decides what happens next: an endpoint's trouble re-queues the item
+# for free, an item's trouble costs one of its attempts, a fatal answer retires
+# the endpoint, and a UsageError ends the run with exit 2 before damage is done.
+
+
+class UsageError(Exception):
+    """Bad command line, input or environment: one line, exit 2."""
+
+
+class EndpointFault(Exception):
+    """The endpoint could not answer (down, busy, crashed, timed out)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False,
+                 item_related: bool = True, overload: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.overload = overload          # busy/slow: fewer requests in flight would help
+        self.connect = connect            # never the item's fault: no request was made
+        self.item_related = item_related  # could this item have caused it?
+
+
+class ItemFault(Exception):
+    """The endpoint answered, but not usefully for this item."""
+
+    def __init__(self, message: str, kind: str = "bad_answer") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ContextOverflow(Exception):
+    """The prompt does not fit the server's context: cut the code and resend."""
+
+    def __init__(self, message: str, requested: int | None, limit: int | None) -> None:
+        super().__init__(message)
+        self.requested = requested
+        self.limit = limit
+
+
+class EndpointGone(Exception):
+    """The endpoint refuses us for good (auth, missing model): take it out."""
+
+
+class FormatRejected(Exception):
+    """An OpenAI-compatible server rejected json_schema response_format."""
+
+
+class StopRun(Exception):
+    """The run cannot go on (all endpoints retired, --max-downtime hit, disk full)."""
+
+    def __init__(self, message: str, code: int = EXIT_INCOMPLETE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ── Input ───────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class InputInfo:
+    """What the dataset looks like: its files, columns and size."""
+
+    kind: str                       # "parquet" or "jsonl"
+    files: tuple[Path, ...]
+    columns: tuple[str, ...]
+    total: int | None               # rows (Parquet metadata); JSONL is counted later
+    id_column: str | None           # None: ids are row (line) numbers
+    text_column: str
+    fields: tuple[str, ...]         # template columns besides {code}
+
+
+def id_key(value: int | str) -> int:
+    """Return the compact signed 64-bit key that stands for an id in memory."""
+    if type(value) is int and -(1 << 63) <= value < (1 << 63):
+        return value
+    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def text_digest(text: str) -> int:
+    """Hash code after a cheap normalization: line endings, trailing blanks, outer blank lines."""
+    lines = text.strip().replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    normal = "\n".join(line.rstrip() for line in lines)
+    value = int.from_bytes(hashlib.blake2b(normal.encode(), digest_size=8).digest(), "little", signed=True)
+    return value or 1
+
+
+def format_digest(value: int) -> str:
+    """Render a content digest as 16 hex characters, as stored in records."""
+    return (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little").hex()
+
+
+def parse_digest(text: str) -> int:
+    """Invert format_digest."""
+    return int.from_bytes(bytes.fromhex(text), "little", signed=True)
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """Return the {column} names a prompt template uses, raising ValueError if malformed."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"unsupported placeholder {{{name}}}: use {{column}} names only")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def input_kind(path: Path) -> str:
+    """Tell Parquet from JSONL by suffix, or raise UsageError."""
+    if path.is_dir():
+        return "parquet"
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    if suffixes and suffixes[-1] == ".parquet":
+        return "parquet"
+    if suffixes and suffixes[-1] in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    raise UsageError(f"{path}: unknown input type (expected .parquet, a directory of them, .jsonl or .ndjson, optionally .gz)")
+
+
+def open_lines(path: Path):
+    """Open a JSONL file for binary line reading, transparently gunzipping."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def inspect_input(path: Path, id_column: str | None, text_column: str | None, template: str) -> InputInfo:
+    """Check the input exists and has the columns we need; choose id and text columns."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    kind = input_kind(path)
+    if kind == "parquet":
+        files = tuple(sorted(p for p in path.rglob("*.parquet") if p.is_file())) if path.is_dir() else (path,)
+        if not files:
+            raise UsageError(f"{path}: directory holds no .parquet files")
+        total, columns = 0, None
+        for file in files:
+            try:
+                meta = pq.ParquetFile(file)
+            except (pa.ArrowException, OSError) as exc:
+                raise UsageError(f"{file}: not a readable Parquet file ({one_line(exc)})") from None
+            total += meta.metadata.num_rows
+            names = tuple(meta.schema_arrow.names)
+            if columns is None:
+                columns = names
+            elif set(names) != set(columns):
+                raise UsageError(f"{file}: columns {list(names)} differ from {files[0].name}'s {list(columns)}")
+    else:
+        files, total, columns = (path,), None, ()
+        try:
+            with open_lines(path) as lines:
+                for raw in itertools.islice(lines, 1000):
+                    with contextlib.suppress(ValueError):
+                        row = json.loads(raw)
+                        if isinstance(row, dict):
+                            columns = tuple(row)
+                            break
+        except (OSError, EOFError) as exc:
+            raise UsageError(f"{path}: cannot read ({one_line(exc)})") from None
+        if not columns:
+            raise UsageError(f"{path}: no JSON object found in the first 1000 lines")
+    if id_column is None:
+        id_column = "id" if "id" in columns else None
+    elif id_column not in columns:
+        raise UsageError(f"{path}: no id column {id_column!r}; columns are: {', '.join(columns)}")
+    if text_column is None:
+        text_column = next((c for c in TEXT_COLUMNS if c in columns), None)
+        if text_column is None:
+            raise UsageError(f"{path}: no text column (looked for {', '.join(TEXT_COLUMNS)}); "
+                             f"columns are: {', '.join(columns)}; pick one with --text-column")
+    elif text_column not in columns:
+        raise UsageError(f"{path}: no text column {text_column!r}; columns are: {', '.join(columns)}")
+    try:
+        names = template_fields(template)
+    except ValueError as exc:
+        raise UsageError(f"prompt template: {exc}") from None
+    if "code" not in names and text_column not in names:
+        raise UsageError("prompt template has no {code} placeholder for the function's text")
+    missing = [n for n in names if n != "code" and n not in columns]
+    if missing:
+        raise UsageError(f"prompt template uses {', '.join(missing)}, which the input lacks; columns are: {', '.join(columns)}")
+    fields = tuple(n for n in names if n != "code")
+    return InputInfo(kind, files, columns, total, id_column, text_column, fields)
+
+
+def make_item(row: int, ident: Any, text: Any, fields: dict[str, Any], label: str, dedup: bool) -> Item:
+    """Build an Item from one row, marking rows that must not be sent."""
+    problem = None
+    if ident is None:
+        ident, problem = label, ("no_id", "the id column is null")
+    elif not isinstance(ident, (int, str)):
+        ident = str(ident)
+    if problem is None:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        elif text is not None and not isinstance(text, str):
+            text = str(text)
+        if text is None or not text.strip():
+            problem = ("empty", "the text is null or empty")
+        elif missing := [k for k, v in fields.items() if v is None]:
+            problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
+    item = Item(id=ident, key=id_key(ident), row=row, text=text if problem is None else None,
+                fields=fields, problem=problem)
+    if problem is None and dedup:
+        item.digest = text_digest(text)
+    return item
+
+
+def read_parquet(info: InputInfo, dedup: bool) -> Iterator[Item]:
+    """Stream items from Parquet in record batches, reading only the needed columns."""
+    wanted = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
+    row = 0
+    for file in info.files:
+        try:
+            batches = pq.ParquetFile(file).iter_batches(batch_size=1024, columns=wanted)
+            for batch in batches:
+                data = {name: batch.column(name).to_pylist() for name in wanted}
+                ids = data[info.id_column] if info.id_column else range(row, row + batch.num_rows)
+                for i, ident in enumerate(ids):
+                    fields = {name: data[name][i] for name in info.fields}
+                    yield make_item(row, ident, data[info.text_column][i], fields, f"row:{row}", dedup)
+                    row += 1
+        except (pa.ArrowException, OSError) as exc:
+            raise UsageError(f"{file}: cannot read row {row} ({one_line(exc)})") from None
+
+
+def read_jsonl(info: InputInfo, dedup: bool) -> Iterator[Item]:
+    """Stream items from JSONL line by line; a malformed line becomes an error item."""
+    path = info.files[0]
+    try:
+        with open_lines(path) as lines:
+            for number, raw in enumerate(lines):
+                if not raw.strip():
+                    continue
+                label = f"line:{number + 1}"
+                try:
+                    obj = json.loads(raw)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                except ValueError as exc:
+                    ident = number if info.id_column is None else label
+                    item = Item(id=ident, key=id_key(ident), row=number, text=None, fields={},
+                                problem=("malformed", f"line {number + 1}: not valid JSON ({one_line(exc)})"))
+                    yield item
+                    continue
+                ident = obj.get(info.id_column) if info.id_column else number
+                fields = {name: obj.get(name) for name in info.fields}
+                yield make_item(number, ident, obj.get(info.text_column), fields, label, dedup)
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"{path}: cannot read ({one_line(exc)})") from None
+
+
+def read_items(info: InputInfo, dedup: bool = True) -> Iterator[Item]:
+    """Stream every row of the input as an Item, never holding the dataset in memory."""
+    return read_parquet(info, dedup) if info.kind == "parquet" else read_jsonl(info, dedup)
+
+
+def count_rows(info: InputInfo) -> int:
+    """Count JSONL lines quickly (for the progress total); Parquet knows from metadata."""
+    if info.total is not None:
+        return info.total
+    count, last = 0, b"\n"
+    with open_lines(info.files[0]) as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+# ── Checkpoint ──────────────────────────────────────────────────────────────────
+
+
+class KeySet:
+    """A frozen set of 64-bit keys in a sorted array: 8 bytes per key."""
+
+    def __init__(self, keys: array) -> None:
+        self._keys = array("q", sorted(keys))
+
+    def __contains__(self, key: int) -> bool:
+        i = bisect.bisect_left(self._keys, key)
+        return i < len(self._keys) and self._keys[i] == key
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class DigestIndex:
+    """Map content digests to the checkpoint offset of a scored record with that text."""
+
+    def __init__(self) -> None:
+        self._keys, self._offsets = array("q"), array("q")
+        self._recent: dict[int, int] = {}
+
+    def get(self, digest: int) -> int | None:
+        """Return the record offset for digest, or None."""
+        offset = self._recent.get(digest)
+        if offset is not None:
+            return offset
+        i = bisect.bisect_left(self._keys, digest)
+        if i < len(self._keys) and self._keys[i] == digest:
+            return self._offsets[i]
+        return None
+
+    def add(self, digest: int, offset: int) -> None:
+        """Remember the first scored record of a text."""
+        if self.get(digest) is None:
+            self._recent[digest] = offset
+            if len(self._recent) > max(50_000, len(self._keys) // 2):
+                self._compact()
+
+    def _compact(self) -> None:
+        # A dict entry costs ~100 bytes, an array slot 16: fold recent entries into the arrays.
+        pairs = sorted(itertools.chain(zip(self._keys, self._offsets), self._recent.items()))
+        self._keys = array("q", (k for k, _ in pairs))
+        self._offsets = array("q", (o for _, o in pairs))
+        self._recent = {}
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+
+@dataclass(slots=True)
+class ResumeState:
+    """What an existing checkpoint says is finished."""
+
+    scored: KeySet
+    permanent: KeySet               # ids with a permanent error and no score
+    digests: DigestIndex
+    records: int = 0
+    retried: int = 0                # ids whose last attempt failed: resume retries them
+    bad_lines: int = 0
+    torn_bytes: int = 0
+
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock; run one writer per file there
+    fcntl = None
+
+
+class Checkpoint:
+    """Append-only JSONL of finished items: the only source of truth for resume."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self._synced_at = time.monotonic()
+        self._dirty = False
+
+    @classmethod
+    def open(cls, path: Path, *, resume: bool, overwrite: bool) -> tuple[Checkpoint, ResumeState]:
+        """Open (and lock) the output for appending, repairing and scanning it on resume."""
+        exists = path.exists() and path.stat().st_size > 0
+        if exists and not (resume or overwrite):
+            raise UsageError(f"{path} already holds results ({path.stat().st_size:,} bytes); "
+                             "continue it with --resume or start over with --overwrite")
+        if path.parent and not path.parent.exists():
+            raise UsageError(f"{path.parent}: output directory does not exist")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot open for writing ({exc.strerror})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UsageError(f"{path} is being written by another score.py; wait for it or choose another -o") from None
+        if overwrite and not resume:
+            os.ftruncate(fd, 0)
+        checkpoint = cls(path, fd)
+        state = ResumeState(KeySet(array("q")), KeySet(array("q")), DigestIndex())
+        if resume and checkpoint.size:
+            state.torn_bytes = checkpoint._repair_tail()
+            state = checkpoint._scan(state.torn_bytes)
+        return checkpoint, state
+
+    def _repair_tail(self) -> int:
+        """Cut a torn final line (a crash mid-write) and return how many bytes went."""
+        size = self.size
+        if os.pread(self._fd, 1, size - 1) == b"\n":
+            return 0
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            block = os.pread(self._fd, end - start, start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        os.ftruncate(self._fd, end)
+        os.fsync(self._fd)
+        self.size = end
+        return size - end
+
+    def _scan(self, torn: int) -> ResumeState:
+        """Read every complete line once to learn what is finished."""
+        scored, failed, permanent = array("q"), set(), array("q")
+        digests = DigestIndex()
+        records = bad = 0
+        offset = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                here, offset = offset, offset + len(line)
+                try:
+                    record = json.loads(line)
+                    key = id_key(record["id"])
+                except (ValueError, KeyError, TypeError):
+                    bad += 1
+                    continue
+                records += 1
+                if record.get("score") is not None:
+                    scored.append(key)
+                    digest = record.get("hash")
+                    if digest:
+                        with contextlib.suppress(ValueError):
+                            digests.add(parse_digest(digest), here)
+                elif record.get("error_kind") in PERMANENT_ERRORS:
+                    permanent.append(key)
+                else:
+                    failed.add(key)
+        scored_set = KeySet(scored)
+        permanent = array("q", (k for k in permanent if k not in scored_set))
+        retried = sum(1 for k in failed if k not in scored_set)
+        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, bad, torn)
+
+    def append(self, record: dict[str, Any]) -> int:
+        """Write one record as one complete line; return its offset."""
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        offset = self.size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise StopRun(f"cannot write {self.path}: {exc.strerror}; fix that and rerun with --resume") from None
+        self.size += len(data)
+        self._dirty = True
+        if time.monotonic() - self._synced_at >= FSYNC_EVERY:
+            self.sync()
+        return offset
+
+    def read_at(self, offset: int) -> dict[str, Any]:
+        """Read back the record that starts at offset."""
+        data = b""
+        while b"\n" not in data:
+            block = os.pread(self._fd, 65536, offset + len(data))
+            if not block:
+                break
+            data += block
+        return json.loads(data.split(b"\n", 1)[0])
+
+    def sync(self) -> None:
+        """Push written lines to the disk."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        self._synced_at = time.monotonic()
+
+    def close(self) -> None:
+        """fsync and release the file (and its lock)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def meta_path(output: Path) -> Path:
+    """Return the sidecar that pins what a checkpoint's records mean."""
+    return output.with_name(output.name + ".meta.json")
+
+
+def write_meta(output: Path, meta: dict[str, Any]) -> None:
+    """Write the sidecar atomically (temp file + rename)."""
+    target = meta_path(output)
+    temp = target.with_name(target.name + ".tmp")
+    temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temp, target)
+
+
+def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
+    """Describe what makes two runs' scores comparable."""
+    return {
+        "model": config.model,
+        "prompt_sha256": hashlib.sha256(config.prompt.encode()).hexdigest(),
+        "schema_sha256": hashlib.sha256(json.dumps(SCORE_SCHEMA, sort_keys=True).encode()).hexdigest(),
+        "input": str(config.input.resolve()),
+        "id_column": info.id_column,
+        "text_column": info.text_column,
+    }
+
+
+def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
+    """Compare the run with the checkpoint's sidecar; refuse to mix unless --force."""
+    current = fingerprint(config, info)
+    path = meta_path(config.output)
+    if not (config.resume and path.exists()):
+        return {"fingerprint": current, "endpoints": {}}
+    try:
+        meta = json.loads(path.read_text())
+        old = meta["fingerprint"]
+    except (ValueError, KeyError, OSError) as exc:
+        warn(f"{path}: unreadable ({one_line(exc)}); it will be rewritten")
+        return {"fingerprint": current, "endpoints": {}}
+    changed = [k for k in current if old.get(k) != current[k]]
+    if changed:
+        lines = [f"  {k}: was {old.get(k)!r}, now {current[k]!r}" for k in changed]
+        message = (f"{config.output} was written with a different setup; "
+                   f"resuming would mix incomparable scores:\n" + "\n".join(lines))
+        if not config.force:
+            raise UsageError(message + "\nrerun with --force to mix them anyway, or choose another -o")
+        warn("WARNING: " + message + "\n(--force given: mixing them)")
+        meta["fingerprint"] = current
+    meta.setdefault("endpoints", {})
+    return meta
+
+
+# ── Endpoints ───────────────────────────────────────────────────────────────────
+
+
+def normalize_url(text: str) -> tuple[str, str | None]:
+    """Turn host, host:port or a URL into (base URL, implied api); raise ValueError."""
+    if "://" not in text:
+        text = "http://" + text
+        url = httpx.URL(text)
+        if url.port is None:
+            url = url.copy_with(port=OLLAMA_PORT)
+    else:
+        url = httpx.URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    base = str(url).rstrip("/")
+    if base.endswith("/v1"):
+        return base[:-3], "openai"
+    return base, None
+
+
+def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
+    """Parse `URL [key=value ...]` from one line of an endpoints file."""
+    where = f"{source}:{number}"
+    first, *pairs = text.split()
+    try:
+        url, implied_api = normalize_url(first)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise UsageError(f"{where}: bad endpoint {first!r} ({one_line(exc)})") from None
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not value:
+            raise UsageError(f"{where}: expected key=value, got {pair!r}")
+        if key not in ENDPOINT_KEYS:
+            raise UsageError(f"{where}: unknown key {key!r} (known: {', '.join(ENDPOINT_KEYS)})")
+        options[key] = value
+    concurrency: int | None = None
+    if "concurrency" in options and options["concurrency"] != "auto":
+        try:
+            concurrency = int(options["concurrency"])
+            if concurrency < 1:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"{where}: concurrency must be a positive integer or auto") from None
+    api = options.get("api", implied_api or "auto")
+    if api not in ("auto", "ollama", "openai"):
+        raise UsageError(f"{where}: api must be ollama, openai or auto, not {api!r}")
+    key_env = options.get("key_env")
+    if key_env is not None and key_env not in os.environ:
+        raise UsageError(f"{where}: key_env={key_env} but the environment variable {key_env} is not set")
+    name = options.get("name") or httpx.URL(url).netloc.decode()
+    return EndpointSpec(url=url, name=name, api=api, model=options.get("model"),
+                        concurrency=concurrency if "concurrency" in options else -1,
+                        key_env=key_env, line=number)
+
+
+def parse_endpoints(path: Path | None) -> tuple[EndpointSpec, ...]:
+    """Read endpoints.txt (or fall back to the local Ollama)."""
+    if path is None:
+        return (parse_endpoint_line(DEFAULT_ENDPOINT, 0, "default"),)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read endpoints file ({exc.strerror})") from None
+    specs = []
+    for number, raw in enumerate(lines, 1):
+        text = raw.split("#", 1)[0].strip()
+        if text:
+            specs.append(parse_endpoint_line(text, number, str(path)))
+    if not specs:
+        raise UsageError(f"{path}: no endpoints (one URL or host:port per line)")
+    for kind in ("url", "name"):
+        seen: dict[str, int] = {}
+        for spec in specs:
+            value = getattr(spec, kind)
+            if value in seen:
+                raise UsageError(f"{path}:{spec.line}: {kind} {value} already on line {seen[value]}")
+            seen[value] = spec.line
+    return tuple(specs)
+
+
+def model_matches(wanted: str, name: str) -> bool:
+    """Compare model tags the way Ollama does (a missing tag means :latest)."""
+    def full(tag: str) -> str:
+        return tag if ":" in tag.rsplit("/", 1)[-1] else tag + ":latest"
+    return full(wanted) == full(name)
+
+
+class Limiter:
+    """Adaptive in-flight limit for one endpoint: climb while throughput improves.
+
+    Throughput at a limit is measured over a window of completions of requests that
+    started at that limit. A higher limit stays only if it raised throughput by
+    AUTO_GAIN; otherwise the best limit is restored and held. While holding, the
+    limiter re-probes one step down and one step up in turn, so it follows changes
+    (thermals, other users). Overload signals (503, 429, timeouts) halve the limit.
+    """
+
+    def __init__(self, fixed: int | None) -> None:
+        self.auto = fixed is None
+        self.limit = fixed or 1
+        self.best_limit, self.best_rate = self.limit, 0.0
+        self.phase, self.holds, self.probe_down_next = "climb", 0, True
+        self.restart(0.0)
+
+    def restart(self, now: float) -> None:
+        self.since, self.first, self.count, self.starved = now, None, 0, False
+
+    def on_done(self, started: float, now: float) -> None:
+        """Account one completed request (successful or answered)."""
+        if not self.auto or started < self.since:
+            return
+        if self.first is None:
+            self.first = now
+            return
+        self.count += 1
+        if self.count < max(8, 3 * self.limit) or now <= self.first:
+            return
+        if self.starved:       # not enough work to fill the limit: the window says nothing
+            self.restart(now)
+            return
+        self._decide(self.count / (now - self.first))
+        self.restart(now)
+
+    def on_starved(self) -> None:
+        """Note that the endpoint had a free slot and nothing to put in it."""
+        self.starved = True
+
+    def on_overload(self, now: float) -> None:
+        """Halve the limit after a sign the server is past its capacity."""
+        if self.auto and self.limit > 1:
+            self.limit = self.best_limit = max(1, self.limit // 2)
+            self.best_rate, self.phase, self.holds = 0.0, "hold", 0
+            self.restart(now)
+
+    def _decide(self, rate: float) -> None:
+        if self.phase == "climb":
+            if rate > self.best_rate * (1 + AUTO_GAIN):
+                self.best_rate, self.best_limit = rate, self.limit
+                self.limit = min(AUTO_MAX, self.limit + max(1, self.limit // 4))
+                if self.limit == self.best_limit:
+                    self.phase = "hold"
+            else:
+                self.limit, self.phase, self.holds = self.best_limit, "hold", 0
+        elif self.phase == "probe_down":
+            if rate >= self.best_rate * (1 - AUTO_GAIN / 2):
+                self.best_limit, self.best_rate = self.limit, rate   # as fast with fewer in flight
+            else:
+                self.limit = self.best_limit
+            self.phase, self.holds = "hold", 0
+        else:
+            self.best_rate = rate
+            self.holds += 1
+            if self.holds >= AUTO_HOLD_WINDOWS:
+                self.holds = 0
+                if self.probe_down_next and self.limit > 1:
+                    self.phase, self.limit = "probe_down", self.limit - 1
+                elif self.limit < AUTO_MAX:
+                    self.phase, self.limit = "climb", self.limit + 1
+                self.probe_down_next = not self.probe_down_next
+
+
+class Endpoint:
+    """A server in the fleet: its connection pool, health, limit and counters."""
+
+    def __init__(self, spec: EndpointSpec, config: Config) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.url = spec.url
+        self.model = spec.model or config.model
+        self.api = spec.api
+        fixed = config.concurrency if spec.concurrency == -1 else spec.concurrency
+        self.limiter = Limiter(fixed)
+        self.client: httpx.AsyncClient | None = None
+        # health: pending (never checked) → ready ⇄ backoff → down; gone is final
+        self.state = "pending"
+        self.detail = ""
+        self.server = ""
+        self.digest: str | None = None
+        self.checked = False
+        self.warm = False
+        self.faults = 0
+        self.backoff_until = 0.0
+        self.down_since: float | None = None
+        self.ctx_tokens = config.num_ctx
+        self.response_format = "json_schema"
+        self.inflight: dict[Item, float] = {}       # item → start time
+        # counters for the display and the summary
+        self.done = self.errors = self.fault_count = self.hedges_won = 0
+        self.latency_sum = 0.0
+        self.latency_avg: float | None = None
+        self.prompt_tokens = self.output_tokens = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state in ("ready", "backoff")
+
+    @property
+    def alive(self) -> bool:
+        """Answering, or loading its model: not a reason to pause the run."""
+        return self.state in ("ready", "backoff", "warming")
+
+    def can_take(self, now: float) -> bool:
+        """Say whether the endpoint may start one more request now."""
+        return self.state == "ready" or (self.state == "backoff" and now >= self.backoff_until)
+
+    def record_success(self, latency: float, now: float) -> None:
+        """Note a good answer: the endpoint is healthy."""
+        self.faults = 0
+        if self.state == "backoff":
+            self.state = "ready"
+        self.done += 1
+        self.latency_sum += latency
+        self.latency_avg = latency if self.latency_avg is None else 0.8 * self.latency_avg + 0.2 * latency
+        self.first_at = self.first_at or now - latency
+        self.last_at = now
+
+    def record_fault(self, exc: EndpointFault, now: float) -> bool:
+        """Note an endpoint fault; return True if the endpoint should now go down."""
+        self.faults += 1
+        self.fault_count += 1
+        self.detail = str(exc)
+        if exc.connect or self.faults >= DOWN_AFTER:
+            return True
+        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.faults - 1)) * random.uniform(0.5, 1.5)
+        if exc.retry_after:
+            delay = max(delay, min(exc.retry_after, 300.0))
+        self.state, self.backoff_until = "backoff", now + delay
+        return False
+
+    def headers(self) -> dict[str, str]:
+        """Build request headers; the key comes from the environment only."""
+        if self.spec.key_env:
+            return {"Authorization": f"Bearer {os.environ.get(self.spec.key_env, '')}"}
+        return {}
+
+    def label(self) -> str:
+        """Return a short status for the progress line."""
+        if self.state in ("ready", "backoff"):
+            return f"{self.name} {self.done} x{self.limiter.limit}" + (" backoff" if self.state == "backoff" else "")
+        return f"{self.name} {self.done} {self.state}"
+
+
+def make_client(endpoint: Endpoint, config: Config) -> httpx.AsyncClient:
+    """Create the endpoint's keep-alive pool; per-request timeouts are set by callers."""
+    return httpx.AsyncClient(
+        base_url=endpoint.url,
+        headers=endpoint.headers(),
+        timeout=httpx.Timeout(config.timeout, connect=10.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=AUTO_MAX),
+        trust_env=False,
+    )
+
+
+def error_message(response: httpx.Response) -> str:
+    """Pull the human message out of any of the servers' error envelopes."""
+    try:
+        body = response.json()
+    except ValueError:
+        return one_line(response.text)[:300] or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        error = body.get("error", body.get("message"))
+        if isinstance(error, dict):
+            error = error.get("message") or json.dumps(error)
+        if error:
+            return one_line(str(error))[:300]
+    return one_line(response.text)[:300]
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Read Retry-After in seconds, if the server sent a usable one."""
+    value = response.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+async def fetch_json(endpoint: Endpoint, path: str, timeout: float, method: str = "GET",
+                     body: Any = None) -> Any:
+    """GET (or POST) a JSON document for preflight/probes, classifying failures."""
+    try:
+        response = await endpoint.client.request(method, path, json=body, timeout=timeout)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise EndpointFault(f"cannot connect ({describe_transport(exc)})", connect=True) from None
+    except httpx.TransportError as exc:
+        raise EndpointFault(describe_transport(exc)) from None
+    if response.status_code in (401, 403):
+        raise EndpointGone(f"refused: HTTP {response.status_code} {error_message(response)}")
+    if response.status_code != 200:
+        raise EndpointFault(f"{path}: HTTP {response.status_code} {error_message(response)}")
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+async def identify(endpoint: Endpoint, timeout: float) -> None:
+    """Work out the server kind and version (Ollama positively by `GET /`)."""
+    if endpoint.api in ("auto", "ollama"):
+        try:
+            banner = await fetch_json(endpoint, "/", timeout)
+        except EndpointFault as exc:
+            if exc.connect or endpoint.api == "ollama":
+                raise
+            banner = ""
+        if isinstance(banner, str) and "Ollama is running" in banner:
+            endpoint.api = "ollama"
+            version = await fetch_json(endpoint, "/api/version", timeout)
+            endpoint.server = f"ollama {version.get('version', '?')}" if isinstance(version, dict) else "ollama"
+            return
+        if endpoint.api == "ollama":
+            endpoint.server = "ollama?"
+            return
+    models = await fetch_json(endpoint, "/v1/models", timeout)
+    if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
+        raise EndpointGone("neither Ollama nor an OpenAI-compatible server (no /v1/models list)")
+    endpoint.api = "openai"
+    owner = next((m.get("owned_by") for m in models["data"] if isinstance(m, dict) and m.get("owned_by")), None)
+    endpoint.server = f"openai ({owner})" if owner else "openai"
+
+
+async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | None]:
+    """Return the endpoint's models and their digests (Ollama) or None (OpenAI)."""
+    if endpoint.api == "ollama":
+        tags = await fetch_json(endpoint, "/api/tags", timeout)
+        if not isinstance(tags, dict):
+            raise EndpointFault("/api/tags: not JSON")
+        return {m.get("name") or m.get("model"): m.get("digest") for m in tags.get("models") or []}
+    models = await fetch_json(endpoint, "/v1/models", timeout)
+    return {m.get("id"): None for m in (models or {}).get("data") or [] if isinstance(m, dict)}
+
+
+async def pull_model(endpoint: Endpoint, config: Config) -> None:
+    """Ask an Ollama endpoint to pull its model, showing progress on stderr."""
+    warn(f"{endpoint.name}: pulling {endpoint.model} (--pull)")
+    last = ""
+    async with endpoint.client.stream("POST", "/api/pull", json={"model": endpoint.model},
+                                      timeout=httpx.Timeout(None, connect=10.0)) as response:
+        if response.status_code != 200:
+            raise EndpointGone(f"pull failed: HTTP {response.status_code}")
+        async for line in response.aiter_lines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("error"):
+                    raise EndpointGone(f"pull failed: {event['error']}")
+                status = event.get("status", "")
+                if event.get("total"):
+                    status += f" {100 * event.get('completed', 0) // event['total']}%"
+                if status != last:
+                    warn(f"{endpoint.name}: {status}")
+                    last = status
+
+
+async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
+    """Preflight one endpoint: identify it and confirm its model (raises on trouble)."""
+    await identify(endpoint, PROBE_TIMEOUT)
+    models = await list_models(endpoint, PROBE_TIMEOUT)
+    found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
+    if found is None and config.pull and endpoint.api == "ollama":
+        await pull_model(endpoint, config)
+        models = await list_models(endpoint, PROBE_TIMEOUT)
+        found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
+    if found is None:
+        have = ", ".join(sorted(str(n) for n in models)[:8]) or "none"
+        hint = " (try --pull)" if endpoint.api == "ollama" else ""
+        raise EndpointGone(f"model {endpoint.model} not found{hint}; it has: {have}")
+    endpoint.digest = models[found]
+    endpoint.checked = True
+
+
+async def warm_up(endpoint: Endpoint, config: Config) -> None:
+    """Load the model before dispatch so a cold laptop's load is not taken for a failure."""
+    if endpoint.api != "ollama":
+        return
+    body = {"model": endpoint.model, "messages": [], "keep_alive": config.keep_alive,
+            "options": ollama_options(config, config.temperature, config.seed)}
+    await fetch_json(endpoint, "/api/chat", config.timeout, method="POST", body=body)
+
+
+def describe_transport(exc: Exception) -> str:
+    """Name a transport error the way a person would."""
+    text = one_line(exc)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "read timed out"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"connection dropped ({text})" if text else "connection dropped"
+    if "Connection refused" in text or "Errno 111" in text:
+        return "connection refused"
+    return text or type(exc).__name__
+
+
+# ── Scoring ─────────────────────────────────────────────────────────────────────
+
+
+def ollama_options(config: Config, temperature: float, seed: int) -> dict[str, Any]:
+    """Build Ollama options; num_ctx never varies, since changing it reloads the model."""
+    return {"temperature": temperature, "seed": seed, "num_ctx": config.num_ctx, "num_predict": NUM_PREDICT}
+
+
+def retry_settings(config: Config, attempt: int) -> tuple[float, int]:
+    """Vary a retry: the same prompt at temperature 0 gives the same bad answer again."""
+    if attempt == 0:
+        return config.temperature, config.seed
+    return max(config.temperature, min(1.0, 0.3 * attempt)), config.seed + 1009 * attempt
+
+
+def render_prompt(template: str, item: Item, budget: int) -> tuple[str, bool]:
+    """Fill the template, cutting the code to `budget` characters if it is longer."""
+    code = item.text or ""
+    truncated = len(code) > budget
+    if truncated:
+        code = code[:max(0, budget - len(TRUNCATION_MARK))] + TRUNCATION_MARK
+    return template.format_map({**item.fields, "code": code}), truncated
+
+
+def code_budget(endpoint: Endpoint, template: str, item: Item) -> int:
+    """Characters of code that fit the endpoint's context beside the instructions and answer."""
+    overhead = len(template) + sum(len(str(v)) for v in item.fields.values())
+    tokens = endpoint.ctx_tokens - NUM_PREDICT - CONTEXT_MARGIN - math.ceil(overhead / CHARS_PER_TOKEN)
+    budget = max(200, int(tokens * CHARS_PER_TOKEN))
+    return min(budget, item.max_chars) if item.max_chars else budget
+
+
+def parse_answer(content: str) -> tuple[int, str]:
+    """Validate the model's JSON: an integer score 1..10 and a reason."""
+    text = content.strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        found = re.search(r"\{.*\}", text, re.S)   # servers that ignore the schema add prose or fences
+        try:
+            data = json.loads(found.group(0)) if found else None
+        except ValueError:
+            data = None
+    if not isinstance(data, dict):
+        raise ItemFault(f"answer is not a JSON object: {one_line(text)[:120]!r}")
+    score = data.get("score")
+    if isinstance(score, float) and score.is_integer():
+        score = int(score)
+    if type(score) is not int:
+        raise ItemFault(f"score is not an integer: {score!r}")
+    if not 1 <= score <= 10:
+        raise ItemFault(f"score {score} is outside 1..10")
+    reason = data.get("reason", "")
+    return score, reason if isinstance(reason, str) else json.dumps(reason)
+
+
+CONTEXT_PATTERNS = (
+    re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"),
+    re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S),
+)
+
+
+def context_overflow(status: int, response: httpx.Response, message: str) -> ContextOverflow | None:
+    """Recognise 'prompt too long' answers and pull out the token counts."""
+    lowered = message.lower()
+    if status != 400 or not any(k in lowered for k in (
+            "context_length_exceeded", "exceed_context_size", "exceed context window",
+            "exceeds the available context", "maximum context length", "input length exceeds the context")):
+        return None
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        error = response.json().get("error")
+        if isinstance(error, dict) and "n_ctx" in error:
+            return ContextOverflow(message, int(error.get("n_prompt_tokens") or 0) or None, int(error["n_ctx"]))
+    for pattern in CONTEXT_PATTERNS:
+        if found := pattern.search(message):
+            a, b = int(found.group(1)), int(found.group(2))
+            return ContextOverflow(message, max(a, b), min(a, b))
+    return ContextOverflow(message, None, None)
+
+
+def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
+    """Decide whose fault a non-200 answer is."""
+    status = response.status_code
+    message = f"HTTP {status}: {error_message(response)}"
+    if overflow := context_overflow(status, response, message):
+        return overflow
+    if endpoint.api == "openai" and endpoint.response_format == "json_schema" and status in (400, 422, 500) \
+            and re.search(r"response_format|json_schema|literal_error|schema", message, re.I):
+        return FormatRejected(message)
+    if status in (401, 403):
+        return EndpointGone(f"refused: {message}")
+    if status == 404:
+        return EndpointGone(f"model {endpoint.model} not found: {message}")
+    if status == 400 and ("does not support" in message or "model is required" in message):
+        return EndpointGone(message)
+    if status in (408, 425, 429, 499) or status >= 500:
+        return EndpointFault(message, retry_after=retry_after(response), overload=status in (429, 503))
+    return ItemFault(message, kind="rejected")
+
+
+async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
+                         temperature: float, seed: int) -> tuple[str, int | None, int | None]:
+    """POST one scoring request; return (content, prompt tokens, output tokens) or raise."""
+    messages = [{"role": "user", "content": prompt}]
+    if endpoint.api == "ollama":
+        path = "/api/chat"
+        body = {"model": endpoint.model, "messages": messages, "stream": False, "format": SCORE_SCHEMA,
+                "options": ollama_options(config, temperature, seed), "keep_alive": config.keep_alive}
+    else:
+        path = "/v1/chat/completions"
+        if endpoint.response_format == "json_schema":
+            fmt = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
+        else:
+            fmt = {"type": "json_object", "schema": SCORE_SCHEMA}
+        body = {"model": endpoint.model, "messages": messages, "temperature": temperature, "seed": seed,
+                "max_tokens": NUM_PREDICT, "stream": False, "response_format": fmt}
+    try:
+        response = await endpoint.client.post(path, json=body)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise EndpointFault(describe_transport(exc), connect=True, item_related=False) from None
+    except httpx.TransportError as exc:
+        raise EndpointFault(describe_transport(exc)) from None
+    if response.status_code != 200:
+        raise classify(endpoint, response)
+    try:
+        data = response.json()
+    except ValueError:
+        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(response.text)[:120]!r}") from None
+    if not isinstance(data, dict):
+        raise EndpointFault("HTTP 200 with an unexpected body")
+    if data.get("error") and "message" not in data and "choices" not in data:
+        raise EndpointFault(f"HTTP 200 carrying an error: {error_message(response)}")  # LM Studio does this
+    if endpoint.api == "ollama":
+        content = (data.get("message") or {}).get("content")
+        return content or "", data.get("prompt_eval_count"), data.get("eval_count")
+    choices = data.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content")
+    usage = data.get("usage") or {}
+    return content or "", usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
+    """Score one item on one endpoint: build the prompt, call, validate."""
+    temperature, seed = retry_settings(config, item.attempts)
+    prompt, truncated = render_prompt(config.prompt, item, code_budget(endpoint, config.prompt, item))
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(config.timeout):
+            try:
+                content, p_tokens, o_tokens = await request_answer(endpoint, config, prompt, temperature, seed)
+            except FormatRejected as exc:
+                endpoint.response_format = "json_object"       # remembered for the endpoint
+                warn(f"{endpoint.name}: server rejected response_format json_schema ({exc}); using json_object")
+                content, p_tokens, o_tokens = await request_answer(endpoint, config, prompt, temperature, seed)
+    except TimeoutError:
+        raise EndpointFault(f"no answer within {config.timeout:g} s (--timeout)", overload=True) from None
+    score, reason = parse_answer(content)
+    return Answer(score, reason, p_tokens, o_tokens, time.monotonic() - started, truncated, seed, temperature)
+
+
+# ── Scheduling ──────────────────────────────────────────────────────────────────
+
+
+class Signal:
+    """Wake every waiter when shared state changes; waiters re-check their condition."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future] = []
+
+    def notify(self) -> None:
+        """Wake all current waiters."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Sleep until the next notify (or timeout)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters and not waiter.done():
+                self._waiters.remove(waiter)
+
+
+@dataclass(slots=True)
+class Tally:
+    """Counters for the end summary and the exit code."""
+
+    started: float = field(default_factory=time.monotonic)
+    taken: int = 0
+    scored: int = 0
+    duplicates: int = 0
+    skipped: int = 0                # already finished in the checkpoint
+    skipped_permanent: int = 0      # finished earlier with a permanent error
+    truncated: int = 0
+    hedges: int = 0
+    hedges_won: int = 0
+    requeued: int = 0
+    errors: Counter = field(default_factory=Counter)
+    rows_seen: int = 0
+    input_done: bool = False
+
+
+class Run:
+    """Move items from the reader through the fleet into the checkpoint."""
+
+    def __init__(self, config: Config, info: InputInfo, endpoints: list[Endpoint],
+                 checkpoint: Checkpoint, resume: ResumeState, meta: dict[str, Any],
+                 reader: Iterator[Item], preloaded: list[Item], tally: Tally, progress: Progress) -> None:
+        self.config, self.info, self.endpoints = config, info, endpoints
+        self.checkpoint, self.resume, self.meta = checkpoint, resume, meta
+        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
+        self.changed = Signal()
+        self.fresh: deque[Item] = deque()
+        self.retry: deque[Item] = deque()
+        self.leaders: dict[int, Item] = {}       # digest → item whose answer duplicates await
+        self.waiting_followers = 0
+        self.unfinished = 0
+        self.producer_done = False
+        self.tasks: dict[tuple[Endpoint, Item], asyncio.Task] = {}
+        self.tg: asyncio.TaskGroup | None = None
+        self.all_down_since: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.producer_done and self.unfinished == 0
+
+    async def run(self) -> None:
+        """Score until the input is exhausted and every taken item is written."""
+        async with asyncio.TaskGroup() as tg:
+            self.tg = tg
+            tg.create_task(self.produce())
+            tg.create_task(self.watch())
+            for endpoint in self.endpoints:
+                tg.create_task(self.supervise(endpoint))
+                tg.create_task(self.drive(endpoint))
+
+    # ── the producer
+
+    async def produce(self) -> None:
+        """Read items in a thread and hand them to the workers through a bounded queue."""
+        limit = self.config.limit
+        chunk, self.preloaded = self.preloaded, []
+        try:
+            while limit is None or self.tally.taken < limit:
+                if not chunk:
+                    chunk = await asyncio.to_thread(take_pending, self.reader, READ_CHUNK, self.resume, self.tally)
+                if not chunk:
+                    self.tally.input_done = True
+                    break
+                for item in chunk:
+                    if limit is not None and self.tally.taken >= limit:
+                        break
+                    await self.admit(item)
+                chunk = []
+        finally:
+            self.producer_done = True
+            self.changed.notify()
+
+    async def admit(self, item: Item) -> None:
+        """Take one not-yet-done row: record it, fan it out, or queue it."""
+        self.tally.taken += 1
+        self.unfinished += 1
+        if item.problem:
+            kind, message = item.problem
+            self.write(item, error_record(item, kind, message, self.config.model))
+            return
+        if item.digest:
+            leader = self.leaders.get(item.digest)
+            if leader is not None:
+                leader.followers.append(item)
+                self.waiting_followers += 1
+                while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
+                    await self.changed.wait()
+                return
+            offset = self.resume.digests.get(item.digest)
+            if offset is not None:
+                original = self.checkpoint.read_at(offset)
+                self.write(item, duplicate_record(item, original))
+                return
+            self.leaders[item.digest] = item
+        while len(self.fresh) >= QUEUE_SIZE:
+            await self.changed.wait()
+        self.fresh.append(item)
+        self.changed.notify()
+
+    # ── the workers
+
+    async def drive(self, endpoint: Endpoint) -> None:
+        """Keep the endpoint's in-flight count at its limit while there is work."""
+        while not self.finished and endpoint.state != "gone":
+            item = self.pick(endpoint)
+            if item is not None:
+                self.launch(endpoint, item)
+            else:
+                await self.changed.wait()
+
+    def pick(self, endpoint: Endpoint) -> Item | None:
+        """Choose the next item for an endpoint, or None if it should wait."""
+        now = time.monotonic()
+        if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
+            return None
+        for i, item in enumerate(self.retry):
+            if item.finished or item.tasks:
+                continue
+            if item.avoid == endpoint.name and any(
+                    e is not endpoint and e.usable for e in self.endpoints):
+                continue
+            del self.retry[i]
+            return item
+        if self.fresh:
+            item = self.fresh.popleft()
+            self.changed.notify()        # room for the producer
+            return item
+        if self.producer_done and self.config.hedge:
+            return self.hedge_candidate(endpoint, now)
+        endpoint.limiter.on_starved()
+        return None
+
+    def hedge_candidate(self, endpoint: Endpoint, now: float) -> Item | None:
+        """Race an item stuck on a slower endpoint when this one expects to finish well before it.
+
+        The rule: with nothing left to queue, an idle endpoint whose average latency is
+        below HEDGE_RATIO of the time another copy still needs (its endpoint's average
+        latency minus time already spent; unknown = infinite) sends its own copy. Each
+        item is raced once; the first valid answer is written and the other cancelled.
+        """
+        mine = endpoint.latency_avg
+        if mine is None:
+            return None
+        best, best_left = None, 0.0
+        for other in self.endpoints:
+            if other is endpoint:
+                continue
+            for item, started in other.inflight.items():
+                if item.hedged or item.finished or len(item.tasks) > 1:
+                    continue
+                expected = other.latency_avg if other.usable and other.latency_avg else math.inf
+                left = max(expected - (now - started), 0.0) if expected != math.inf else math.inf
+                if mine < HEDGE_RATIO * left and left > best_left:
+                    best, best_left = item, left
+        if best is not None:
+            best.hedged, best.racer = True, endpoint
+            self.tally.hedges += 1
+        return best
+
+    def launch(self, endpoint: Endpoint, item: Item) -> None:
+        """Start one request for the item on the endpoint."""
+        now = time.monotonic()
+        endpoint.inflight[item] = now
+        task = self.tg.create_task(self.attempt(endpoint, item, now))
+        item.tasks[endpoint] = task
+
+    def release(self, endpoint: Endpoint, item: Item) -> None:
+        endpoint.inflight.pop(item, None)
+        item.tasks.pop(endpoint, None)
+
+    async def attempt(self, endpoint: Endpoint, item: Item, started: float) -> None:
+        """Run one request and settle its outcome; only bugs escape."""
+        try:
+            outcome: Answer | Exception = await score_item(endpoint, item, self.config)
+        except asyncio.CancelledError:
+            self.release(endpoint, item)
+            self.requeue(item)
+            raise
+        except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
+            outcome = exc
+        self.release(endpoint, item)
+        self.settle(endpoint, item, outcome, started)
+        self.changed.notify()
+
+    def requeue(self, item: Item, *, front: bool = True) -> None:
+        """Put an unfinished item back for any endpoint, unless a copy is still running."""
+        if item.finished or item.tasks:
+            return
+        self.tally.requeued += 1
+        (self.retry.appendleft if front else self.retry.append)(item)
+        self.changed.notify()
+
+    def settle(self, endpoint: Endpoint, item: Item, outcome: Answer | Exception, started: float) -> None:
+        """Decide what an outcome means for the item and for the endpoint."""
+        now = time.monotonic()
+        if isinstance(outcome, Answer):
+            endpoint.record_success(outcome.latency, now)
+            endpoint.limiter.on_done(started, now)
+            if not item.finished:
+                if item.racer is endpoint and item.tasks:
+                    self.tally.hedges_won += 1
+                    endpoint.hedges_won += 1
+                self.write(item, success_record(item, endpoint, outcome))
+            return
+        if isinstance(outcome, EndpointFault):
+            if outcome.item_related:
+                item.faults += 1
+                item.fault_endpoints.add(endpoint.name)
+            live = sum(1 for e in self.endpoints if e.state != "gone")
+            if outcome.item_related and item.faults > POISON_FAULTS and len(item.fault_endpoints) >= min(2, live):
+                # This item keeps breaking servers: charge it, and spare the endpoint's health.
+                self.charge(endpoint, item, f"endpoints failed on this item {item.faults} times "
+                                            f"(last: {outcome})", "poison")
+                return
+            if outcome.overload:
+                endpoint.limiter.on_overload(now)
+            if endpoint.record_fault(outcome, now):
+                self.take_down(endpoint, str(outcome))
+            else:
+                asyncio.get_running_loop().call_at(
+                    asyncio.get_running_loop().time() + max(0.0, endpoint.backoff_until - now) + 0.01,
+                    self.changed.notify)
+            self.requeue(item)
+        elif isinstance(outcome, ContextOverflow):
+            endpoint.limiter.on_done(started, now)
+            if outcome.limit:
+                endpoint.ctx_tokens = min(endpoint.ctx_tokens, outcome.limit)
+            item.shrinks += 1
+            if item.shrinks > MAX_SHRINKS:
+                self.charge(endpoint, item, f"prompt still too long after {MAX_SHRINKS} cuts: {outcome}", "too_long")
+                return
+            current = min(len(item.text or ""), code_budget(endpoint, self.config.prompt, item))
+            ratio = 0.5
+            if outcome.requested and outcome.limit:
+                ratio = max(0.1, min(0.9, (outcome.limit - NUM_PREDICT - CONTEXT_MARGIN) / outcome.requested))
+            item.max_chars = int(current * ratio)
+            self.requeue(item)
+        elif isinstance(outcome, ItemFault):
+            endpoint.faults = 0               # it answered: healthy, whatever the answer
+            endpoint.limiter.on_done(started, now)
+            self.charge(endpoint, item, str(outcome), outcome.kind)
+        elif isinstance(outcome, EndpointGone):
+            self.retire(endpoint, str(outcome))
+            self.requeue(item)
+
+    def charge(self, endpoint: Endpoint, item: Item, message: str, kind: str) -> None:
+        """Spend one of the item's attempts; write an error record when none are left."""
+        if item.finished:
+            return
+        item.attempts += 1
+        item.last_error = f"{endpoint.name}: {message}"
+        endpoint.errors += 1
+        if item.tasks:              # a raced copy is still running: let it decide
+            return
+        if item.attempts >= self.config.max_attempts:
+            final = "attempts_exhausted" if kind in ("bad_answer", "rejected") else kind
+            self.write(item, error_record(item, final, f"{item.attempts} attempts; last: {item.last_error}",
+                                          endpoint.model, endpoint.name))
+        else:
+            item.avoid = endpoint.name
+            self.requeue(item, front=False)
+
+    def take_down(self, endpoint: Endpoint, reason: str) -> None:
+        """Mark an endpoint down and hand its in-flight items to the others at once."""
+        if endpoint.state in ("down", "gone"):
+            return
+        endpoint.state, endpoint.detail = "down", reason
+        endpoint.down_since = time.monotonic()
+        self.progress.note(f"{endpoint.name} is down ({reason}); probing it in the background")
+        self.cancel_inflight(endpoint)
+
+    def retire(self, endpoint: Endpoint, reason: str) -> None:
+        """Take an endpoint out of the run for good."""
+        if endpoint.state == "gone":
+            return
+        endpoint.state, endpoint.detail = "gone", reason
+        self.progress.note(f"{endpoint.name} taken out: {reason}")
+        self.cancel_inflight(endpoint)
+
+    def cancel_inflight(self, endpoint: Endpoint) -> None:
+        for item in list(endpoint.inflight):
+            task = item.tasks.get(endpoint)
+            if task is not None:
+                task.cancel()       # its CancelledError handler re-queues the item
+        self.changed.notify()
+
+    # ── writing
+
+    def write(self, item: Item, record: dict[str, Any]) -> None:
+        """Append the item's record, fan it out to duplicates, and cancel raced copies."""
+        item.finished = True
+        for task in list(item.tasks.values()):
+            task.cancel()
+        offset = self.checkpoint.append(record)
+        self.count(record)
+        self.unfinished -= 1
+        if item.digest:
+            if self.leaders.get(item.digest) is item:
+                del self.leaders[item.digest]
+            if record["score"] is not None:
+                self.resume.digests.add(item.digest, offset)
+        followers, item.followers = item.followers, []
+        self.waiting_followers -= len(followers)
+        for follower in followers:
+            follower.finished = True
+            self.checkpoint.append(duplicate_record(follower, record))
+            self.count(record, duplicate=True)
+            self.unfinished -= 1
+        self.changed.notify()
+
+    def count(self, record: dict[str, Any], duplicate: bool = False) -> None:
+        if record["score"] is not None:
+            self.tally.scored += 1
+            self.tally.duplicates += duplicate or record.get("duplicate_of") is not None
+            self.tally.truncated += bool(record.get("truncated"))
+        else:
+            self.tally.errors[record["error_kind"]] += 1
+        self.progress.advance()
+
+    # ── health and the clock
+
+    async def supervise(self, endpoint: Endpoint) -> None:
+        """Bring an endpoint into service, and back after trouble, probing with growing pauses."""
+        pause = 1.0
+        while not self.finished and endpoint.state != "gone":
+            if endpoint.usable:
+                pause = 1.0
+                await self.changed.wait()
+                continue
+            try:
+                await self.bring_up(endpoint)
+            except EndpointGone as exc:
+                self.retire(endpoint, str(exc))
+                return
+            except EndpointFault as exc:
+                endpoint.state = "down" if endpoint.checked else "pending"
+                endpoint.detail = str(exc)
+                deadline = time.monotonic() + pause * random.uniform(0.8, 1.2)
+                while not self.finished and (left := deadline - time.monotonic()) > 0:
+                    await self.changed.wait(left)
+                pause = min(PROBE_CAP, pause * 2)
+                continue
+            if endpoint.down_since is not None:
+                self.progress.note(f"{endpoint.name} is back after "
+                                   f"{format_duration(time.monotonic() - endpoint.down_since)}")
+            endpoint.state, endpoint.faults, endpoint.down_since, endpoint.detail = "ready", 0, None, ""
+            endpoint.limiter.restart(time.monotonic())
+            self.changed.notify()
+
+    async def bring_up(self, endpoint: Endpoint) -> None:
+        """Check (first time) or probe (after trouble) an endpoint, then load its model."""
+        if not endpoint.checked:
+            await check_endpoint(endpoint, self.config)
+            self.check_digest(endpoint)
+        else:
+            await fetch_json(endpoint, "/" if endpoint.api == "ollama" else "/v1/models", PROBE_TIMEOUT)
+        if endpoint.api == "ollama" and not endpoint.warm:
+            endpoint.state = "warming"
+            self.changed.notify()
+            await warm_up(endpoint, self.config)
+            endpoint.warm = True
+
+    def check_digest(self, endpoint: Endpoint) -> None:
+        """Retire a late-joining endpoint whose model build differs from the fleet's."""
+        if self.config.allow_mixed_models or not endpoint.digest:
+            return
+        for other in self.endpoints:
+            if other is not endpoint and other.digest and other.model == endpoint.model \
+                    and other.digest != endpoint.digest:
+                raise EndpointGone(f"{endpoint.model} here is build {endpoint.digest[:12]}, but "
+                                   f"{other.name} has {other.digest[:12]} (--allow-mixed-models to accept)")
+        self.meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
+                                                 "digest": endpoint.digest}
+        write_meta(self.config.output, self.meta)
+
+    async def watch(self) -> None:
+        """Refresh the display, fsync, and end the run if it cannot go on."""
+        while not self.finished:
+            await self.changed.wait(1.0)
+            self.checkpoint.sync()
+            now = time.monotonic()
+            live = [e for e in self.endpoints if e.state != "gone"]
+            if not live:
+                raise StopRun("every endpoint has been taken out: "
+                              + "; ".join(f"{e.name}: {e.detail}" for e in self.endpoints))
+            if any(e.alive for e in live):
+                if self.all_down_since is not None:
+                    self.progress.note("an endpoint is back; resuming")
+                self.all_down_since = None
+            elif self.all_down_since is None:
+                self.all_down_since = now
+                self.progress.note("every endpoint is down: pausing (nothing is lost); waiting for one to return")
+            elif self.config.max_downtime is not None and now - self.all_down_since > self.config.max_downtime:
+                raise StopRun(f"every endpoint has been down for {format_duration(now - self.all_down_since)} "
+                              f"(--max-downtime {self.config.max_downtime:g} s)")
+            self.progress.show(self.endpoints, paused=self.all_down_since is not None)
+
+
+def take_pending(reader: Iterator[Item], size: int, resume: ResumeState, tally: Tally) -> list[Item]:
+    """Pull up to `size` not-yet-finished items from the reader (runs in a thread)."""
+    chunk: list[Item] = []
+    for item in reader:
+        tally.rows_seen += 1
+        if item.key in resume.scored:
+            tally.skipped += 1
+        elif item.key in resume.permanent:
+            tally.skipped += 1
+            tally.skipped_permanent += 1
+        else:
+            chunk.append(item)
+            if len(chunk) >= size:
+                break
+    return chunk
+
+
+def base_record(item: Item) -> dict[str, Any]:
+    return {"id": item.id, "score": None, "reason": None, "model": None, "model_digest": None,
+            "endpoint": None, "attempts": item.attempts, "latency_s": None, "prompt_tokens": None,
+            "output_tokens": None, "truncated": False, "temperature": None, "seed": None,
+            "hash": format_digest(item.digest) if item.digest else None, "duplicate_of": None,
+            "ts": round(time.time(), 3), "error": None, "error_kind": None}
+
+
+def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, Any]:
+    record = base_record(item)
+    record.update(score=answer.score, reason=answer.reason, model=endpoint.model,
+                  model_digest=endpoint.digest[:12] if endpoint.digest else None, endpoint=endpoint.name,
+                  attempts=item.attempts + 1, latency_s=round(answer.latency, 3),
+                  prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
+                  truncated=answer.truncated, temperature=answer.temperature, seed=answer.seed)
+    endpoint.prompt_tokens += answer.prompt_tokens or 0
+    endpoint.output_tokens += answer.output_tokens or 0
+    return record
+
+
+def error_record(item: Item, kind: str, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
+    record = base_record(item)
+    record.update(error=message, error_kind=kind, model=model, endpoint=endpoint)
+    return record
+
+
+def duplicate_record(item: Item, original: dict[str, Any]) -> dict[str, Any]:
+    """Copy a finished record's verdict to an item with the same text."""
+    record = dict(original)
+    record.update(id=item.id, attempts=0, latency_s=0.0, prompt_tokens=0, output_tokens=0,
+                  duplicate_of=original.get("duplicate_of") or original["id"],
+                  ts=round(time.time(), 3))
+    return record
+
+
+# ── Progress and summary ────────────────────────────────────────────────────────
+
+
+def warn(message: str) -> None:
+    """Print a line on stderr without breaking the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def one_line(value: object) -> str:
+    """Squash an exception or text to a single line."""
+    return " ".join(str(value).split())
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds as 45s, 12m05s, 3h07m or 2d04h."""
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Lay out rows as aligned columns (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+class Progress:
+    """The live view: a tqdm bar on a terminal, a status line a minute in a log."""
+
+    def __init__(self, enabled: bool, total: int | None, initial: int) -> None:
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
+                        disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5)
+        self.count, self.total, self.initial = initial, total, initial
+        self.started = time.monotonic()
+        self.logged = self.started
+
+    def note(self, message: str) -> None:
+        """Print a timestamped event line."""
+        warn(f"[{time.strftime('%H:%M:%S')}] {message}")
+
+    def advance(self) -> None:
+        self.count += 1
+        self.bar.update(1)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self.bar.total = total
+        self.bar.refresh()
+
+    def show(self, endpoints: list[Endpoint], paused: bool) -> None:
+        """Refresh per-endpoint state and limits; log a status line in non-interactive runs."""
+        status = " | ".join(e.label() for e in endpoints) + (" | PAUSED: all endpoints down" if paused else "")
+        self.bar.set_postfix_str(status, refresh=False)
+        now = time.monotonic()
+        if self.enabled and not self.tty and now - self.logged >= 60:
+            self.logged = now
+            done = self.count - self.initial
+            rate = done / max(1e-9, now - self.started)
+            left = f" ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
+            of = f"/{self.total:,}" if self.total else ""
+            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {status}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def preflight_table(endpoints: list[Endpoint]) -> str:
+    """Show each endpoint's server, model build and readiness."""
+    rows = [["endpoint", "url", "api", "server", "model", "build", "status"]]
+    for e in endpoints:
+        if e.state == "gone":
+            status = f"left out: {e.detail}"
+        elif not e.checked:
+            status = f"not answering: {e.detail} (will keep trying)"
+        else:
+            status = "ok"
+        rows.append([e.name, e.url, e.api, e.server or "-", e.model, (e.digest or "-")[:12], status])
+    return table(rows)
+
+
+def summary(run: Run, elapsed: float) -> str:
+    """Render the end-of-run report: totals, what is missing and why, and per-endpoint figures."""
+    t = run.tally
+    lines = [f"Scored {t.scored:,} rows in {format_duration(elapsed)} ({t.scored / max(elapsed, 1e-9):.2f}/s)"
+             + (f"; {t.duplicates:,} were duplicates (scored once)" if t.duplicates else "")
+             + (f"; {t.truncated:,} truncated to fit the context" if t.truncated else "") + "."]
+    if t.skipped:
+        lines.append(f"Already finished before this run: {t.skipped:,} rows.")
+    if t.hedges:
+        lines.append(f"Raced {t.hedges} slow tail requests on faster endpoints; {t.hedges_won} won.")
+    missing = dict(t.errors)
+    if t.skipped_permanent:
+        missing["earlier permanent errors"] = t.skipped_permanent
+    if missing:
+        parts = ", ".join(f"{n:,} {k}" for k, n in sorted(missing.items()))
+        retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
+        lines.append(f"Rows without a score: {parts}." + (
+            f" --resume retries the {retry:,} that are not permanent." if retry else ""))
+    rows = [["endpoint", "state", "items", "share", "items/s", "latency", "gen tok/s", "errors", "faults", "limit"]]
+    total = sum(e.done for e in run.endpoints) or 1
+    for e in run.endpoints:
+        rows.append([e.name, e.state, f"{e.done:,}", f"{100 * e.done / total:.1f}%",
+                     f"{e.done / max(elapsed, 1e-9):.2f}",
+                     f"{e.latency_sum / e.done:.2f}s" if e.done else "-",
+                     f"{e.output_tokens / max(elapsed, 1e-9):.1f}" if e.output_tokens else "-",
+                     str(e.errors), str(e.fault_count),
+                     f"{e.limiter.limit}{' auto' if e.limiter.auto else ''}"])
+    lines.append(table(rows, right={2, 3, 4, 5, 6, 7, 8}))
+    return "\n".join(lines)
+
+
+def exit_code(tally: Tally) -> int:
+    """0 if every row taken has a score, else 1."""
+    return EXIT_INCOMPLETE if tally.errors or tally.skipped_permanent else EXIT_OK
+
+
+# ── Export and report ───────────────────────────────────────────────────────────
+
+
+def write_reports(config: Config) -> int:
+    """Write --export / --report / --report-html from the checkpoint."""
+    return EXIT_OK
+
+
+# ── CLI ─────────────────────────────────────────────────────────────────────────
+
+
+def parse_duration(text: str) -> float:
+    """Parse 90, 90s, 15m, 2h or 1d into seconds."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90, 15m, 2h)")
+    return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+        if value >= 1:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+
+
+def concurrency_arg(text: str) -> int | None:
+    return None if text == "auto" else positive_int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="score.py", description="Score every row of a dataset with a local LLM spread over several machines.",
+        epilog="Exit codes: 0 all taken rows scored; 1 some rows have no score; 2 bad usage/input or no usable "
+               "endpoint; 130 SIGINT; 143 SIGTERM.")
+    add = parser.add_argument
+    add("input", type=Path, help=".parquet file, directory of .parquet files, or .jsonl/.ndjson (optionally .gz)")
+    add("--endpoints", type=Path, metavar="FILE",
+        help=f"endpoints file (default: ./endpoints.txt if present, else {DEFAULT_ENDPOINT})")
+    add("-o", "--output", type=Path, metavar="FILE", help="checkpoint JSONL (default: <input>.scores.jsonl)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an existing output, skipping finished rows")
+    mode.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
+    add("--force", action="store_true", help="resume even if model, prompt or input changed")
+    add("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}); endpoints may override")
+    add("--id-column", metavar="COL", help="id column (default: 'id' if present, else the row number)")
+    add("--text-column", metavar="COL", help=f"text column (default: first of {', '.join(TEXT_COLUMNS)})")
+    add("--prompt-file", type=Path, metavar="FILE", help="prompt template with {code} and any {column}")
+    add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
+        help="requests in flight per endpoint unless its line says (default auto: adaptive)")
+    add("--timeout", type=parse_duration, default=600.0, metavar="SECONDS", help="per-request limit (default 600)")
+    add("--max-attempts", type=positive_int, default=3, metavar="N",
+        help="bad answers allowed per row before it is recorded as failed (default 3)")
+    add("--limit", type=positive_int, metavar="N", help="score at most N not-yet-finished rows, then stop")
+    add("--num-ctx", type=positive_int, default=8192, metavar="N", help="context tokens sent to Ollama (default 8192)")
+    add("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default 0)")
+    add("--seed", type=int, default=42, metavar="N", help="sampling seed (default 42)")
+    add("--keep-alive", default="30m", metavar="DURATION", help="how long Ollama keeps the model loaded (default 30m)")
+    add("--max-downtime", type=parse_duration, metavar="DURATION",
+        help="give up (exit 1, nothing lost) when every endpoint has been down this long (default: never)")
+    add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
+        help="exit 2 if no endpoint has answered at all within this time (default 300s)")
+    add("--allow-mixed-models", action="store_true", help="accept different builds of the model across endpoints")
+    add("--pull", action="store_true", help="ask Ollama endpoints that lack the model to pull it")
+    add("--check", action="store_true", help="run the preflight, print the first prompt, and exit")
+    add("--no-hedge", dest="hedge", action="store_false", help="never race slow tail requests on faster endpoints")
+    add("--no-dedup", dest="dedup", action="store_false", help="send duplicate texts separately")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar or status lines")
+    add("--export", type=Path, metavar="PATH.parquet", help="write the input with score columns added, at the end")
+    add("--min-score", type=int, metavar="N", help="with --export: keep only rows scoring at least N")
+    add("--report", action="store_true", help="print the run report for the output and exit (scores nothing)")
+    add("--report-html", type=Path, metavar="PATH", help="also write the report as a self-contained HTML page")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def default_output(path: Path) -> Path:
+    """Put <input without suffixes>.scores.jsonl beside the input."""
+    name = path.name
+    for suffix in (".gz", ".parquet", ".jsonl", ".ndjson", ".json"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return path.with_name((name or "scores") + ".scores.jsonl")
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """Turn the command line into a Config (exit 2 on anything wrong)."""
+    args = build_parser().parse_args(argv)
+    endpoints_file = args.endpoints
+    if endpoints_file is None and Path("endpoints.txt").is_file():
+        endpoints_file = Path("endpoints.txt")
+    prompt, source = DEFAULT_PROMPT, "built-in"
+    if args.prompt_file:
+        try:
+            prompt, source = args.prompt_file.read_text(), str(args.prompt_file)
+        except OSError as exc:
+            raise UsageError(f"{args.prompt_file}: cannot read prompt file ({exc.strerror})") from None
+    if args.min_score is not None and not args.export:
+        raise UsageError("--min-score only applies with --export")
+    return Config(
+        input=args.input, output=args.output or default_output(args.input),
+        endpoints=parse_endpoints(endpoints_file), resume=args.resume, overwrite=args.overwrite,
+        force=args.force, model=args.model, id_column=args.id_column, text_column=args.text_column,
+        prompt=prompt, prompt_source=source, concurrency=args.concurrency, timeout=args.timeout,
+        max_attempts=args.max_attempts, limit=args.limit, num_ctx=args.num_ctx,
+        temperature=args.temperature, seed=args.seed, keep_alive=args.keep_alive,
+        max_downtime=args.max_downtime, startup_timeout=args.startup_timeout,
+        allow_mixed_models=args.allow_mixed_models, pull=args.pull, check=args.check, hedge=args.hedge,
+        dedup=args.dedup, progress=args.progress, export=args.export, min_score=args.min_score,
+        report=args.report, report_html=args.report_html)
+
+
+async def preflight(endpoints: list[Endpoint], config: Config) -> None:
+    """Check every endpoint in parallel; wait (bounded) if none answers; refuse mixed builds."""
+    async def check(endpoint: Endpoint) -> None:
+        try:
+            await check_endpoint(endpoint, config)
+        except EndpointGone as exc:
+            endpoint.state, endpoint.detail = "gone", str(exc)
+        except EndpointFault as exc:
+            endpoint.detail = str(exc)
+
+    deadline = time.monotonic() + config.startup_timeout
+    pending = list(endpoints)
+    said = False
+    while True:
+        await asyncio.gather(*(check(e) for e in pending))
+        pending = [e for e in endpoints if e.state == "pending" and not e.checked]
+        if len(pending) < len(endpoints):
+            break                                   # something answered
+        if time.monotonic() >= deadline:
+            raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
+                             + "\n".join(f"  {e.name} ({e.url}): {e.detail}" for e in endpoints))
+        if not said:
+            warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:")
+            for e in endpoints:
+                warn(f"  {e.name} ({e.url}): {e.detail}")
+            said = True
+        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+    warn(preflight_table(endpoints))
+    builds: dict[str, dict[str, str]] = {}
+    for e in endpoints:
+        if e.digest:
+            builds.setdefault(e.model, {})[e.name] = e.digest
+    mixed = {model: names for model, names in builds.items() if len(set(names.values())) > 1}
+    if mixed and not config.allow_mixed_models:
+        rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items() for n, d in names.items()]
+        raise UsageError("the same model name is a different build on different endpoints, so their scores "
+                         "would not be comparable:\n" + table(rows) +
+                         "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
+    if not any(e.checked for e in endpoints) and not pending:
+        raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
+
+
+async def amain(config: Config) -> int:
+    """Run the whole job; return the exit code."""
+    info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
+    if config.report and not config.resume:
+        return write_reports(config)
+    meta = check_meta(config, info)
+    checkpoint, resume = Checkpoint.open(config.output, resume=config.resume, overwrite=config.overwrite)
+    try:
+        return await run_job(config, info, meta, checkpoint, resume)
+    finally:
+        checkpoint.close()
+
+
+async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpoint: Checkpoint,
+                  resume: ResumeState) -> int:
+    """Preflight, score, summarise, export."""
+    if resume.torn_bytes:
+        warn(f"{config.output}: removed a torn final line ({resume.torn_bytes} bytes) left by an interrupted run")
+    if resume.bad_lines:
+        warn(f"{config.output}: ignored {resume.bad_lines} unreadable line(s)")
+    if resume.records:
+        warn(f"Resuming {config.output}: {len(resume.scored):,} rows scored, {len(resume.permanent):,} with "
+             f"permanent errors, {resume.retried:,} failed rows to retry.")
+    tally = Tally()
+    reader = read_items(info, config.dedup)
+    first = await asyncio.to_thread(take_pending, reader, READ_CHUNK, resume, tally)
+    if not first and not config.check:
+        tally.input_done = True
+        warn(f"Nothing to do: every row of {config.input} is already in {config.output}.")
+        code = EXIT_INCOMPLETE if tally.skipped_permanent else EXIT_OK
+        return finish_outputs(config, code)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if received:   # second signal: leave now; every line written is already complete
+            os._exit(EXIT_SIGNAL[sig])
+        received.append(sig)
+        main_task.cancel()
+
+    for sig in EXIT_SIGNAL:
+        loop.add_signal_handler(sig, on_signal, sig)
+    endpoints = [Endpoint(spec, config) for spec in config.endpoints]
+    progress: Progress | None = None
+    run: Run | None = None
+    code = EXIT_OK
+    started = time.monotonic()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for endpoint in endpoints:
+                endpoint.client = await stack.enter_async_context(make_client(endpoint, config))
+            await preflight(endpoints, config)
+            for endpoint in endpoints:
+                if endpoint.checked:
+                    endpoint.state = "warming"     # supervise() loads the model, then dispatch starts
+                if endpoint.digest:
+                    meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
+                                                        "digest": endpoint.digest}
+            if config.check:
+                sample = first[0] if first else None
+                if sample is not None and sample.text is not None:
+                    usable = next((e for e in endpoints if e.checked), endpoints[0])
+                    prompt, _ = render_prompt(config.prompt, sample, code_budget(usable, config.prompt, sample))
+                    print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
+                return EXIT_OK
+            write_meta(config.output, meta)
+            progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
+            run = Run(config, info, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
+            if info.total is None and config.progress:
+                counter = asyncio.create_task(asyncio.to_thread(count_rows, info))
+                counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))
+            started = time.monotonic()
+            await run.run()
+            code = exit_code(run.tally)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        main_task.uncancel()
+        code = EXIT_SIGNAL[received[0]]
+    except ExceptionGroup as group:
+        expected, rest = group.split((StopRun, UsageError))
+        if rest is not None or expected is None:
+            raise
+        problem = expected.exceptions[0]
+        while isinstance(problem, ExceptionGroup):
+            problem = problem.exceptions[0]
+        if isinstance(problem, UsageError):
+            raise problem from None
+        warn(f"score.py: stopped: {problem}")
+        code = problem.code
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpoint.sync()
+        for sig in EXIT_SIGNAL:
+            loop.remove_signal_handler(sig)
+    if run is not None:
+        warn(summary(run, time.monotonic() - started))
+    if received:
+        warn(f"Interrupted. Every finished row is saved in {config.output}; continue with:\n"
+             f"  {resume_command(config)}")
+        return code
+    return finish_outputs(config, code)
+
+
+def resume_command(config: Config) -> str:
+    """Spell out the command that continues this run."""
+    argv = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    return " ".join(["python", Path(sys.argv[0]).name or "score.py", *argv, "--resume"])
+
+
+def finish_outputs(config: Config, code: int) -> int:
+    """Write the export and reports that were asked for; keep the run's exit code."""
+    if config.export or config.report or config.report_html:
+        export_code = write_reports(config)
+        return code or export_code
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run, and map every expected failure to a one-line error."""
+    try:
+        config = parse_args(argv)
+        return asyncio.run(amain(config))
+    except UsageError as exc:
+        print(f"score.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("score.py: interrupted", file=sys.stderr)
+        return EXIT_SIGNAL[signal.SIGINT]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

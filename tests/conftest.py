@@ -1,0 +1,102 @@
+"""Fixtures: fake servers on loopback (port 0), datasets in tmp_path, and ways to run score.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_ollama import Behaviour, FakeOllama, expected_score  # noqa: E402
+
+SCORE = str(ROOT / "score.py")
+
+
+def function_source(i: int) -> str:
+    """A distinct, realistic-looking function for row i."""
+    return (f"def compute_{i}(values):\n"
+            f"    \"\"\"Return the sum of values scaled by {i}.\"\"\"\n"
+            f"    total = 0\n"
+            f"    for v in values:\n"
+            f"        total += v * {i}\n"
+            f"    return total\n")
+
+
+def rows(n: int, start: int = 0) -> list[dict]:
+    return [{"id": f"fn-{i}", "code": function_source(i), "repo": f"repo{i % 3}"} for i in range(start, start + n)]
+
+
+def write_jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = None) -> Path:
+    """Write records one per line; raw_lines inserts literal lines at given 0-based positions."""
+    lines = [json.dumps(r) for r in records]
+    for index, text in sorted((raw_lines or {}).items()):
+        lines.insert(index, text)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_parquet(path: Path, records: list[dict], row_group_size: int = 1000) -> Path:
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
+    return path
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def scored(records: list[dict]) -> dict:
+    """Map id -> last successful record."""
+    out = {}
+    for r in records:
+        if r["score"] is not None:
+            out[r["id"]] = r
+    return out
+
+
+def write_endpoints(path: Path, servers: list, extra: list[str] | None = None, options: str = "") -> Path:
+    lines = ["# test fleet"]
+    for i, s in enumerate(servers):
+        url = s if isinstance(s, str) else s.url
+        lines.append(f"{url} name=e{i} {options}".rstrip())
+    lines += extra or []
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def serve():
+    """Start fake servers: serve(latency=0.01, slots=2, ...) -> FakeOllama. All stop at teardown."""
+    started = []
+
+    def start(**behaviour) -> FakeOllama:
+        server = FakeOllama(Behaviour(**behaviour)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None):
+    """Run score.py as a user would; return the CompletedProcess."""
+    return subprocess.run([sys.executable, SCORE, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCORE, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+__all__ = ["expected_score", "function_source", "rows", "write_jsonl", "write_parquet", "read_records", "scored",
+           "write_endpoints", "run_cli", "start_cli", "SCORE"]

@@ -1,0 +1,387 @@
+"""A fake Ollama (or OpenAI-compatible) server on a real socket, with injectable faults.
+
+It follows the API shapes in Ollama's docs (GET /, /api/version, /api/tags,
+POST /api/chat with stream=false, /api/pull) and llama-cpp-python's OpenAI server
+(/v1/models, /v1/chat/completions; 500 on json_schema response_format; 400
+context_length_exceeded). Its answer for a piece of code is `expected_score(code)`,
+so tests can check every record against the text it was given.
+
+Service model: `slots` requests are served at once (more wait in a FIFO, like
+OLLAMA_NUM_PARALLEL); each needs `latency + per_char * len(prompt)` seconds of work
+when alone, and with n active the server does `speed(n)` units of work per second
+shared between them (processor sharing): `speed(n) = n ** alpha` up to `peak`, then
+falling as `(peak ** alpha) * (peak / n) ** beta`. A client disconnect cancels the
+work, as in Ollama.
+
+Run as a script to serve from another process (or network namespace):
+    python tests/fake_ollama.py --host 127.0.0.1 --port 0 [--latency 0.05 ...]
+It prints `PORT <n>` on stdout once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+DIGEST = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
+
+
+def expected_score(code: str) -> int:
+    """The fake model's verdict on a function: stable, spread over 1..10."""
+    normal = "\n".join(line.rstrip() for line in code.strip().replace("\r\n", "\n").split("\n"))
+    return 1 + hashlib.sha256(normal.encode()).digest()[0] % 10
+
+
+def code_of(prompt: str) -> str:
+    """Pull the function back out of a rendered prompt (the last fenced block)."""
+    found = re.findall(r"```\n(.*?)\n```", prompt, re.S)
+    return found[-1] if found else prompt
+
+
+@dataclass
+class Behaviour:
+    """What the server does; tests change fields while it runs."""
+
+    api: str = "ollama"                   # "ollama" or "openai"
+    models: dict[str, str] = field(default_factory=lambda: {"qwen2.5-coder:7b": DIGEST})
+    latency: float = 0.0                  # seconds of work per request when alone
+    per_char: float = 0.0                 # extra seconds of work per prompt character
+    slots: int = 8                        # requests served at once; the rest queue
+    alpha: float = 1.0                    # throughput grows as n ** alpha up to peak
+    peak: int = 1_000_000
+    beta: float = 0.0                     # and falls as (peak / n) ** beta beyond it
+    load_delay: float = 0.0               # extra delay of the first chat request (model load)
+    fail_500: float = 0.0                 # shares of chat requests that fail in each way
+    busy_503: float = 0.0
+    reset: float = 0.0                    # connection closed mid-request
+    garbage: float = 0.0                  # 200 with content that is not JSON
+    hang: float = 0.0                     # never answers
+    out_of_range: float = 0.0             # answers score 15
+    poison: str | None = None             # code containing this crashes the runner (500)
+    bad_for: str | None = None            # code containing this always gets a score of 0
+    chat_status: int | None = None        # answer every chat with this status (e.g. 401)
+    reject_json_schema: bool = False      # llama-cpp-python: 500 on response_format json_schema
+    n_ctx: int | None = None              # OpenAI mode: 400 when prompt tokens exceed this
+    seed: int = 0
+
+
+class FakeOllama:
+    """One fake server on its own event loop thread."""
+
+    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.behaviour = behaviour or Behaviour()
+        self.host, self.port = host, port
+        self.rng = random.Random(self.behaviour.seed)
+        self.requests: list[tuple[str, str, Any]] = []     # (method, path, body)
+        self.chats = 0                # chat requests that reached the model
+        self.answered = 0             # chat requests answered 200 with a score
+        self.cancelled = 0            # chat requests abandoned by the client
+        self.active_max = 0
+        self.loaded = False
+        self._active: dict[int, list] = {}     # id -> [remaining work, future]
+        self._waiting: list[tuple[int, float, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ids = 0
+
+    # ── lifecycle (called from the test thread)
+
+    def start(self) -> FakeOllama:
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._listen())
+            self._scheduler_task = self._loop.create_task(self._scheduler())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _call(self, coro) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def go_down(self) -> None:
+        """Close the listening socket and every open connection (the port refuses)."""
+        self._call(self._close())
+
+    def come_back(self) -> None:
+        """Listen again on the same port."""
+        self._call(self._listen())
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._call(self._close())
+            self._call(self._halt())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def chat_bodies(self) -> list[dict]:
+        return [body for method, path, body in self.requests if path in ("/api/chat", "/v1/chat/completions")
+                and isinstance(body, dict) and body.get("messages")]
+
+    # ── server internals
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.host, self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _halt(self) -> None:
+        self._scheduler_task.cancel()
+        try:
+            await self._scheduler_task
+        except asyncio.CancelledError:
+            pass
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
+                raw = await reader.readexactly(int(headers.get("content-length", 0)))
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw
+                path = target.split("?", 1)[0]
+                self.requests.append((method, path, body))
+                reply = await self._route(method, path, body, reader, writer)
+                if reply is None:          # connection dropped on purpose
+                    return
+                status, payload, ctype = reply
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+                             f"Connection: keep-alive\r\n\r\n".encode() + data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+    async def _route(self, method, path, body, reader, writer):
+        b = self.behaviour
+        if b.api == "ollama":
+            if path == "/" and method in ("GET", "HEAD"):
+                return 200, b"Ollama is running", "text/plain"
+            if path == "/api/version":
+                return 200, {"version": "0.5.1"}, "application/json"
+            if path == "/api/tags":
+                return 200, {"models": [{"name": n, "model": n, "digest": d, "size": 4_683_087_332,
+                                         "details": {"format": "gguf", "quantization_level": "Q4_K_M"}}
+                                        for n, d in b.models.items()]}, "application/json"
+            if path == "/api/pull" and method == "POST":
+                name = body.get("model", "")
+                b.models[name if ":" in name else name + ":latest"] = DIGEST
+                lines = [{"status": "pulling manifest"}, {"status": "pulling a80c", "total": 100, "completed": 100},
+                         {"status": "success"}]
+                return 200, "\n".join(json.dumps(x) for x in lines).encode() + b"\n", "application/x-ndjson"
+            if path == "/api/chat" and method == "POST":
+                return await self._chat(body, reader, openai=False)
+        else:
+            if path == "/v1/models":
+                return 200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "fake"}
+                                                        for n in b.models]}, "application/json"
+            if path == "/v1/chat/completions" and method == "POST":
+                return await self._chat(body, reader, openai=True)
+        return 404, {"detail": "Not Found"} if b.api != "ollama" else b"404 page not found", "application/json"
+
+    async def _chat(self, body: dict, reader: asyncio.StreamReader, openai: bool):
+        b = self.behaviour
+        model = body.get("model", "")
+        known = model if openai or ":" in model else model + ":latest"
+        if b.chat_status:
+            return b.chat_status, {"error": f"status {b.chat_status}"}, "application/json"
+        if known not in b.models:
+            if openai:
+                return 404, {"error": {"message": f"The model `{model}` does not exist.", "type": "not_found_error"}}, \
+                    "application/json"
+            return 404, {"error": f"model '{model}' not found"}, "application/json"
+        messages = body.get("messages") or []
+        if not messages:                                   # Ollama: an empty chat loads the model
+            await self._load()
+            return 200, {"model": model, "created_at": "2024-12-06T00:48:09Z",
+                         "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": True}, \
+                "application/json"
+        prompt = messages[-1].get("content", "")
+        code = code_of(prompt)
+        if openai:
+            fmt = body.get("response_format") or {}
+            if b.reject_json_schema and fmt.get("type") == "json_schema":
+                return 500, {"error": {"message": "[{'type': 'literal_error', 'loc': ('body', 'response_format', "
+                                                  "'type'), 'msg': \"Input should be 'text' or 'json_object'\"}]",
+                                       "type": "internal_server_error"}}, "application/json"
+            tokens = len(prompt) // 4
+            if b.n_ctx and tokens + int(body.get("max_tokens") or 0) > b.n_ctx:
+                return 400, {"error": {"message": f"Requested tokens ({tokens}) exceed context window of {b.n_ctx}",
+                                       "type": "invalid_request_error", "param": "messages",
+                                       "code": "context_length_exceeded"}}, "application/json"
+        self.chats += 1
+        roll = self.rng.random()
+        edges = [b.fail_500, b.busy_503, b.reset, b.hang, b.garbage, b.out_of_range]
+        fault = None
+        for name, share in zip(("500", "503", "reset", "hang", "garbage", "range"), edges):
+            if roll < share:
+                fault = name
+                break
+            roll -= share
+        if b.poison and b.poison in code:
+            fault = "poison"
+        if fault == "503":
+            return 503, {"error": "server busy, please try again.  maximum pending requests exceeded"}, \
+                "application/json"
+        if fault == "poison":
+            return 500, {"error": "llama runner process has terminated: exit status 2"}, "application/json"
+        if fault == "hang":
+            await reader.read()          # until the client gives up
+            self.cancelled += 1
+            return None
+        await self._load()
+        work = b.latency + b.per_char * len(prompt)
+        if not await self._serve(work, reader):
+            self.cancelled += 1
+            return None
+        if fault == "500":
+            return 500, {"error": "model runner has unexpectedly stopped, this may be due to resource limitations"}, \
+                "application/json"
+        if fault == "reset":
+            return None
+        score = expected_score(code)
+        if fault == "range" or (b.bad_for and b.bad_for in code):
+            score = 15 if fault == "range" else 0
+        content = json.dumps({"score": score, "reason": f"fake verdict for {len(code)} chars"})
+        if fault == "garbage":
+            content = "Sure! Here is my rating: great code"
+        self.answered += 1
+        if openai:
+            return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": model,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                      "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 12,
+                                   "total_tokens": len(prompt) // 4 + 12}}, "application/json"
+        return 200, {"model": model, "created_at": "2024-12-06T00:48:09.983619Z",
+                     "message": {"role": "assistant", "content": content}, "done_reason": "stop", "done": True,
+                     "total_duration": int(work * 1e9), "prompt_eval_count": len(prompt) // 4,
+                     "eval_count": 12}, "application/json"
+
+    async def _load(self) -> None:
+        if not self.loaded:
+            self.loaded = True
+            if self.behaviour.load_delay:
+                await asyncio.sleep(self.behaviour.load_delay)
+
+    # ── processor-sharing service
+
+    def _speed(self, n: int) -> float:
+        b = self.behaviour
+        if n <= b.peak:
+            return n ** b.alpha
+        return (b.peak ** b.alpha) * (b.peak / n) ** b.beta
+
+    async def _serve(self, work: float, reader: asyncio.StreamReader) -> bool:
+        """Do `work` seconds of solo work under the service model; False if the client left."""
+        if work <= 0:
+            return True
+        done = asyncio.get_running_loop().create_future()
+        self._ids += 1
+        ident = self._ids
+        self._waiting.append((ident, work, done))
+        self._wake.set()
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait([done, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not done.done():
+                done.cancel()
+                self._waiting = [w for w in self._waiting if w[0] != ident]
+                self._active.pop(ident, None)
+                self._wake.set()
+            if not gone.done():
+                gone.cancel()
+                try:
+                    await gone       # let the reader forget the cancelled read before the next request
+                except asyncio.CancelledError:
+                    pass
+        return done.done() and not done.cancelled()
+
+    async def _scheduler(self) -> None:
+        self._wake = asyncio.Event()
+        last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            n = len(self._active)
+            if n:
+                each = self._speed(n) / n
+                for ident, entry in list(self._active.items()):
+                    entry[0] -= (now - last) * each
+                    if entry[0] <= 1e-6:
+                        del self._active[ident]
+                        if not entry[1].done():
+                            entry[1].set_result(True)
+            last = now
+            while self._waiting and len(self._active) < self.behaviour.slots:
+                ident, work, fut = self._waiting.pop(0)
+                if not fut.done():
+                    self._active[ident] = [work, fut]
+            self.active_max = max(self.active_max, len(self._active))
+            n = len(self._active)
+            timeout = None
+            if n:
+                each = self._speed(n) / n
+                timeout = max(0.0005, min(e[0] for e in self._active.values()) / each)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    for name, kind in (("latency", float), ("per_char", float), ("slots", int), ("alpha", float), ("peak", int),
+                       ("beta", float), ("load_delay", float), ("fail_500", float), ("api", str)):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(Behaviour(), name))
+    args = parser.parse_args()
+    behaviour = Behaviour(**{k: v for k, v in vars(args).items() if k not in ("host", "port")})
+    server = FakeOllama(behaviour, args.host, args.port).start()
+    print(f"PORT {server.port}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
