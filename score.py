@@ -1042,7 +1042,7 @@ async def fetch_json(endpoint: Endpoint, path: str, timeout: float, method: str 
     try:
         response = await endpoint.client.request(method, path, json=body, timeout=timeout)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise EndpointFault(f"cannot connect ({describe_transport(exc)})", connect=True) from None
+        raise EndpointFault(describe_transport(exc), connect=True) from None
     except httpx.TransportError as exc:
         raise EndpointFault(describe_transport(exc)) from None
     if response.status_code in (401, 403):
@@ -1147,8 +1147,11 @@ def describe_transport(exc: Exception) -> str:
         return "read timed out"
     if isinstance(exc, httpx.RemoteProtocolError):
         return f"connection dropped ({text})" if text else "connection dropped"
-    if "Connection refused" in text or "Errno 111" in text:
-        return "connection refused"
+    cause: BaseException | None = exc
+    while cause is not None:          # httpx hides the OS error ("All connection attempts failed")
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
     return text or type(exc).__name__
 
 

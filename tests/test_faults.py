@@ -1,0 +1,345 @@
+"""Nothing lost, nothing scored twice: flaky, dead, hung and poisoned endpoints; kills and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+import score
+from conftest import (expected_score, read_records, rows, run_cli, scored, start_cli, write_endpoints, write_jsonl,
+                      write_parquet)
+
+TEXTS = {r["id"]: r["code"] for r in rows(400)}
+
+
+def assert_complete(records: list[dict], ids) -> None:
+    """Exactly one successful record per id, each carrying the right verdict."""
+    ok = Counter(r["id"] for r in records if r["score"] is not None)
+    assert set(ok) == set(ids), set(ids) - set(ok)
+    assert max(ok.values()) == 1
+    for r in records:
+        if r["score"] is not None:
+            assert r["score"] == expected_score(TEXTS[r["id"]])
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll a condition that another process or thread will make true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def lines_in(path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_flaky_endpoints_lose_nothing_and_charge_no_attempts(tmp_path, serve):
+    flaky = serve(latency=0.01, slots=4, fail_500=0.15, reset=0.1, busy_503=0.1, seed=1)
+    steady = serve(latency=0.03, slots=2, seed=2)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(150))
+    endpoints = write_endpoints(tmp_path / "e.txt", [flaky, steady])
+    assert score.main([str(data), "--endpoints", str(endpoints), "--max-attempts", "1", "--no-progress"]) == 0
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert len(records) == 150
+    assert_complete(records, [r["id"] for r in rows(150)])
+    assert all(r["attempts"] == 1 for r in records)       # endpoint faults never cost an attempt
+
+
+def test_bad_answers_are_retried_with_a_different_seed_then_recorded(tmp_path, serve):
+    server = serve(bad_for="compute_7(", seed=3)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(12))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    result = run_cli(data, "--endpoints", endpoints, "--max-attempts", "3")
+    assert result.returncode == 1, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    failed = [r for r in records if r["score"] is None]
+    assert [r["id"] for r in failed] == ["fn-7"]
+    assert failed[0]["error_kind"] == "attempts_exhausted" and "outside 1..10" in failed[0]["error"]
+    tries = [b for b in server.chat_bodies() if "compute_7(" in b["messages"][0]["content"]]
+    assert len(tries) == 3
+    settings = {(b["options"]["seed"], b["options"]["temperature"]) for b in tries}
+    assert len(settings) == 3 and tries[0]["options"]["temperature"] == 0
+    assert "1 attempts_exhausted" in result.stderr and "--resume retries" in result.stderr
+    # resume tries the failed row again (and only it)
+    server.behaviour.bad_for = None
+    again = run_cli(data, "--endpoints", endpoints, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert_complete(read_records(tmp_path / "fns.scores.jsonl"), [r["id"] for r in rows(12)])
+
+
+def test_garbage_and_out_of_range_answers_never_become_scores(tmp_path, serve):
+    server = serve(garbage=0.2, out_of_range=0.2, seed=4)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    score.main([str(data), "--endpoints", str(endpoints), "--max-attempts", "6", "--no-progress"])
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete([r for r in records if r["score"] is not None], [r["id"] for r in records if r["score"]])
+    assert all(1 <= r["score"] <= 10 for r in records if r["score"] is not None)
+    assert len(scored(records)) >= 55
+
+
+def test_dead_endpoint_is_not_drained_and_fails_no_item(tmp_path, serve):
+    broken = serve(fail_500=1.0)                 # answers probes, every scoring request crashes
+    good = serve(latency=0.02, slots=2)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(80))
+    endpoints = write_endpoints(tmp_path / "e.txt", [broken, good], extra=["127.0.0.1:9 name=refused"])
+    assert score.main([str(data), "--endpoints", str(endpoints), "--max-attempts", "1", "--no-progress"]) == 0
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete(records, [r["id"] for r in rows(80)])
+    assert {r["endpoint"] for r in records} == {"e1"}
+    # marked down after a few faults, then only probed (each rejoin costs at most DOWN_AFTER requests)
+    assert broken.chats <= 3 * score.DOWN_AFTER
+    probes = [p for m, p, b in broken.requests if p in ("/", "/api/tags", "/api/version")]
+    assert probes
+
+
+def test_hung_endpoint_does_not_stall_the_end_of_the_run(tmp_path, serve):
+    hung = serve(hang=1.0)
+    good = serve(latency=0.01)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(30))
+    endpoints = write_endpoints(tmp_path / "e.txt", [hung, good], options="concurrency=2")
+    started = time.monotonic()
+    assert score.main([str(data), "--endpoints", str(endpoints), "--timeout", "1", "--no-progress"]) == 0
+    assert_complete(read_records(tmp_path / "fns.scores.jsonl"), [r["id"] for r in rows(30)])
+    assert hung.answered == 0 and hung.cancelled >= 1
+    assert time.monotonic() - started < 60
+
+
+def test_poison_item_is_charged_and_spares_healthy_endpoints(tmp_path, serve):
+    a = serve(latency=0.01, poison="compute_5(")
+    b = serve(latency=0.01, poison="compute_5(")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
+    endpoints = write_endpoints(tmp_path / "e.txt", [a, b])
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress")
+    assert result.returncode == 1, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    failed = [r for r in records if r["score"] is None]
+    assert [(r["id"], r["error_kind"]) for r in failed] == [("fn-5", "poison")]
+    assert "llama runner process has terminated" in failed[0]["error"]
+    assert_complete([r for r in records if r["score"] is not None], [f"fn-{i}" for i in range(40) if i != 5])
+    poisoned = sum("compute_5(" in x["messages"][0]["content"] for s in (a, b) for x in s.chat_bodies())
+    assert poisoned <= score.POISON_FAULTS + 3        # bounded, not a loop
+    assert "taken out" not in result.stderr
+
+
+def test_every_endpoint_down_at_start_then_back_completes_with_no_errors(tmp_path, serve):
+    a, b = serve(latency=0.01), serve(latency=0.01)
+    a.go_down()
+    b.go_down()
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
+    endpoints = write_endpoints(tmp_path / "e.txt", [a, b])
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
+    first = proc.stderr.readline()
+    assert "No endpoint answers yet" in first
+    a.come_back()
+    b.come_back()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, first + err
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete(records, [r["id"] for r in rows(40)])
+    assert all(r["error"] is None for r in records)
+
+
+def test_all_endpoints_down_mid_run_pauses_then_continues(tmp_path, serve):
+    a = serve(latency=0.02, slots=2)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(120))
+    endpoints = write_endpoints(tmp_path / "e.txt", [a])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
+    wait_for(lambda: lines_in(out) >= 20, what="first records")
+    a.go_down()
+    paused = ""
+    while "pausing" not in paused:
+        paused = proc.stderr.readline()
+        assert paused, "score.py ended without pausing"
+    a.come_back()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    records = read_records(out)
+    assert_complete(records, [r["id"] for r in rows(120)])
+    assert all(r["error"] is None for r in records)
+
+
+def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve):
+    a = serve(latency=0.02)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(100))
+    endpoints = write_endpoints(tmp_path / "e.txt", [a])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress", "--max-downtime", "2")
+    wait_for(lambda: lines_in(out) >= 10, what="first records")
+    a.go_down()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "--max-downtime" in err and "Traceback" not in err
+    a.come_back()
+    done = read_records(out)
+    assert all(r["score"] is not None for r in done)
+    assert run_cli(data, "--endpoints", endpoints, "--resume").returncode == 0
+    assert_complete(read_records(out), [r["id"] for r in rows(100)])
+
+
+def test_startup_timeout_names_every_endpoint(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("127.0.0.1:9 name=first\n127.0.0.1:7 name=second\n")
+    result = run_cli(data, "--endpoints", endpoints, "--startup-timeout", "1")
+    assert result.returncode == 2
+    assert "no endpoint answered within 1 s" in result.stderr
+    assert "first (http://127.0.0.1:9)" in result.stderr and "second (http://127.0.0.1:7)" in result.stderr
+    assert "connection refused" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_endpoint_that_loses_its_model_is_taken_out_and_the_run_continues(tmp_path, serve):
+    a, b = serve(latency=0.02), serve(latency=0.02)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
+    endpoints = write_endpoints(tmp_path / "e.txt", [a, b])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
+    wait_for(lambda: lines_in(out) >= 5, what="first records")
+    a.behaviour.chat_status = 401
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "e0 taken out" in err and "401" in err
+    assert_complete(read_records(out), [r["id"] for r in rows(60)])
+
+
+@pytest.mark.parametrize("kills", [4])
+def test_sigkill_at_random_moments_then_resume_scores_each_id_once(tmp_path, serve, kills):
+    a = serve(latency=0.01, slots=4, fail_500=0.05, seed=5)
+    b = serve(latency=0.03, slots=2, reset=0.05, seed=6)
+    data = write_parquet(tmp_path / "fns.parquet", rows(400), row_group_size=50)
+    endpoints = write_endpoints(tmp_path / "e.txt", [a, b])
+    out = tmp_path / "fns.scores.jsonl"
+    rng = random.Random(11)
+    for round_ in range(kills):
+        proc = start_cli(data, "--endpoints", endpoints, "--no-progress", *(["--resume"] if round_ else []))
+        target = lines_in(out) + rng.randint(5, 60)
+        wait_for(lambda: lines_in(out) >= target or proc.poll() is not None, what="progress before the kill")
+        proc.kill()
+        proc.communicate()
+    final = run_cli(data, "--endpoints", endpoints, "--resume")
+    assert final.returncode == 0, final.stderr
+    text = out.read_bytes()
+    assert text.endswith(b"\n")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert_complete(records, [r["id"] for r in rows(400)])
+
+
+def test_torn_final_line_is_repaired_on_resume(tmp_path, serve):
+    server = serve()
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(10))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    assert score.main([str(data), "--endpoints", str(endpoints), "--limit", "4"]) == 0
+    out = tmp_path / "fns.scores.jsonl"
+    with open(out, "ab") as f:
+        f.write(b'{"id": "fn-4", "score": 9, "rea')      # a crash mid-write
+    result = run_cli(data, "--endpoints", endpoints, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "torn final line" in result.stderr
+    assert_complete(read_records(out), [r["id"] for r in rows(10)])
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_promptly_and_resume_completes(tmp_path, serve, sig, code):
+    server = serve(latency=0.3, slots=2)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
+    wait_for(lambda: lines_in(out) >= 3, what="first records")
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert time.monotonic() - sent < 10
+    assert "--resume" in err and "Traceback" not in err
+    assert out.read_bytes().endswith(b"\n")
+    assert run_cli(data, "--endpoints", endpoints, "--resume").returncode == 0
+    assert_complete(read_records(out), [r["id"] for r in rows(60)])
+
+
+def test_resume_with_another_prompt_needs_force(tmp_path, serve):
+    server = serve()
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(10))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    assert score.main([str(data), "--endpoints", str(endpoints), "--limit", "3"]) == 0
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Score it.\n```\n{code}\n```\n")
+    out = tmp_path / "fns.scores.jsonl"
+    before = out.read_bytes()
+    refused = run_cli(data, "--endpoints", endpoints, "--resume", "--prompt-file", prompt)
+    assert refused.returncode == 2 and "prompt_sha256" in refused.stderr and "--force" in refused.stderr
+    assert out.read_bytes() == before
+    forced = run_cli(data, "--endpoints", endpoints, "--resume", "--prompt-file", prompt, "--force")
+    assert forced.returncode == 0 and "WARNING" in forced.stderr
+    assert len(scored(read_records(out))) == 10
+
+
+NETNS = shutil.which("ip") is not None and os.geteuid() == 0
+
+
+def netns_available() -> str | None:
+    if not NETNS:
+        return "needs root and iproute2 (ip)"
+    probe = subprocess.run(["ip", "netns", "add", "scoreprobe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns unavailable: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "scoreprobe"], capture_output=True)
+    return None
+
+
+@pytest.mark.netns
+def test_cut_link_to_a_host_in_another_namespace_then_restore(tmp_path, serve):
+    reason = netns_available()
+    if reason:
+        pytest.skip(reason)
+    import sys
+    from conftest import ROOT
+    ns, host_if, ns_if = f"score{os.getpid() % 10000}", f"vs{os.getpid() % 10000}", "eth0"
+    subnet = f"10.{200 + os.getpid() % 50}.0"
+    sh = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    sh("ip", "netns", "add", ns)
+    server = None
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+        sh("ip", "addr", "add", f"{subnet}.1/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{subnet}.2/24", "dev", ns_if)
+        sh("ip", "-n", ns, "link", "set", ns_if, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(ROOT / "tests" / "fake_ollama.py"),
+                                   "--host", f"{subnet}.2", "--port", "11434", "--latency", "0.02", "--slots", "2"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().startswith("PORT")
+        local = serve(latency=0.05)
+        data = write_jsonl(tmp_path / "fns.jsonl", rows(150))
+        endpoints = tmp_path / "e.txt"
+        endpoints.write_text(f"{subnet}.2 name=remote\n{local.url} name=local\n")
+        out = tmp_path / "fns.scores.jsonl"
+        proc = start_cli(data, "--endpoints", endpoints, "--no-progress", "--timeout", "3")
+        wait_for(lambda: lines_in(out) >= 20, what="first records")
+        sh("ip", "link", "set", host_if, "down")            # the cable is pulled
+        wait_for(lambda: lines_in(out) >= 60 or proc.poll() is not None, what="records while cut")
+        sh("ip", "link", "set", host_if, "up")
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        records = read_records(out)
+        assert_complete(records, [r["id"] for r in rows(150)])
+        assert all(r["error"] is None for r in records)
+        assert {r["endpoint"] for r in records} == {"remote", "local"}
+    finally:
+        if server is not None:
+            server.kill()
+            server.communicate()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
