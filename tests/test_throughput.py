@@ -1,0 +1,115 @@
+"""Throughput features must never cost correctness: adaptive limits, tail racing, duplicate fan-out."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import score
+from conftest import expected_score, function_source, read_records, rows, run_cli, write_endpoints, write_jsonl
+
+
+def with_duplicates(n: int) -> list[dict]:
+    """n rows where every fourth repeats an earlier text (some with CRLF / trailing blanks)."""
+    out = []
+    for i in range(n):
+        if i % 4 == 3:
+            text = function_source(i - 3)
+            if i % 8 == 7:
+                text = text.replace("\n", "  \r\n")        # same code after normalization
+            out.append({"id": i, "code": text})
+        else:
+            out.append({"id": i, "code": function_source(i)})
+    return out
+
+
+def test_duplicate_texts_are_sent_once_and_every_id_gets_the_same_score(tmp_path, serve):
+    server = serve(latency=0.01, slots=2)
+    data = write_jsonl(tmp_path / "dups.jsonl", with_duplicates(80))
+    assert score.main([str(data), "--endpoints", str(write_endpoints(tmp_path / "e.txt", [server]))]) == 0
+    records = read_records(tmp_path / "dups.scores.jsonl")
+    assert Counter(r["id"] for r in records) == Counter(range(80))
+    by_id = {r["id"]: r for r in records}
+    assert len(server.chat_bodies()) == 60                 # distinct texts only
+    for i in range(80):
+        r = by_id[i]
+        assert r["score"] == expected_score(function_source(i - 3 if i % 4 == 3 else i))
+        if i % 4 == 3:
+            original = by_id[i - 3]
+            assert r["duplicate_of"] == i - 3 and r["hash"] == original["hash"] and r["score"] == original["score"]
+            assert r["latency_s"] == 0
+        else:
+            assert r["duplicate_of"] is None
+
+
+def test_duplicates_of_rows_scored_before_a_resume_are_not_sent_again(tmp_path, serve):
+    server = serve(latency=0.005)
+    data = write_jsonl(tmp_path / "dups.jsonl", with_duplicates(40))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    assert score.main([str(data), "--endpoints", str(endpoints), "--limit", "3"]) == 0   # rows 0,1,2
+    assert score.main([str(data), "--endpoints", str(endpoints), "--resume"]) == 0
+    records = read_records(tmp_path / "dups.scores.jsonl")
+    assert Counter(r["id"] for r in records) == Counter(range(40))
+    assert len(server.chat_bodies()) == 30
+    assert {r["id"]: r["duplicate_of"] for r in records}[3] == 0
+
+
+def test_no_dedup_sends_every_row(tmp_path, serve):
+    server = serve()
+    data = write_jsonl(tmp_path / "dups.jsonl", with_duplicates(16))
+    assert score.main([str(data), "--endpoints", str(write_endpoints(tmp_path / "e.txt", [server])),
+                       "--no-dedup"]) == 0
+    assert len(server.chat_bodies()) == 16
+
+
+def test_tail_racing_finishes_on_the_fast_endpoint_and_writes_each_id_once(tmp_path, serve):
+    fast = serve(latency=0.02, slots=1)
+    slow = serve(latency=30.0, slots=1)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(30))
+    endpoints = write_endpoints(tmp_path / "e.txt", [fast, slow])
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", timeout=60)
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert Counter(r["id"] for r in records) == Counter(f"fn-{i}" for i in range(30))
+    assert {r["endpoint"] for r in records} == {"e0"}       # the slow copies lost every race
+    assert slow.answered == 0 and len(slow.chat_bodies()) >= 1
+    assert "Raced" in result.stderr
+
+
+def test_without_racing_the_slow_endpoint_keeps_its_items(tmp_path, serve):
+    fast = serve(latency=0.01, slots=1)
+    slow = serve(latency=1.0, slots=1)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(20))
+    endpoints = write_endpoints(tmp_path / "e.txt", [fast, slow])
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", "--no-hedge", timeout=60)
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert Counter(r["id"] for r in records) == Counter(f"fn-{i}" for i in range(20))
+    assert "e1" in {r["endpoint"] for r in records} and "Raced" not in result.stderr
+
+
+def test_auto_concurrency_fills_parallel_slots_and_fixed_pins_them(tmp_path, serve):
+    wide = serve(latency=0.05, slots=4)
+    pinned = serve(latency=0.05, slots=4)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(300))
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text(f"{wide.url} name=auto\n{pinned.url} name=pinned concurrency=1\n")
+    assert score.main([str(data), "--endpoints", str(endpoints), "--no-progress", "--no-hedge"]) == 0
+    assert wide.active_max >= 3
+    assert pinned.active_max == 1
+    share = Counter(r["endpoint"] for r in read_records(tmp_path / "fns.scores.jsonl"))
+    assert share["auto"] > 2 * share["pinned"]
+
+
+def test_limiter_climbs_to_the_peak_and_backs_off_on_overload():
+    limiter = score.Limiter(None)
+    capacity = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 3.2, 6: 2.5}   # items/s at each limit
+    now = 0.0
+    for _ in range(400):
+        rate = capacity.get(limiter.limit, 2.0)
+        started = now
+        now += 1.0 / rate
+        limiter.on_done(started, now)
+    assert limiter.limit in (3, 4, 5) and limiter.best_limit == 4
+    limiter.on_overload(now)
+    assert limiter.limit == 2
+    assert score.Limiter(3).limit == 3 and not score.Limiter(3).auto
