@@ -132,7 +132,8 @@ POISON_FAULTS = 3           # endpoint faults one item may cause before it is su
 
 AUTO_MAX = 64               # ceiling for adaptive concurrency
 AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay
-AUTO_HOLD_WINDOWS = 6       # windows at the chosen limit before re-probing around it
+AUTO_HOLD_WINDOWS = 6       # windows, and
+AUTO_HOLD_SECONDS = 30.0    # seconds, at the chosen limit before re-probing one step around it
 HEDGE_RATIO = 0.5           # race an item when we expect to finish in < this share of its remaining time
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
@@ -205,7 +206,7 @@ class Item:
     problem: tuple[str, str] | None = None   # (error_kind, message): never sent
     attempts: int = 0             # item faults charged against --max-attempts
     faults: int = 0               # endpoint faults seen while carrying this item
-    fault_endpoints: set[str] = field(default_factory=set)
+    fault_endpoints: set[str] | None = None
     avoid: str | None = None      # endpoint that last gave a bad answer for it
     max_chars: int | None = None  # code budget learned from a context overflow
     shrinks: int = 0
@@ -214,7 +215,7 @@ class Item:
     hedged: bool = False
     racer: Any = None             # the endpoint that sent the raced copy
     finished: bool = False
-    followers: list[Item] = field(default_factory=list)
+    followers: list[Item] | None = None
 
 
 @dataclass(slots=True)
@@ -310,10 +311,12 @@ def id_key(value: int | str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
+
+
 def text_digest(text: str) -> int:
-    """Hash code after a cheap normalization: line endings, trailing blanks, outer blank lines."""
-    lines = text.strip().replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    normal = "\n".join(line.rstrip() for line in lines)
+    """Hash code after a cheap normalization: line endings, trailing blanks, outer whitespace."""
+    normal = TRAILING_BLANKS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
     value = int.from_bytes(hashlib.blake2b(normal.encode(), digest_size=8).digest(), "little", signed=True)
     return value or 1
 
@@ -676,8 +679,6 @@ class Checkpoint:
             raise StopRun(f"cannot write {self.path}: {exc.strerror}; fix that and rerun with --resume") from None
         self.size += len(data)
         self._dirty = True
-        if time.monotonic() - self._synced_at >= FSYNC_EVERY:
-            self.sync()
         return offset
 
     def read_at(self, offset: int) -> dict[str, Any]:
@@ -693,9 +694,15 @@ class Checkpoint:
     def sync(self) -> None:
         """Push written lines to the disk."""
         if self._dirty:
-            os.fsync(self._fd)
             self._dirty = False
-        self._synced_at = time.monotonic()
+            os.fsync(self._fd)
+
+    async def sync_soon(self) -> None:
+        """fsync at most every FSYNC_EVERY seconds, in a thread so the loop keeps dispatching."""
+        if self._dirty and time.monotonic() - self._synced_at >= FSYNC_EVERY:
+            self._dirty = False
+            self._synced_at = time.monotonic()
+            await asyncio.to_thread(os.fsync, self._fd)
 
     def close(self) -> None:
         """fsync and release the file (and its lock)."""
@@ -859,6 +866,7 @@ class Limiter:
         self.limit = fixed or 1
         self.best_limit, self.best_rate = self.limit, 0.0
         self.phase, self.holds, self.probe_down_next = "climb", 0, True
+        self.hold_since = 0.0
         self.restart(0.0)
 
     def restart(self, now: float) -> None:
@@ -877,7 +885,7 @@ class Limiter:
         if self.starved:       # not enough work to fill the limit: the window says nothing
             self.restart(now)
             return
-        self._decide(self.count / (now - self.first))
+        self._decide(self.count / (now - self.first), now)
         self.restart(now)
 
     def on_starved(self) -> None:
@@ -888,10 +896,10 @@ class Limiter:
         """Halve the limit after a sign the server is past its capacity."""
         if self.auto and self.limit > 1:
             self.limit = self.best_limit = max(1, self.limit // 2)
-            self.best_rate, self.phase, self.holds = 0.0, "hold", 0
+            self.best_rate, self.phase, self.holds, self.hold_since = 0.0, "hold", 0, now
             self.restart(now)
 
-    def _decide(self, rate: float) -> None:
+    def _decide(self, rate: float, now: float) -> None:
         if self.phase == "climb":
             if rate > self.best_rate * (1 + AUTO_GAIN):
                 self.best_rate, self.best_limit = rate, self.limit
@@ -899,17 +907,17 @@ class Limiter:
                 if self.limit == self.best_limit:
                     self.phase = "hold"
             else:
-                self.limit, self.phase, self.holds = self.best_limit, "hold", 0
+                self.limit, self.phase, self.holds, self.hold_since = self.best_limit, "hold", 0, now
         elif self.phase == "probe_down":
             if rate >= self.best_rate * (1 - AUTO_GAIN / 2):
                 self.best_limit, self.best_rate = self.limit, rate   # as fast with fewer in flight
             else:
                 self.limit = self.best_limit
-            self.phase, self.holds = "hold", 0
+            self.phase, self.holds, self.hold_since = "hold", 0, now
         else:
             self.best_rate = rate
             self.holds += 1
-            if self.holds >= AUTO_HOLD_WINDOWS:
+            if self.holds >= AUTO_HOLD_WINDOWS and now - self.hold_since >= AUTO_HOLD_SECONDS:
                 self.holds = 0
                 if self.probe_down_next and self.limit > 1:
                     self.phase, self.limit = "probe_down", self.limit - 1
@@ -943,6 +951,8 @@ class Endpoint:
         self.ctx_tokens = config.num_ctx
         self.response_format = "json_schema"
         self.inflight: dict[Item, float] = {}       # item → start time
+        self._chat_url: httpx.URL | None = None
+        self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
         # counters for the display and the summary
         self.done = self.errors = self.fault_count = self.hedges_won = 0
         self.latency_sum = 0.0
@@ -950,6 +960,14 @@ class Endpoint:
         self.prompt_tokens = self.output_tokens = 0
         self.first_at: float | None = None
         self.last_at: float | None = None
+
+    @property
+    def chat_url(self) -> httpx.URL:
+        """The absolute scoring URL, parsed once (httpx re-parses relative ones per request)."""
+        path = "/api/chat" if self.api == "ollama" else "/v1/chat/completions"
+        if self._chat_url is None or not self._chat_url.path.endswith(path):
+            self._chat_url = httpx.URL(self.url + path)
+        return self._chat_url
 
     @property
     def usable(self) -> bool:
@@ -1260,11 +1278,11 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
     """POST one scoring request; return (content, prompt tokens, output tokens) or raise."""
     messages = [{"role": "user", "content": prompt}]
     if endpoint.api == "ollama":
-        path = "/api/chat"
+        url = endpoint.chat_url
         body = {"model": endpoint.model, "messages": messages, "stream": False, "format": SCORE_SCHEMA,
                 "options": ollama_options(config, temperature, seed), "keep_alive": config.keep_alive}
     else:
-        path = "/v1/chat/completions"
+        url = endpoint.chat_url
         if endpoint.response_format == "json_schema":
             fmt = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
         else:
@@ -1272,7 +1290,7 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
         body = {"model": endpoint.model, "messages": messages, "temperature": temperature, "seed": seed,
                 "max_tokens": NUM_PREDICT, "stream": False, "response_format": fmt}
     try:
-        response = await endpoint.client.post(path, json=body)
+        response = await endpoint.client.post(url, json=body)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise EndpointFault(describe_transport(exc), connect=True, item_related=False) from None
     except httpx.TransportError as exc:
@@ -1336,8 +1354,11 @@ class Signal:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is None:
                 await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
         except TimeoutError:
             pass
         finally:
@@ -1381,12 +1402,22 @@ class Run:
         self.unfinished = 0
         self.producer_done = False
         self.tasks: dict[tuple[Endpoint, Item], asyncio.Task] = {}
+        self.space = Signal()                    # the producer waits for room in the queue
+        self.done = asyncio.Event()
         self.tg: asyncio.TaskGroup | None = None
         self.all_down_since: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.producer_done and self.unfinished == 0
+
+    def check_done(self) -> None:
+        """Wake everyone; when the last item is written, tell every task to end."""
+        if self.finished:
+            self.done.set()
+            for endpoint in self.endpoints:
+                endpoint.trouble.set()
+        self.changed.notify()
 
     async def run(self) -> None:
         """Score until the input is exhausted and every taken item is written."""
@@ -1418,7 +1449,7 @@ class Run:
                 chunk = []
         finally:
             self.producer_done = True
-            self.changed.notify()
+            self.check_done()
 
     async def admit(self, item: Item) -> None:
         """Take one not-yet-done row: record it, fan it out, or queue it."""
@@ -1431,6 +1462,7 @@ class Run:
         if item.digest:
             leader = self.leaders.get(item.digest)
             if leader is not None:
+                leader.followers = leader.followers or []
                 leader.followers.append(item)
                 self.waiting_followers += 1
                 while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
@@ -1443,7 +1475,7 @@ class Run:
                 return
             self.leaders[item.digest] = item
         while len(self.fresh) >= QUEUE_SIZE:
-            await self.changed.wait()
+            await self.space.wait()
         self.fresh.append(item)
         self.changed.notify()
 
@@ -1473,7 +1505,7 @@ class Run:
             return item
         if self.fresh:
             item = self.fresh.popleft()
-            self.changed.notify()        # room for the producer
+            self.space.notify()
             return item
         if self.producer_done and self.config.hedge:
             return self.hedge_candidate(endpoint, now)
@@ -1555,7 +1587,7 @@ class Run:
         if isinstance(outcome, EndpointFault):
             if outcome.item_related:
                 item.faults += 1
-                item.fault_endpoints.add(endpoint.name)
+                item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
             live = sum(1 for e in self.endpoints if e.state != "gone")
             if outcome.item_related and item.faults > POISON_FAULTS and len(item.fault_endpoints) >= min(2, live):
                 # This item keeps breaking servers: charge it, and spare the endpoint's health.
@@ -1616,6 +1648,7 @@ class Run:
             return
         endpoint.state, endpoint.detail = "down", reason
         endpoint.down_since = time.monotonic()
+        endpoint.trouble.set()
         self.progress.note(f"{endpoint.name} is down ({reason}); probing it in the background")
         self.cancel_inflight(endpoint)
 
@@ -1624,6 +1657,7 @@ class Run:
         if endpoint.state == "gone":
             return
         endpoint.state, endpoint.detail = "gone", reason
+        endpoint.trouble.set()
         self.progress.note(f"{endpoint.name} taken out: {reason}")
         self.cancel_inflight(endpoint)
 
@@ -1649,14 +1683,14 @@ class Run:
                 del self.leaders[item.digest]
             if record["score"] is not None:
                 self.resume.digests.add(item.digest, offset)
-        followers, item.followers = item.followers, []
+        followers, item.followers = item.followers or [], None
         self.waiting_followers -= len(followers)
         for follower in followers:
             follower.finished = True
             self.checkpoint.append(duplicate_record(follower, record))
             self.count(record, duplicate=True)
             self.unfinished -= 1
-        self.changed.notify()
+        self.check_done()
 
     def count(self, record: dict[str, Any], duplicate: bool = False) -> None:
         if record["score"] is not None:
@@ -1675,7 +1709,8 @@ class Run:
         while not self.finished and endpoint.state != "gone":
             if endpoint.usable:
                 pause = 1.0
-                await self.changed.wait()
+                endpoint.trouble.clear()
+                await endpoint.trouble.wait()
                 continue
             try:
                 await self.bring_up(endpoint)
@@ -1685,9 +1720,9 @@ class Run:
             except EndpointFault as exc:
                 endpoint.state = "down" if endpoint.checked else "pending"
                 endpoint.detail = str(exc)
-                deadline = time.monotonic() + pause * random.uniform(0.8, 1.2)
-                while not self.finished and (left := deadline - time.monotonic()) > 0:
-                    await self.changed.wait(left)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause * random.uniform(0.8, 1.2)):
+                        await self.done.wait()
                 pause = min(PROBE_CAP, pause * 2)
                 continue
             if endpoint.down_since is not None:
@@ -1726,8 +1761,10 @@ class Run:
     async def watch(self) -> None:
         """Refresh the display, fsync, and end the run if it cannot go on."""
         while not self.finished:
-            await self.changed.wait(1.0)
-            self.checkpoint.sync()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self.done.wait()
+            await self.checkpoint.sync_soon()
             now = time.monotonic()
             live = [e for e in self.endpoints if e.state != "gone"]
             if not live:

@@ -1,0 +1,355 @@
+"""Benchmark score.py as a user runs it, against simulated endpoints on loopback.
+
+    python bench/run.py            # all scenarios, a few minutes on 2 cores; writes BENCHMARKS.md
+    python bench/run.py --quick    # smaller jobs, for a smoke run
+    python bench/run.py --only tail,dedup
+
+Every figure is a ratio of two things measured in the same run, because the
+machine is shared and noisy. The simulated endpoint (tests/fake_ollama.py) has k
+parallel slots, service time that grows with prompt length, and processor-shared
+batching whose throughput rises sub-linearly with requests in flight up to a peak
+and then degrades, as real GPUs do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fake_ollama import Behaviour, FakeOllama  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+SCORE = ROOT / "score.py"
+
+# One 4-slot GPU box whose throughput peaks at 4 in flight, and laptops 3x slower with one slot.
+GPU = dict(latency=0.03, per_char=0.00001, slots=8, alpha=0.9, peak=4, beta=1.0)
+LAPTOP = dict(latency=0.09, per_char=0.00003, slots=1)
+
+
+def functions(n: int, seed: int = 1, dup_share: float = 0.0) -> list[dict]:
+    """Synthetic functions of varied length (prompt length drives service time)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if dup_share and i and rng.random() < dup_share:
+            out.append({"id": i, "code": out[rng.randrange(len(out))]["code"]})
+            continue
+        body = "".join(f"    v{j} = values[{j}] * {rng.randint(1, 99)}\n" for j in range(rng.randint(3, 60)))
+        out.append({"id": i, "code": f"def f_{i}(values):\n    \"\"\"Compute {i}.\"\"\"\n{body}    return v0\n"})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_score(data: Path, servers: list[tuple[str, FakeOllama, str]], tag: str, *extra: str) -> dict:
+    """Run score.py on data against servers [(name, server, options)]; return timing figures."""
+    endpoints = OUT / f"{tag}.endpoints.txt"
+    endpoints.write_text("".join(f"{s.url} name={name} {opts}\n" for name, s, opts in servers))
+    output = OUT / f"{tag}.scores.jsonl"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _, s, _ in servers:
+        s.first_chat_at = None
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(SCORE), str(data), "--endpoints", str(endpoints), "-o", str(output),
+                           "--overwrite", "--no-progress", *extra], capture_output=True, text=True)
+    ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tag}: score.py exited {proc.returncode}\n{proc.stderr}")
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    stamps = sorted(r["ts"] for r in records)
+    firsts = [s.first_chat_at for _, s, _ in servers if s.first_chat_at]
+    start = min(firsts) if firsts else started
+    lo, hi = stamps[len(stamps) // 10], stamps[len(stamps) * 9 // 10]
+    steady = (len(stamps) * 8 // 10) / max(1e-9, hi - lo)
+    return {"items": len(records), "steady": steady, "makespan": stamps[-1] - start, "wall": ended - started,
+            "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "stderr": proc.stderr, "records": records}
+
+
+def serve(**behaviour) -> FakeOllama:
+    server = FakeOllama(Behaviour(**behaviour)).start()
+    server.first_chat_at = None
+    original = server._chat
+
+    async def chat(body, reader, openai):        # note when the first scoring request arrives
+        if body.get("messages") and server.first_chat_at is None:
+            server.first_chat_at = time.time()
+        return await original(body, reader, openai)
+
+    server._chat = chat
+    return server
+
+
+def best_fixed(data: Path, params: dict, limits: list[int], tag: str) -> tuple[int, float, dict[int, float]]:
+    """Measure one endpoint's steady rate at each fixed concurrency; return the best."""
+    rates = {}
+    for limit in limits:
+        server = serve(**params)
+        try:
+            rates[limit] = run_score(data, [("solo", server, f"concurrency={limit}")], f"{tag}-c{limit}",
+                                     "--no-hedge")["steady"]
+        finally:
+            server.stop()
+    best = max(rates, key=rates.get)
+    return best, rates[best], rates
+
+
+def scenario_efficiency(n: int) -> dict:
+    data = write_jsonl(OUT / "eff.jsonl", functions(n, seed=2))
+    probe = write_jsonl(OUT / "eff-probe.jsonl", functions(max(120, n // 5), seed=3))
+    gpu_best, gpu_rate, gpu_rates = best_fixed(probe, GPU, [2, 3, 4, 5, 6], "cap-gpu")
+    lap_best, lap_rate, _ = best_fixed(probe, LAPTOP, [1, 2], "cap-laptop")
+    capacity = gpu_rate + 2 * lap_rate
+    results = {}
+    for label, extra, opts in (("score.py defaults", [], ""),
+                               ("one worker per endpoint (seed shape)", ["--no-hedge"], "concurrency=1")):
+        fleet = [("gpu", serve(**GPU), opts), ("mac1", serve(**LAPTOP), opts), ("mac2", serve(**LAPTOP), opts)]
+        try:
+            results[label] = run_score(data, fleet, "eff-" + label.split()[0], *extra)
+        finally:
+            for _, s, _ in fleet:
+                s.stop()
+    # static even split: each machine scores a third on its own, at its best fixed concurrency
+    rows = functions(n, seed=2)
+    thirds = [rows[i::3] for i in range(3)]
+    procs, started = [], time.time()
+    for i, (params, limit) in enumerate(((GPU, gpu_best), (LAPTOP, lap_best), (LAPTOP, lap_best))):
+        server = serve(**params)
+        part = write_jsonl(OUT / f"split{i}.jsonl", thirds[i])
+        (OUT / f"split{i}.txt").write_text(f"{server.url} name=m{i} concurrency={limit}\n")
+        procs.append((server, subprocess.Popen([sys.executable, str(SCORE), str(part), "--endpoints",
+                                                str(OUT / f"split{i}.txt"), "-o", str(OUT / f"split{i}.out"),
+                                                "--overwrite", "--no-progress", "--no-hedge"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    for server, proc in procs:
+        proc.wait()
+        server.stop()
+    split_rate = n / (time.time() - started)
+    auto = results["score.py defaults"]
+    seed_shape = results["one worker per endpoint (seed shape)"]
+    return {
+        "capacity": capacity, "gpu_rates": gpu_rates, "laptop_rate": lap_rate,
+        "efficiency": auto["steady"] / capacity, "auto_rate": auto["steady"],
+        "job_rate": n / auto["makespan"], "seed_rate": n / seed_shape["makespan"], "split_rate": split_rate,
+    }
+
+
+def scenario_auto(n: int) -> dict:
+    params = dict(latency=0.04, per_char=0.00001, slots=8, alpha=0.9, peak=4, beta=1.0)
+    data = write_jsonl(OUT / "auto.jsonl", functions(n, seed=4))
+    best, best_rate, rates = best_fixed(data, params, [1, 2, 3, 4, 5, 6, 8], "auto-fixed")
+    server = serve(**params)
+    try:
+        auto = run_score(data, [("solo", server, "")], "auto-auto", "--no-hedge")
+    finally:
+        server.stop()
+    limit_line = [line for line in auto["stderr"].splitlines() if line.startswith("solo")]
+    return {"rates": rates, "best": best, "auto": auto["steady"], "ratio": auto["steady"] / best_rate,
+            "vs_c1": auto["steady"] / rates[1], "final_limit": limit_line[-1].split()[-2] if limit_line else "?"}
+
+
+def scenario_tail() -> dict:
+    data = write_jsonl(OUT / "tail.jsonl", functions(40, seed=5))
+    fast = dict(latency=0.05, slots=1)
+    slow = dict(latency=1.0, slots=1)
+    capacity = 1 / fast["latency"] + 2 / slow["latency"]
+    out = {}
+    for label, extra in (("racing", []), ("no racing", ["--no-hedge"])):
+        fleet = [("fast", serve(**fast), ""), ("slow1", serve(**slow), ""), ("slow2", serve(**slow), "")]
+        try:
+            result = run_score(data, fleet, "tail-" + label.replace(" ", ""), *extra)
+        finally:
+            for _, s, _ in fleet:
+                s.stop()
+        out[label] = result["makespan"] / (40 / capacity)
+    return out
+
+
+def scenario_overhead(n: int, concurrency: int = 8) -> dict:
+    """score.py vs a bare httpx loop, both against one instant endpoint in its own process."""
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_ollama.py"), "--slots", "64"],
+                              stdout=subprocess.PIPE, text=True)
+    port = int(server.stdout.readline().split()[1])
+    url = f"http://127.0.0.1:{port}"
+    data = write_jsonl(OUT / "overhead.jsonl", functions(n, seed=6))
+    try:
+        (OUT / "overhead.txt").write_text(f"{url} name=instant concurrency={concurrency}\n")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, str(SCORE), str(data), "--endpoints", str(OUT / "overhead.txt"),
+                        "-o", str(OUT / "overhead.out"), "--overwrite", "--no-progress", "--no-hedge"],
+                       check=True, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        stamps = sorted(json.loads(line)["ts"] for line in (OUT / "overhead.out").read_text().splitlines())
+        ours = (len(stamps) - 1) / (stamps[-1] - stamps[0])     # the loop only, as for the bare loop
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        bare = subprocess.run([sys.executable, str(ROOT / "bench" / "bare_loop.py"), url, str(data),
+                               str(concurrency)], check=True, capture_output=True, text=True)
+        bare_rate = float(bare.stdout.split()[0])
+    finally:
+        server.kill()
+        server.communicate()
+    return {"ours": ours, "bare": bare_rate, "ratio": ours / bare_rate, "cpu_ms": 1000 * cpu / n}
+
+
+def scenario_memory(rows: int, done: int) -> dict:
+    """Peak RSS and resume-to-first-request on the tail of a big Parquet with a nearly full checkpoint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = OUT / f"big-{rows}.parquet"
+    checkpoint = OUT / f"big-{rows}.scores.jsonl"
+    if not data.exists():
+        rng = random.Random(7)
+        writer = None
+        for start in range(0, rows, 50_000):
+            ids = list(range(start, min(rows, start + 50_000)))
+            codes = [f"def f_{i}(x):\n" + "".join(f"    x = x * {rng.randint(2, 9)} + {i % 97}  # step {j}\n"
+                                                  for j in range(14)) + "    return x\n" for i in ids]
+            table = pa.table({"id": ids, "code": codes})
+            writer = writer or pq.ParquetWriter(data, table.schema)
+            writer.write_table(table)
+        writer.close()
+    with open(checkpoint, "w") as f:
+        for i in range(done):
+            f.write(json.dumps({"id": i, "score": 1 + i % 10, "reason": "Readable but undocumented helper; fine.",
+                                "model": "qwen2.5-coder:7b", "model_digest": "a80c4f17acd5", "endpoint": "gpu",
+                                "attempts": 1, "latency_s": 1.2, "prompt_tokens": 300, "output_tokens": 20,
+                                "truncated": False, "temperature": 0.0, "seed": 42,
+                                "hash": f"{i:016x}", "duplicate_of": None, "ts": 1.0, "error": None,
+                                "error_kind": None}) + "\n")
+    meta = checkpoint.with_name(checkpoint.name + ".meta.json")
+    meta.unlink(missing_ok=True)
+    server = serve(slots=64)
+    try:
+        (OUT / "big.txt").write_text(f"{server.url} name=instant\n")
+        started = time.time()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, str(SCORE), str(data), "--endpoints",
+                                 str(OUT / "big.txt"), "-o", str(checkpoint), "--resume", "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"memory: score.py exited {proc.returncode}\n{err}")
+        peak_kib = int(err.strip().splitlines()[-1])
+        first = server.first_chat_at - started
+    finally:
+        server.stop()
+    size = data.stat().st_size
+    return {"rows": rows, "done": done, "peak_mib": peak_kib / 1024, "first_request_s": first,
+            "parquet_mb": size / 1e6, "code_mb": rows * 640 / 1e6}
+
+
+def scenario_dedup(n: int) -> dict:
+    rows = functions(n, seed=8, dup_share=0.25)
+    distinct = len({r["code"] for r in rows})
+    data = write_jsonl(OUT / "dedup.jsonl", rows)
+    server = serve(latency=0.002, slots=8)
+    try:
+        run_score(data, [("solo", server, "")], "dedup")
+        sent = len(server.chat_bodies())
+    finally:
+        server.stop()
+    return {"rows": n, "distinct": distinct, "sent": sent, "ratio": sent / distinct,
+            "dup_share": 1 - distinct / n}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}, {platform.system()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark score.py on simulated endpoints.")
+    parser.add_argument("--quick", action="store_true", help="smaller jobs")
+    parser.add_argument("--only", default="efficiency,auto,tail,overhead,memory,dedup")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    q = args.quick
+    results: dict[str, dict] = {}
+    started = time.time()
+    for name, fn in (("efficiency", lambda: scenario_efficiency(600 if q else 1800)),
+                     ("auto", lambda: scenario_auto(300 if q else 900)),
+                     ("tail", scenario_tail),
+                     ("overhead", lambda: scenario_overhead(1500 if q else 4000)),
+                     ("memory", lambda: scenario_memory(100_000, 99_000) if q else scenario_memory(1_000_000, 990_000)),
+                     ("dedup", lambda: scenario_dedup(400 if q else 2000))):
+        if name in only:
+            t = time.time()
+            results[name] = fn()
+            print(f"{name}: {json.dumps(results[name], default=str)}  ({time.time() - t:.0f}s)", flush=True)
+    report = render(results, time.time() - started, " ".join(sys.argv[1:]))
+    print(report)
+    if not args.no_write and only == set(parser.get_default("only").split(",")):
+        (ROOT / "BENCHMARKS.md").write_text(report)
+
+
+def render(r: dict, elapsed: float, argv: str) -> str:
+    lines = ["# Benchmarks", "",
+             f"Latest run: {time.strftime('%Y-%m-%d')}, on {machine()}.",
+             f"Command: `python bench/run.py {argv}`".rstrip() + f" ({elapsed / 60:.1f} min).", "",
+             "Every figure is a ratio of two measurements taken in the same run (the machine is shared and noisy).",
+             "Endpoints are simulated (`tests/fake_ollama.py`): k slots, service time growing with prompt length,",
+             "and batching whose throughput rises sub-linearly up to a peak, then degrades.", "",
+             "| metric | target | measured |", "|---|---|---|"]
+    if e := r.get("efficiency"):
+        lines.append(f"| efficiency: steady items/s ÷ fleet capacity (1 GPU box + 2 laptops 3x slower), defaults "
+                     f"| ≥ 0.97 | **{e['efficiency']:.3f}** ({e['auto_rate']:.1f} of {e['capacity']:.1f} items/s) |")
+    if a := r.get("auto"):
+        lines.append(f"| auto ÷ best fixed concurrency (server peaking at 4 in flight) | ≥ 0.95 | **{a['ratio']:.3f}** "
+                     f"(best fixed = {a['best']}) |")
+        lines.append(f"| auto ÷ concurrency=1 | ≥ 3x | **{a['vs_c1']:.2f}x** |")
+    if t := r.get("tail"):
+        lines.append(f"| tail: makespan ÷ ideal, 40 items, 1 fast + 2 endpoints 20x slower, racing | ≤ 1.15 "
+                     f"| **{t['racing']:.2f}** |")
+        lines.append(f"| tail, same without racing (`--no-hedge`) | (report) | {t['no racing']:.2f} |")
+    if o := r.get("overhead"):
+        lines.append(f"| overhead: score.py ÷ bare httpx loop, instant endpoint, concurrency 8 | ≥ 0.7 "
+                     f"| **{o['ratio']:.2f}** ({o['ours']:.0f} vs {o['bare']:.0f} items/s; "
+                     f"{o['cpu_ms']:.2f} CPU ms per item) |")
+    if m := r.get("memory"):
+        lines.append(f"| memory: peak RSS, tail of {m['rows']:,} rows with {m['done']:,} done | < 250 MiB "
+                     f"| **{m['peak_mib']:.0f} MiB** |")
+        lines.append(f"| resume to first request, same job | < 5 s | **{m['first_request_s']:.1f} s** |")
+    if d := r.get("dedup"):
+        lines.append(f"| dedup: requests sent ÷ distinct texts ({d['dup_share']:.0%} duplicates) | 1.00 "
+                     f"| **{d['ratio']:.2f}** ({d['sent']} of {d['rows']} rows) |")
+    if e:
+        lines += ["", "## Against the baselines (same fleet, same job)", "",
+                  "| approach | job items/s | ÷ fleet capacity |", "|---|---|---|",
+                  f"| score.py defaults (auto concurrency, racing, shared queue) | {e['job_rate']:.1f} "
+                  f"| {e['job_rate'] / e['capacity']:.2f} |",
+                  f"| static even split, each machine at its best fixed concurrency | {e['split_rate']:.1f} "
+                  f"| {e['split_rate'] / e['capacity']:.2f} |",
+                  f"| one worker per endpoint on a shared queue (the seed's shape) | {e['seed_rate']:.1f} "
+                  f"| {e['seed_rate'] / e['capacity']:.2f} |",
+                  "", "Job items/s counts the whole job (ramp-up and tail included); efficiency above uses the "
+                  "steady middle 80% of completions.",
+                  "", f"GPU box steady items/s at fixed concurrency: "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in e["gpu_rates"].items())
+                  + f"; laptop: {e['laptop_rate']:.1f}."]
+    if a:
+        lines += ["", "Single server peaking at 4 in flight, steady items/s at fixed concurrency: "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in a["rates"].items())
+                  + f"; auto: {a['auto']:.1f} (ended at limit {a['final_limit']})."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
