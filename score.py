@@ -48,7 +48,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import dataclasses
 import gzip
 import hashlib
 import html
@@ -59,12 +58,13 @@ import os
 import random
 import re
 import signal
+import statistics
 import string
 import sys
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -945,6 +945,8 @@ class Endpoint:
         self.digest: str | None = None
         self.checked = False
         self.warm = False
+        self.proven = False          # answered a scoring request since it last came up
+        self.probe_pause = 1.0
         self.faults = 0
         self.backoff_until = 0.0
         self.down_since: float | None = None
@@ -985,6 +987,7 @@ class Endpoint:
     def record_success(self, latency: float, now: float) -> None:
         """Note a good answer: the endpoint is healthy."""
         self.faults = 0
+        self.proven, self.probe_pause = True, 1.0
         if self.state == "backoff":
             self.state = "ready"
         self.done += 1
@@ -1495,13 +1498,25 @@ class Run:
         now = time.monotonic()
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
+        if self.producer_done and not self.worth_starting(endpoint):
+            return self.hedge_candidate(endpoint, now) if self.config.hedge else None
+        fallback = None
         for i, item in enumerate(self.retry):
             if item.finished or item.tasks:
                 continue
-            if item.avoid == endpoint.name and any(
+            if item.avoid == endpoint.name and self.fresh and any(
                     e is not endpoint and e.usable for e in self.endpoints):
+                continue            # a preference, not a ban: with nothing else to do, retry it here
+            if item.faults and not endpoint.proven:
+                # A suspected row goes to a server that has shown it works, so a fault there
+                # says something about the row; a server just back proves itself on others first.
+                fallback = fallback if fallback is not None else i
                 continue
             del self.retry[i]
+            return item
+        if fallback is not None and not self.fresh:
+            item = self.retry[fallback]
+            del self.retry[fallback]
             return item
         if self.fresh:
             item = self.fresh.popleft()
@@ -1511,6 +1526,21 @@ class Run:
             return self.hedge_candidate(endpoint, now)
         endpoint.limiter.on_starved()
         return None
+
+    def worth_starting(self, endpoint: Endpoint) -> bool:
+        """At the end of the input, leave the last rows to faster endpoints that will clear them sooner.
+
+        A slow machine that takes one of the last rows makes the whole job wait
+        for it: it takes one only if it would finish before the other endpoints,
+        at their measured rates (in-flight limit ÷ average latency), could clear
+        everything still queued, or before the fastest of them could do that one.
+        """
+        mine = endpoint.latency_avg
+        peers = [e for e in self.endpoints if e is not endpoint and e.usable and e.latency_avg]
+        if mine is None or not peers:
+            return True
+        drain = (len(self.fresh) + len(self.retry)) / sum(e.limiter.limit / e.latency_avg for e in peers)
+        return mine <= max(drain, min(e.latency_avg for e in peers))   # the fastest always takes one
 
     def hedge_candidate(self, endpoint: Endpoint, now: float) -> Item | None:
         """Race an item stuck on a slower endpoint when this one expects to finish well before it.
@@ -1540,29 +1570,36 @@ class Run:
         return best
 
     def launch(self, endpoint: Endpoint, item: Item) -> None:
-        """Start one request for the item on the endpoint."""
-        now = time.monotonic()
-        endpoint.inflight[item] = now
-        task = self.tg.create_task(self.attempt(endpoint, item, now))
-        item.tasks[endpoint] = task
+        """Start a worker task on the endpoint with this item."""
+        endpoint.inflight[item] = time.monotonic()
+        item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
 
     def release(self, endpoint: Endpoint, item: Item) -> None:
         endpoint.inflight.pop(item, None)
         item.tasks.pop(endpoint, None)
 
-    async def attempt(self, endpoint: Endpoint, item: Item, started: float) -> None:
-        """Run one request and settle its outcome; only bugs escape."""
-        try:
-            outcome: Answer | Exception = await score_item(endpoint, item, self.config)
-        except asyncio.CancelledError:
+    async def work(self, endpoint: Endpoint, item: Item | None) -> None:
+        """Score items on one endpoint back to back while there is room; only bugs escape.
+
+        Going straight on to the next item in the same task (rather than waking
+        the driver to start a new one) keeps the per-item cost of the coordinator low.
+        """
+        task = asyncio.current_task()
+        while item is not None:
+            started = endpoint.inflight[item] = time.monotonic()
+            item.tasks[endpoint] = task
+            try:
+                outcome: Answer | Exception = await score_item(endpoint, item, self.config)
+            except asyncio.CancelledError:
+                self.release(endpoint, item)
+                self.requeue(item)
+                raise
+            except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
+                outcome = exc
             self.release(endpoint, item)
-            self.requeue(item)
-            raise
-        except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
-            outcome = exc
-        self.release(endpoint, item)
-        self.settle(endpoint, item, outcome, started)
-        self.changed.notify()
+            self.settle(endpoint, item, outcome, started)
+            self.changed.notify()
+            item = None if self.finished else self.pick(endpoint)
 
     def requeue(self, item: Item, *, front: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
@@ -1585,7 +1622,8 @@ class Run:
                 self.write(item, success_record(item, endpoint, outcome))
             return
         if isinstance(outcome, EndpointFault):
-            if outcome.item_related:
+            if outcome.item_related and (endpoint.proven or (item.faults and endpoint.done)):
+                # Only a server that works for other rows can blame this one.
                 item.faults += 1
                 item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
             live = sum(1 for e in self.endpoints if e.state != "gone")
@@ -1647,7 +1685,9 @@ class Run:
         if endpoint.state in ("down", "gone"):
             return
         endpoint.state, endpoint.detail = "down", reason
-        endpoint.down_since = time.monotonic()
+        endpoint.down_since = endpoint.down_since or time.monotonic()
+        if not endpoint.proven:
+            endpoint.probe_pause = min(PROBE_CAP, endpoint.probe_pause * 2)
         endpoint.trouble.set()
         self.progress.note(f"{endpoint.name} is down ({reason}); probing it in the background")
         self.cancel_inflight(endpoint)
@@ -1704,14 +1744,23 @@ class Run:
     # ── health and the clock
 
     async def supervise(self, endpoint: Endpoint) -> None:
-        """Bring an endpoint into service, and back after trouble, probing with growing pauses."""
-        pause = 1.0
+        """Bring an endpoint into service, and back after trouble, probing with growing pauses.
+
+        The pause doubles after each failed probe and after each rejoin that ends
+        down again without a single good answer (a server whose runner is broken
+        answers probes but fails every request), and resets on a good answer.
+        """
         while not self.finished and endpoint.state != "gone":
             if endpoint.usable:
-                pause = 1.0
                 endpoint.trouble.clear()
                 await endpoint.trouble.wait()
                 continue
+            if endpoint.state == "down":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
+                        await self.done.wait()
+                if self.finished:
+                    return
             try:
                 await self.bring_up(endpoint)
             except EndpointGone as exc:
@@ -1720,15 +1769,17 @@ class Run:
             except EndpointFault as exc:
                 endpoint.state = "down" if endpoint.checked else "pending"
                 endpoint.detail = str(exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause * random.uniform(0.8, 1.2)):
-                        await self.done.wait()
-                pause = min(PROBE_CAP, pause * 2)
+                endpoint.probe_pause = min(PROBE_CAP, endpoint.probe_pause * 2)
+                if endpoint.state == "pending":
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
+                            await self.done.wait()
                 continue
             if endpoint.down_since is not None:
                 self.progress.note(f"{endpoint.name} is back after "
                                    f"{format_duration(time.monotonic() - endpoint.down_since)}")
             endpoint.state, endpoint.faults, endpoint.down_since, endpoint.detail = "ready", 0, None, ""
+            endpoint.proven = False
             endpoint.limiter.restart(time.monotonic())
             self.changed.notify()
 
@@ -1964,9 +2015,330 @@ def exit_code(tally: Tally) -> int:
 
 # ── Export and report ───────────────────────────────────────────────────────────
 
+DISAGREE_POINTS = 0.5       # an endpoint whose mean score differs from the rest's by more than this
+DISAGREE_MIN_ITEMS = 50     # on at least this many items on each side gets a warning
+EXPORT_COLUMNS = ("score", "reason", "model", "endpoint", "error")
+
+
+@dataclass
+class Stats:
+    """What a checkpoint says, gathered in one streaming pass."""
+
+    rows_scored: int = 0
+    histogram: Counter = field(default_factory=Counter)
+    per_endpoint: dict[str, Counter] = field(default_factory=dict)
+    errors: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    truncated: int = 0
+    timeline: dict[str, list[float]] = field(default_factory=dict)    # endpoint -> completion times
+    first_ts: float | None = None
+    last_ts: float | None = None
+
+    def mean(self, counts: Counter) -> float:
+        total = sum(counts.values())
+        return sum(score * n for score, n in counts.items()) / total if total else float("nan")
+
+
+def read_stats(path: Path) -> Stats:
+    """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
+    stats = Stats()
+    scored_keys = array("q")
+    last_error: dict[int, str] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                key = id_key(record["id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            score = record.get("score")
+            if score is None:
+                last_error[key] = record.get("error_kind") or "error"
+                continue
+            scored_keys.append(key)
+            stats.rows_scored += 1
+            stats.histogram[score] += 1
+            stats.truncated += bool(record.get("truncated"))
+            if record.get("duplicate_of") is not None:
+                stats.duplicates += 1
+                continue                  # a copied verdict says nothing about its endpoint
+            endpoint = record.get("endpoint") or "?"
+            stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
+            ts = record.get("ts")
+            if isinstance(ts, (int, float)):
+                stats.timeline.setdefault(endpoint, []).append(ts)
+                stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
+                stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
+    done = KeySet(scored_keys)
+    stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
+    return stats
+
+
+def disagreements(stats: Stats) -> list[str]:
+    """Warn about endpoints whose mean score stands apart from the fleet's typical endpoint.
+
+    The reference is the median of the endpoints' means (each with enough items),
+    so one outlier cannot drag the others into looking different; a gap must also
+    exceed three standard errors of that endpoint's mean, so small samples stay quiet.
+    """
+    means, errors, sizes = {}, {}, {}
+    for name, counts in stats.per_endpoint.items():
+        n = sum(counts.values())
+        if n >= DISAGREE_MIN_ITEMS:
+            mean = stats.mean(counts)
+            variance = sum(k * (score - mean) ** 2 for score, k in counts.items()) / max(1, n - 1)
+            means[name], errors[name], sizes[name] = mean, math.sqrt(variance / n), n
+    if len(means) < 2:
+        return []
+    reference = statistics.median(means.values())
+    warnings = []
+    for name, mean in sorted(means.items()):
+        gap = mean - reference
+        if abs(gap) > max(DISAGREE_POINTS, 3 * errors[name]):
+            warnings.append(f"WARNING: {name} scores {abs(gap):.2f} points {'higher' if gap > 0 else 'lower'} than "
+                            f"the fleet's typical endpoint ({mean:.2f} on {sizes[name]:,} items; median of "
+                            f"endpoint means {reference:.2f}): a different model build, quantization or settings "
+                            f"would bias the dataset")
+    return warnings
+
+
+def throughput_series(stats: Stats, buckets: int = 24) -> tuple[float, dict[str, list[float]]]:
+    """Items/s per endpoint in equal time buckets over the checkpoint's span."""
+    if stats.first_ts is None or stats.last_ts is None:
+        return 0.0, {}
+    width = max(1e-9, (stats.last_ts - stats.first_ts) / buckets)
+    series = {}
+    for name, times in stats.timeline.items():
+        counts = [0] * buckets
+        for t in times:
+            counts[min(buckets - 1, int((t - stats.first_ts) / width))] += 1
+        series[name] = [c / width for c in counts]
+    return width, series
+
+
+def spark(values: list[float]) -> str:
+    """Render a series as a one-line bar chart."""
+    top = max(values) or 1.0
+    return "".join(" ▁▂▃▄▅▆▇█"[min(8, round(8 * v / top))] for v in values)
+
+
+def text_report(stats: Stats) -> str:
+    """The terminal report: histograms, means, errors, throughput over time."""
+    names = sorted(stats.per_endpoint)
+    rows = [["score", "all", *names]]
+    for score in range(1, 11):
+        rows.append([str(score), f"{stats.histogram[score]:,}", *(f"{stats.per_endpoint[n][score]:,}" for n in names)])
+    rows.append(["mean", f"{stats.mean(stats.histogram):.2f}", *(f"{stats.mean(stats.per_endpoint[n]):.2f}"
+                                                               for n in names)])
+    lines = [f"Score distribution ({stats.rows_scored:,} rows scored"
+             + (f", {stats.duplicates:,} as duplicates" if stats.duplicates else "") + "):",
+             table(rows, right=set(range(1, len(rows[0]))))]
+    lines += disagreements(stats)
+    if stats.errors:
+        lines.append("Rows without a score: " + ", ".join(f"{n:,} {k}" for k, n in sorted(stats.errors.items())))
+    width, series = throughput_series(stats)
+    if series:
+        lines.append(f"Throughput over time ({format_duration(width)} buckets, peak items/s):")
+        for name in names:
+            if name in series:
+                lines.append(f"  {name:<12} {spark(series[name])} {max(series[name]):.2f}")
+    return "\n".join(lines)
+
+
+def svg_bars(values: list[float], labels: list[str], width: int = 360, height: int = 140, color: str = "#3b6ea8") -> str:
+    """A small inline SVG bar chart with value labels."""
+    top = max(values) or 1
+    step = width / max(1, len(values))
+    parts = [f'<svg width="{width}" height="{height + 30}" role="img">']
+    for i, (v, label) in enumerate(zip(values, labels)):
+        h = height * v / top
+        x = i * step + 2
+        parts.append(f'<rect x="{x:.1f}" y="{height - h + 12:.1f}" width="{step - 4:.1f}" height="{h:.1f}" '
+                     f'fill="{color}"><title>{html.escape(label)}: {v:g}</title></rect>')
+        parts.append(f'<text x="{x + (step - 4) / 2:.1f}" y="{height - h + 9:.1f}" font-size="9" '
+                     f'text-anchor="middle">{v:g}</text>')
+        parts.append(f'<text x="{x + (step - 4) / 2:.1f}" y="{height + 25}" font-size="10" '
+                     f'text-anchor="middle">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_lines(series: dict[str, list[float]], width: int = 720, height: int = 180) -> str:
+    """An inline SVG line chart of items/s per endpoint over time."""
+    colors = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#777777"]
+    top = max((max(v) for v in series.values() if v), default=1) or 1
+    parts = [f'<svg width="{width}" height="{height + 20}" role="img">']
+    for i, (name, values) in enumerate(sorted(series.items())):
+        n = max(1, len(values) - 1)
+        points = " ".join(f"{width * j / n:.1f},{height - height * v / top + 5:.1f}" for j, v in enumerate(values))
+        color = colors[i % len(colors)]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
+        parts.append(f'<text x="{8 + 110 * i}" y="{height + 18}" font-size="11" fill="{color}">'
+                     f'{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_report(stats: Stats, source: Path) -> str:
+    """The same report as one self-contained page (inline SVG, no network)."""
+    names = sorted(stats.per_endpoint)
+    labels = [str(s) for s in range(1, 11)]
+    sections = [f"<h2>All rows ({stats.rows_scored:,} scored, mean {stats.mean(stats.histogram):.2f})</h2>",
+                svg_bars([stats.histogram[s] for s in range(1, 11)], labels)]
+    sections.append("<h2>Per endpoint</h2><div class=row>")
+    for name in names:
+        counts = stats.per_endpoint[name]
+        sections.append(f"<div><h3>{html.escape(name)}: {sum(counts.values()):,} items, mean "
+                        f"{stats.mean(counts):.2f}</h3>{svg_bars([counts[s] for s in range(1, 11)], labels, 300)}</div>")
+    sections.append("</div>")
+    for warning in disagreements(stats):
+        sections.append(f'<p class=warn>{html.escape(warning)}</p>')
+    shares = [sum(stats.per_endpoint[n].values()) for n in names]
+    sections.append("<h2>Share of work</h2>" + svg_bars(shares, names, 120 * max(1, len(names)), 120, "#3a9a5b"))
+    width, series = throughput_series(stats)
+    if series:
+        sections.append(f"<h2>Throughput over time (items/s, {format_duration(width)} buckets)</h2>" + svg_lines(series))
+    if stats.errors:
+        items = "".join(f"<li>{n:,} {html.escape(k)}</li>" for k, n in sorted(stats.errors.items()))
+        sections.append(f"<h2>Rows without a score</h2><ul>{items}</ul>")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}.row{display:flex;flex-wrap:wrap;gap:2em}"
+             ".warn{color:#a00;font-weight:bold}h3{font-size:1em}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>score.py report: {html.escape(source.name)}"
+            f"</title><style>{style}</style></head><body><h1>score.py report: {html.escape(source.name)}</h1>"
+            + "".join(sections) + "</body></html>\n")
+
+
+def answer_table(path: Path) -> pa.Table:
+    """Reduce a checkpoint to one row per id: the last scored record, else the last error."""
+    columns: dict[str, list] = {name: [] for name in ("key", "rank", *EXPORT_COLUMNS)}
+    chunks = []
+    position = 0
+
+    def flush() -> None:
+        if columns["key"]:
+            chunks.append(pa.table({
+                "key": pa.array(columns["key"], pa.string()), "rank": pa.array(columns["rank"], pa.int64()),
+                "score": pa.array(columns["score"], pa.int64()), "reason": pa.array(columns["reason"], pa.string()),
+                "model": pa.array(columns["model"], pa.string()),
+                "endpoint": pa.array(columns["endpoint"], pa.string()),
+                "error": pa.array(columns["error"], pa.string())}))
+            for values in columns.values():
+                values.clear()
+
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                key = str(record["id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            position += 1
+            ok = record.get("score") is not None
+            columns["key"].append(key)
+            columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
+            for name in EXPORT_COLUMNS:
+                value = record.get(name)
+                columns[name].append(value if name == "score" or value is None else str(value))
+            if len(columns["key"]) >= 65536:
+                flush()
+    flush()
+    if not chunks:
+        return pa.table({"key": pa.array([], pa.string()), **{n: pa.array([], pa.int64() if n == "score" else
+                                                                          pa.string()) for n in EXPORT_COLUMNS}})
+    answers = pa.concat_tables(chunks)
+    best = answers.group_by("key").aggregate([("rank", "max")])
+    return answers.join(best, keys=["key", "rank"], right_keys=["key", "rank_max"], join_type="inner") \
+        .select(["key", *EXPORT_COLUMNS])
+
+
+def input_batches(info: InputInfo) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+    """Stream the input as Arrow batches with each row's id as a string key."""
+    if info.kind == "parquet":
+        row = 0
+        for file in info.files:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=16384):
+                if info.id_column:
+                    keys = pc.cast(batch.column(info.id_column), pa.string())
+                else:
+                    keys = pa.array([str(i) for i in range(row, row + batch.num_rows)], pa.string())
+                row += batch.num_rows
+                yield batch, keys
+        return
+    schema: pa.Schema | None = None
+    records, keys = [], []
+
+    def batch() -> pa.RecordBatch:
+        nonlocal schema
+        table = pa.Table.from_pylist(records, schema=schema)
+        schema = schema or table.schema
+        return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema)
+
+    with open_lines(info.files[0]) as lines:
+        for number, raw in enumerate(lines):
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue                       # blank or malformed: no row to carry scores
+            if not isinstance(obj, dict):
+                continue
+            records.append(obj)
+            keys.append(str(obj.get(info.id_column)) if info.id_column else str(number))
+            if len(records) >= 16384:
+                yield batch(), pa.array(keys, pa.string())
+                records, keys = [], []
+    if records:
+        yield batch(), pa.array(keys, pa.string())
+
+
+def export_parquet(config: Config, info: InputInfo, target: Path) -> tuple[int, int]:
+    """Write the input with the score columns appended, joined by id; return (rows written, scored)."""
+    clash = [c for c in EXPORT_COLUMNS if c in info.columns]
+    if clash:
+        raise UsageError(f"{config.input} already has column(s) {', '.join(clash)}; export would overwrite them")
+    answers = answer_table(config.output)
+    temp = target.with_name(target.name + ".tmp")
+    writer = None
+    written = scored = 0
+    try:
+        for batch, keys in input_batches(info):
+            index = pc.index_in(keys, value_set=answers.column("key"))
+            picked = answers.take(index)
+            table = pa.Table.from_batches([batch])
+            for name in EXPORT_COLUMNS:
+                table = table.append_column(name, picked.column(name).combine_chunks())
+            if config.min_score is not None:
+                table = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), config.min_score), False))
+            if writer is None:
+                writer = pq.ParquetWriter(temp, table.schema)
+            writer.write_table(table.cast(writer.schema) if table.schema != writer.schema else table)
+            written += table.num_rows
+            scored += table.num_rows - table.column("score").null_count
+    except (pa.ArrowException, OSError) as exc:
+        if writer is not None:
+            writer.close()
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"cannot export to {target}: {one_line(exc)}") from None
+    if writer is None:
+        raise UsageError(f"{config.input}: no rows to export")
+    writer.close()
+    os.replace(temp, target)
+    return written, scored
+
 
 def write_reports(config: Config) -> int:
-    """Write --export / --report / --report-html from the checkpoint."""
+    """Write --export / --report / --report-html from the checkpoint; print the text report."""
+    if not config.output.exists():
+        raise UsageError(f"{config.output}: no checkpoint to report on (score something first)")
+    stats = read_stats(config.output)
+    warn(text_report(stats))
+    if config.report_html:
+        config.report_html.write_text(html_report(stats, config.output))
+        warn(f"Report written to {config.report_html}")
+    if config.export:
+        info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
+        written, scored = export_parquet(config, info, config.export)
+        warn(f"Exported {written:,} rows ({scored:,} scored) to {config.export}"
+             + (f" (--min-score {config.min_score})" if config.min_score is not None else ""))
     return EXIT_OK
 
 
@@ -2122,7 +2494,7 @@ async def preflight(endpoints: list[Endpoint], config: Config) -> None:
 async def amain(config: Config) -> int:
     """Run the whole job; return the exit code."""
     info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
-    if config.report and not config.resume:
+    if config.report:
         return write_reports(config)
     meta = check_meta(config, info)
     checkpoint, resume = Checkpoint.open(config.output, resume=config.resume, overwrite=config.overwrite)
@@ -2232,11 +2604,8 @@ def resume_command(config: Config) -> str:
 
 
 def finish_outputs(config: Config, code: int) -> int:
-    """Write the export and reports that were asked for; keep the run's exit code."""
-    if config.export or config.report or config.report_html:
-        export_code = write_reports(config)
-        return code or export_code
-    return code
+    """Print the run report, write the export and HTML asked for; keep the run's exit code."""
+    return write_reports(config) or code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,11 +164,24 @@ def scenario_auto(n: int) -> dict:
 
 
 def scenario_tail() -> dict:
+    """A small job on one fast endpoint and two 20x slower: makespan against the ideal."""
     data = write_jsonl(OUT / "tail.jsonl", functions(40, seed=5))
-    fast = dict(latency=0.05, slots=1)
-    slow = dict(latency=1.0, slots=1)
-    capacity = 1 / fast["latency"] + 2 / slow["latency"]
-    out = {}
+    fast = dict(latency=0.1, slots=1)
+    slow = dict(latency=2.0, slots=1)
+    # capacity as measured here: each endpoint alone, at its best (1 slot: concurrency 1)
+    server = serve(**fast)
+    try:
+        fast_rate = 40 / run_score(data, [("fast", server, "concurrency=1")], "tail-cap-fast", "--no-hedge")["makespan"]
+    finally:
+        server.stop()
+    few = write_jsonl(OUT / "tail-few.jsonl", functions(3, seed=9))
+    server = serve(**slow)
+    try:
+        slow_rate = 3 / run_score(few, [("slow", server, "concurrency=1")], "tail-cap-slow", "--no-hedge")["makespan"]
+    finally:
+        server.stop()
+    capacity = fast_rate + 2 * slow_rate
+    out = {"capacity": capacity}
     for label, extra in (("racing", []), ("no racing", ["--no-hedge"])):
         fleet = [("fast", serve(**fast), ""), ("slow1", serve(**slow), ""), ("slow2", serve(**slow), "")]
         try:
@@ -177,6 +190,15 @@ def scenario_tail() -> dict:
             for _, s, _ in fleet:
                 s.stop()
         out[label] = result["makespan"] / (40 / capacity)
+    # the same job when one of the slow machines stalls (a laptop that sleeps mid-request: 30 s)
+    for label, extra in (("stall, racing", []), ("stall, no racing", ["--no-hedge"])):
+        fleet = [("fast", serve(**fast), ""), ("slow1", serve(**slow), ""), ("sleepy", serve(latency=30.0), "")]
+        try:
+            result = run_score(data, fleet, "tail-" + label.replace(" ", "").replace(",", ""), *extra)
+        finally:
+            for _, s, _ in fleet:
+                s.stop()
+        out[label] = result["makespan"] / (40 / (fast_rate + slow_rate + 1 / 30))
     return out
 
 
@@ -319,6 +341,8 @@ def render(r: dict, elapsed: float, argv: str) -> str:
         lines.append(f"| tail: makespan ÷ ideal, 40 items, 1 fast + 2 endpoints 20x slower, racing | ≤ 1.15 "
                      f"| **{t['racing']:.2f}** |")
         lines.append(f"| tail, same without racing (`--no-hedge`) | (report) | {t['no racing']:.2f} |")
+        lines.append(f"| tail when one slow machine stalls 30 s mid-request: racing / without | (report) "
+                     f"| {t['stall, racing']:.2f} / {t['stall, no racing']:.2f} |")
     if o := r.get("overhead"):
         lines.append(f"| overhead: score.py ÷ bare httpx loop, instant endpoint, concurrency 8 | ≥ 0.7 "
                      f"| **{o['ratio']:.2f}** ({o['ours']:.0f} vs {o['bare']:.0f} items/s; "

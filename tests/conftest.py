@@ -100,3 +100,8 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
 
 __all__ = ["expected_score", "function_source", "rows", "write_jsonl", "write_parquet", "read_records", "scored",
            "write_endpoints", "run_cli", "start_cli", "SCORE"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the real-server suite last, so the fast suite reports first."""
+    items.sort(key=lambda item: item.get_closest_marker("real") is not None)

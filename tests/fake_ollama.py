@@ -70,6 +70,9 @@ class Behaviour:
     chat_status: int | None = None        # answer every chat with this status (e.g. 401)
     reject_json_schema: bool = False      # llama-cpp-python: 500 on response_format json_schema
     n_ctx: int | None = None              # OpenAI mode: 400 when prompt tokens exceed this
+    api_key: str | None = None            # demand "Authorization: Bearer <key>" (401 otherwise)
+    error_200: str | None = None          # LM Studio: answer chats 200 {"error": this}
+    nested_errors: bool = True            # OpenAI mode: {"error": {"message"}} or flat {"object": "error"}
     seed: int = 0
 
 
@@ -175,7 +178,11 @@ class FakeOllama:
                     body = raw
                 path = target.split("?", 1)[0]
                 self.requests.append((method, path, body))
-                reply = await self._route(method, path, body, reader, writer)
+                if self.behaviour.api_key and headers.get("authorization") != f"Bearer {self.behaviour.api_key}":
+                    reply = (401, {"error": {"message": "Invalid API key", "type": "invalid_request_error"}},
+                             "application/json")
+                else:
+                    reply = await self._route(method, path, body, reader, writer)
                 if reply is None:          # connection dropped on purpose
                     return
                 status, payload, ctype = reply
@@ -222,6 +229,8 @@ class FakeOllama:
         known = model if openai or ":" in model else model + ":latest"
         if b.chat_status:
             return b.chat_status, {"error": f"status {b.chat_status}"}, "application/json"
+        if b.error_200:
+            return 200, {"error": b.error_200}, "application/json"
         if known not in b.models:
             if openai:
                 return 404, {"error": {"message": f"The model `{model}` does not exist.", "type": "not_found_error"}}, \
@@ -243,8 +252,11 @@ class FakeOllama:
                                        "type": "internal_server_error"}}, "application/json"
             tokens = len(prompt) // 4
             if b.n_ctx and tokens + int(body.get("max_tokens") or 0) > b.n_ctx:
-                return 400, {"error": {"message": f"Requested tokens ({tokens}) exceed context window of {b.n_ctx}",
-                                       "type": "invalid_request_error", "param": "messages",
+                message = f"Requested tokens ({tokens}) exceed context window of {b.n_ctx}"
+                if not b.nested_errors:         # vLLM before 0.10.1
+                    return 400, {"object": "error", "message": message, "type": "BadRequestError",
+                                 "code": 400}, "application/json"
+                return 400, {"error": {"message": message, "type": "invalid_request_error", "param": "messages",
                                        "code": "context_length_exceeded"}}, "application/json"
         self.chats += 1
         roll = self.rng.random()
