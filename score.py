@@ -64,7 +64,7 @@ import sys
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,13 +424,17 @@ def inspect_input(path: Path, id_column: str | None, text_column: str | None, te
     return InputInfo(kind, files, columns, total, id_column, text_column, fields)
 
 
-def make_item(row: int, ident: Any, text: Any, fields: dict[str, Any], label: str, dedup: bool) -> Item:
-    """Build an Item from one row, marking rows that must not be sent."""
-    problem = None
+def row_id(ident: Any, label: str) -> int | str:
+    """Normalize an id value; a null id becomes the row's label (row:N / line:N)."""
     if ident is None:
-        ident, problem = label, ("no_id", "the id column is null")
-    elif not isinstance(ident, (int, str)):
-        ident = str(ident)
+        return label
+    return ident if isinstance(ident, (int, str)) else str(ident)
+
+
+def make_item(row: int, ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
+              null_id: bool = False) -> Item:
+    """Build an Item from one row, marking rows that must not be sent."""
+    problem = ("no_id", "the id column is null") if null_id else None
     if problem is None:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
@@ -440,37 +444,51 @@ def make_item(row: int, ident: Any, text: Any, fields: dict[str, Any], label: st
             problem = ("empty", "the text is null or empty")
         elif missing := [k for k, v in fields.items() if v is None]:
             problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
-    item = Item(id=ident, key=id_key(ident), row=row, text=text if problem is None else None,
-                fields=fields, problem=problem)
+    item = Item(id=ident, key=key, row=row, text=text if problem is None else None, fields=fields, problem=problem)
     if problem is None and dedup:
         item.digest = text_digest(text)
     return item
 
 
-def read_parquet(info: InputInfo, dedup: bool) -> Iterator[Item]:
-    """Stream items from Parquet in record batches, reading only the needed columns."""
+def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Iterator[Item]:
+    """Stream items from Parquet in record batches, reading only the needed columns.
+
+    Finished rows are recognised from the id alone: their text is never turned
+    into Python objects, so resuming near the end of a big file costs little.
+    """
     wanted = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
     row = 0
     for file in info.files:
         try:
-            batches = pq.ParquetFile(file).iter_batches(batch_size=1024, columns=wanted)
-            for batch in batches:
-                data = {name: batch.column(name).to_pylist() for name in wanted}
-                ids = data[info.id_column] if info.id_column else range(row, row + batch.num_rows)
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=16384, columns=wanted):
+                start, row = row, row + batch.num_rows
+                ids = batch.column(info.id_column).to_pylist() if info.id_column else range(start, row)
+                todo = []
                 for i, ident in enumerate(ids):
-                    fields = {name: data[name][i] for name in info.fields}
-                    yield make_item(row, ident, data[info.text_column][i], fields, f"row:{row}", dedup)
-                    row += 1
+                    ident = row_id(ident, f"row:{start + i}")
+                    key = id_key(ident)
+                    if not done(key):
+                        todo.append((i, ident, key))
+                if not todo:
+                    continue
+                picked = batch.take(pa.array([i for i, _, _ in todo], pa.int64()))
+                data = {name: picked.column(name).to_pylist() for name in wanted if name != info.id_column}
+                for j, (i, ident, key) in enumerate(todo):
+                    fields = {name: data[name][j] for name in info.fields}
+                    null_id = info.id_column is not None and ids[i] is None
+                    yield make_item(start + i, ident, key, data[info.text_column][j], fields, dedup, null_id)
         except (pa.ArrowException, OSError) as exc:
             raise UsageError(f"{file}: cannot read row {row} ({one_line(exc)})") from None
 
 
-def read_jsonl(info: InputInfo, dedup: bool) -> Iterator[Item]:
+def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Iterator[Item]:
     """Stream items from JSONL line by line; a malformed line becomes an error item."""
     path = info.files[0]
     try:
         with open_lines(path) as lines:
             for number, raw in enumerate(lines):
+                if info.id_column is None and done(number):   # row-number ids: skip without parsing
+                    continue
                 if not raw.strip():
                     continue
                 label = f"line:{number + 1}"
@@ -480,20 +498,29 @@ def read_jsonl(info: InputInfo, dedup: bool) -> Iterator[Item]:
                         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
                 except ValueError as exc:
                     ident = number if info.id_column is None else label
-                    item = Item(id=ident, key=id_key(ident), row=number, text=None, fields={},
-                                problem=("malformed", f"line {number + 1}: not valid JSON ({one_line(exc)})"))
-                    yield item
+                    key = id_key(ident)
+                    if info.id_column is None or not done(key):
+                        yield Item(id=ident, key=key, row=number, text=None, fields={}, problem=(
+                            "malformed", f"line {number + 1}: not valid JSON ({one_line(exc)})"))
                     continue
-                ident = obj.get(info.id_column) if info.id_column else number
+                if info.id_column is None:
+                    ident, key, null_id = number, number, False
+                else:
+                    raw_id = obj.get(info.id_column)
+                    ident, null_id = row_id(raw_id, label), raw_id is None
+                    key = id_key(ident)
+                    if done(key):
+                        continue
                 fields = {name: obj.get(name) for name in info.fields}
-                yield make_item(number, ident, obj.get(info.text_column), fields, label, dedup)
+                yield make_item(number, ident, key, obj.get(info.text_column), fields, dedup, null_id)
     except (OSError, EOFError) as exc:
         raise UsageError(f"{path}: cannot read ({one_line(exc)})") from None
 
 
-def read_items(info: InputInfo, dedup: bool = True) -> Iterator[Item]:
-    """Stream every row of the input as an Item, never holding the dataset in memory."""
-    return read_parquet(info, dedup) if info.kind == "parquet" else read_jsonl(info, dedup)
+def read_items(info: InputInfo, dedup: bool = True, done: Callable[[int], bool] = lambda key: False) -> Iterator[Item]:
+    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory."""
+    reader = read_parquet if info.kind == "parquet" else read_jsonl
+    return reader(info, dedup, done)
 
 
 def count_rows(info: InputInfo) -> int:
@@ -511,11 +538,32 @@ def count_rows(info: InputInfo) -> int:
 # ── Checkpoint ──────────────────────────────────────────────────────────────────
 
 
+def arrow_int64(values: array) -> pa.Array:
+    """View an array('q') as an Arrow array without copying."""
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def to_array(values: pa.Array) -> array:
+    """Copy an Arrow int64 array back into an array('q')."""
+    out = array("q")
+    out.frombytes(values.buffers()[1].to_pybytes()[values.offset * 8:(values.offset + len(values)) * 8])
+    return out
+
+
+def sort_together(keys: array, *others: array) -> tuple[array, ...]:
+    """Sort keys (stably, in C++) and carry parallel arrays along; a Python sort of a million
+    ints would allocate ~40 MB of int objects."""
+    if not keys:
+        return (keys, *others)
+    order = pc.sort_indices(arrow_int64(keys))
+    return tuple(to_array(arrow_int64(a).take(order)) for a in (keys, *others))
+
+
 class KeySet:
     """A frozen set of 64-bit keys in a sorted array: 8 bytes per key."""
 
     def __init__(self, keys: array) -> None:
-        self._keys = array("q", sorted(keys))
+        (self._keys,) = sort_together(keys)
 
     def __contains__(self, key: int) -> bool:
         i = bisect.bisect_left(self._keys, key)
@@ -526,10 +574,11 @@ class KeySet:
 
 
 class DigestIndex:
-    """Map content digests to the checkpoint offset of a scored record with that text."""
+    """Map content digests to the checkpoint offset of the first scored record with that text."""
 
-    def __init__(self) -> None:
-        self._keys, self._offsets = array("q"), array("q")
+    def __init__(self, keys: array | None = None, offsets: array | None = None) -> None:
+        # sorted by digest, and stably, so the first of equal digests is the earliest record
+        self._keys, self._offsets = sort_together(keys or array("q"), offsets or array("q"))
         self._recent: dict[int, int] = {}
 
     def get(self, digest: int) -> int | None:
@@ -551,9 +600,10 @@ class DigestIndex:
 
     def _compact(self) -> None:
         # A dict entry costs ~100 bytes, an array slot 16: fold recent entries into the arrays.
-        pairs = sorted(itertools.chain(zip(self._keys, self._offsets), self._recent.items()))
-        self._keys = array("q", (k for k, _ in pairs))
-        self._offsets = array("q", (o for _, o in pairs))
+        keys, offsets = array("q", self._keys), array("q", self._offsets)
+        keys.extend(self._recent.keys())
+        offsets.extend(self._recent.values())
+        self._keys, self._offsets = sort_together(keys, offsets)
         self._recent = {}
 
     def __len__(self) -> int:
@@ -639,7 +689,7 @@ class Checkpoint:
     def _scan(self, torn: int) -> ResumeState:
         """Read every complete line once to learn what is finished."""
         scored, failed, permanent = array("q"), set(), array("q")
-        digests = DigestIndex()
+        digest_keys, digest_offsets = array("q"), array("q")
         records = bad = 0
         offset = 0
         with open(self.path, "rb") as f:
@@ -657,7 +707,8 @@ class Checkpoint:
                     digest = record.get("hash")
                     if digest:
                         with contextlib.suppress(ValueError):
-                            digests.add(parse_digest(digest), here)
+                            digest_keys.append(parse_digest(digest))
+                            digest_offsets.append(here)
                 elif record.get("error_kind") in PERMANENT_ERRORS:
                     permanent.append(key)
                 else:
@@ -665,6 +716,7 @@ class Checkpoint:
         scored_set = KeySet(scored)
         permanent = array("q", (k for k in permanent if k not in scored_set))
         retried = sum(1 for k in failed if k not in scored_set)
+        digests = DigestIndex(digest_keys, digest_offsets)
         return ResumeState(scored_set, KeySet(permanent), digests, records, retried, bad, torn)
 
     def append(self, record: dict[str, Any]) -> int:
@@ -1384,8 +1436,6 @@ class Tally:
     hedges_won: int = 0
     requeued: int = 0
     errors: Counter = field(default_factory=Counter)
-    rows_seen: int = 0
-    input_done: bool = False
 
 
 class Run:
@@ -1404,7 +1454,6 @@ class Run:
         self.waiting_followers = 0
         self.unfinished = 0
         self.producer_done = False
-        self.tasks: dict[tuple[Endpoint, Item], asyncio.Task] = {}
         self.space = Signal()                    # the producer waits for room in the queue
         self.done = asyncio.Event()
         self.tg: asyncio.TaskGroup | None = None
@@ -1441,9 +1490,8 @@ class Run:
         try:
             while limit is None or self.tally.taken < limit:
                 if not chunk:
-                    chunk = await asyncio.to_thread(take_pending, self.reader, READ_CHUNK, self.resume, self.tally)
+                    chunk = await asyncio.to_thread(take_chunk, self.reader, READ_CHUNK)
                 if not chunk:
-                    self.tally.input_done = True
                     break
                 for item in chunk:
                     if limit is not None and self.tally.taken >= limit:
@@ -1834,21 +1882,27 @@ class Run:
             self.progress.show(self.endpoints, paused=self.all_down_since is not None)
 
 
-def take_pending(reader: Iterator[Item], size: int, resume: ResumeState, tally: Tally) -> list[Item]:
-    """Pull up to `size` not-yet-finished items from the reader (runs in a thread)."""
-    chunk: list[Item] = []
-    for item in reader:
-        tally.rows_seen += 1
-        if item.key in resume.scored:
+def take_chunk(reader: Iterator[Item], size: int) -> list[Item]:
+    """Pull up to `size` items from the reader (runs in a thread)."""
+    return list(itertools.islice(reader, size))
+
+
+def done_filter(resume: ResumeState, tally: Tally) -> Callable[[int], bool]:
+    """Tell the reader which id keys the checkpoint already finished, counting them."""
+    scored, permanent = resume.scored, resume.permanent
+    if not len(scored) and not len(permanent):
+        return lambda key: False
+
+    def done(key: int) -> bool:
+        if key in scored:
             tally.skipped += 1
-        elif item.key in resume.permanent:
+            return True
+        if key in permanent:
             tally.skipped += 1
             tally.skipped_permanent += 1
-        else:
-            chunk.append(item)
-            if len(chunk) >= size:
-                break
-    return chunk
+            return True
+        return False
+    return done
 
 
 def base_record(item: Item) -> dict[str, Any]:
@@ -1985,6 +2039,8 @@ def summary(run: Run, elapsed: float) -> str:
              + (f"; {t.truncated:,} truncated to fit the context" if t.truncated else "") + "."]
     if t.skipped:
         lines.append(f"Already finished before this run: {t.skipped:,} rows.")
+    if t.requeued:
+        lines.append(f"Re-sent {t.requeued:,} requests after endpoint trouble or a bad answer.")
     if t.hedges:
         lines.append(f"Raced {t.hedges} slow tail requests on faster endpoints; {t.hedges_won} won.")
     missing = dict(t.errors)
@@ -2116,6 +2172,11 @@ def throughput_series(stats: Stats, buckets: int = 24) -> tuple[float, dict[str,
     return width, series
 
 
+def bucket_label(seconds: float) -> str:
+    """Name a bucket width, keeping sub-minute precision for short runs."""
+    return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
+
+
 def spark(values: list[float]) -> str:
     """Render a series as a one-line bar chart."""
     top = max(values) or 1.0
@@ -2138,7 +2199,7 @@ def text_report(stats: Stats) -> str:
         lines.append("Rows without a score: " + ", ".join(f"{n:,} {k}" for k, n in sorted(stats.errors.items())))
     width, series = throughput_series(stats)
     if series:
-        lines.append(f"Throughput over time ({format_duration(width)} buckets, peak items/s):")
+        lines.append(f"Throughput over time ({bucket_label(width)} buckets, peak items/s):")
         for name in names:
             if name in series:
                 lines.append(f"  {name:<12} {spark(series[name])} {max(series[name]):.2f}")
@@ -2163,11 +2224,16 @@ def svg_bars(values: list[float], labels: list[str], width: int = 360, height: i
     return "".join(parts)
 
 
-def svg_lines(series: dict[str, list[float]], width: int = 720, height: int = 180) -> str:
+def svg_lines(series: dict[str, list[float]], span: float, width: int = 720, height: int = 180) -> str:
     """An inline SVG line chart of items/s per endpoint over time."""
     colors = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#777777"]
     top = max((max(v) for v in series.values() if v), default=1) or 1
-    parts = [f'<svg width="{width}" height="{height + 20}" role="img">']
+    parts = [f'<svg width="{width + 60}" height="{height + 20}" role="img">',
+             f'<text x="{width + 4}" y="12" font-size="10">{top:.2f}/s</text>',
+             f'<text x="{width + 4}" y="{height + 5}" font-size="10">0</text>',
+             f'<text x="{width - 4}" y="{height + 18}" font-size="10" text-anchor="end">'
+             f'{format_duration(span)}</text>',
+             f'<line x1="0" y1="{height + 5}" x2="{width}" y2="{height + 5}" stroke="#ccc"/>']
     for i, (name, values) in enumerate(sorted(series.items())):
         n = max(1, len(values) - 1)
         points = " ".join(f"{width * j / n:.1f},{height - height * v / top + 5:.1f}" for j, v in enumerate(values))
@@ -2197,7 +2263,8 @@ def html_report(stats: Stats, source: Path) -> str:
     sections.append("<h2>Share of work</h2>" + svg_bars(shares, names, 120 * max(1, len(names)), 120, "#3a9a5b"))
     width, series = throughput_series(stats)
     if series:
-        sections.append(f"<h2>Throughput over time (items/s, {format_duration(width)} buckets)</h2>" + svg_lines(series))
+        sections.append(f"<h2>Throughput over time (items/s, {bucket_label(width)} buckets)</h2>"
+                        + svg_lines(series, stats.last_ts - stats.first_ts))
     if stats.errors:
         items = "".join(f"<li>{n:,} {html.escape(k)}</li>" for k, n in sorted(stats.errors.items()))
         sections.append(f"<h2>Rows without a score</h2><ul>{items}</ul>")
@@ -2367,8 +2434,15 @@ def concurrency_arg(text: str) -> int | None:
     return None if text == "auto" else positive_int(text)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="score.py", description="Score every row of a dataset with a local LLM spread over several machines.",
         epilog="Exit codes: 0 all taken rows scored; 1 some rows have no score; 2 bad usage/input or no usable "
                "endpoint; 130 SIGINT; 143 SIGTERM.")
@@ -2515,10 +2589,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         warn(f"Resuming {config.output}: {len(resume.scored):,} rows scored, {len(resume.permanent):,} with "
              f"permanent errors, {resume.retried:,} failed rows to retry.")
     tally = Tally()
-    reader = read_items(info, config.dedup)
-    first = await asyncio.to_thread(take_pending, reader, READ_CHUNK, resume, tally)
+    reader = read_items(info, config.dedup, done_filter(resume, tally))
+    first = await asyncio.to_thread(take_chunk, reader, READ_CHUNK)
     if not first and not config.check:
-        tally.input_done = True
         warn(f"Nothing to do: every row of {config.input} is already in {config.output}.")
         code = EXIT_INCOMPLETE if tally.skipped_permanent else EXIT_OK
         return finish_outputs(config, code)

@@ -365,7 +365,7 @@ def render(r: dict, elapsed: float, argv: str) -> str:
                   f"| {e['seed_rate'] / e['capacity']:.2f} |",
                   "", "Job items/s counts the whole job (ramp-up and tail included); efficiency above uses the "
                   "steady middle 80% of completions.",
-                  "", f"GPU box steady items/s at fixed concurrency: "
+                  "", "GPU box steady items/s at fixed concurrency: "
                   + ", ".join(f"{k}: {v:.1f}" for k, v in e["gpu_rates"].items())
                   + f"; laptop: {e['laptop_rate']:.1f}."]
     if a:

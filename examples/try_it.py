@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -57,18 +56,32 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180.0) -> None:
-    """Block until the server answers /v1/models (it loads the model first)."""
+    """Block until the server answers /v1/models and has generated one token."""
     import httpx
+
+    def died() -> RuntimeError:
+        return RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+
     with httpx.Client(timeout=5) as client:
         for _ in range(int(timeout / 0.25)):
             if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+                raise died()
             with contextlib.suppress(httpx.TransportError):
                 if client.get(url + "/models").status_code == 200:
-                    return
+                    break
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.25)        # doubles as the pause between polls
-    raise RuntimeError(f"llama_cpp.server at {url} not ready after {timeout:.0f} s")
+        else:
+            raise RuntimeError(f"llama_cpp.server at {url} not ready after {timeout:.0f} s")
+        try:                           # a build that crashes in generation should say so here, not mid-run
+            client.post(url + "/chat/completions", timeout=120,
+                        json={"model": MODEL_ALIAS, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+        except httpx.TransportError:
+            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+        if proc.poll() is not None:
+            raise died()
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -87,6 +88,20 @@ def serve():
         server.stop()
 
 
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll a condition that another process or thread will make true (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def lines_in(path: Path) -> int:
+    """Count complete lines in a checkpoint that another process is writing."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None):
     """Run score.py as a user would; return the CompletedProcess."""
     return subprocess.run([sys.executable, SCORE, *map(str, args)], capture_output=True, text=True,
@@ -99,7 +114,7 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
 
 
 __all__ = ["expected_score", "function_source", "rows", "write_jsonl", "write_parquet", "read_records", "scored",
-           "write_endpoints", "run_cli", "start_cli", "SCORE"]
+           "write_endpoints", "run_cli", "start_cli", "wait_for", "lines_in", "SCORE"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 
 import score
-from conftest import (expected_score, read_records, rows, run_cli, scored, start_cli, write_endpoints, write_jsonl,
-                      write_parquet)
+from conftest import (expected_score, lines_in, read_records, rows, run_cli, scored, start_cli, wait_for,
+                      write_endpoints, write_jsonl, write_parquet)
 
 TEXTS = {r["id"]: r["code"] for r in rows(400)}
 
@@ -28,19 +28,6 @@ def assert_complete(records: list[dict], ids) -> None:
     for r in records:
         if r["score"] is not None:
             assert r["score"] == expected_score(TEXTS[r["id"]])
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    """Poll a condition that another process or thread will make true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def lines_in(path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def test_flaky_endpoints_lose_nothing_and_charge_no_attempts(tmp_path, serve):

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

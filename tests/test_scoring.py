@@ -6,7 +6,6 @@ import gzip
 import json
 from collections import Counter
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -173,7 +172,8 @@ def test_long_function_is_cut_to_fit_the_context(tmp_path, serve):
 
 
 @pytest.mark.parametrize("case", ["missing-file", "missing-column", "corrupt-parquet", "empty-endpoints",
-                                  "bad-endpoint-key", "existing-output", "unknown-suffix", "template-field"])
+                                  "bad-endpoint-key", "existing-output", "unknown-suffix", "template-field",
+                                  "bad-option-value"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, serve, case):
     server = serve()
     data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
@@ -207,6 +207,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, serve, case):
         prompt.write_text("Rate {code} from {language}")
         args += ["--prompt-file", prompt]
         expect = "language"
+    elif case == "bad-option-value":
+        args += ["--timeout", "soon"]
+        expect = "not a duration"
     before = (tmp_path / "fns.scores.jsonl").read_bytes() if case == "existing-output" else None
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
