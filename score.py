@@ -453,32 +453,59 @@ def make_item(row: int, ident: int | str, key: int, text: Any, fields: dict[str,
 def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Iterator[Item]:
     """Stream items from Parquet in record batches, reading only the needed columns.
 
-    Finished rows are recognised from the id alone: their text is never turned
-    into Python objects, so resuming near the end of a big file costs little.
+    Each row group is read twice: its ids first, to find the rows still to do, and
+    then (only if there are any) the text of just those rows. Resuming near the end
+    of a big file therefore decodes ids, not gigabytes of code into Python strings.
     """
     wanted = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
     row = 0
     for file in info.files:
         try:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=16384, columns=wanted):
-                start, row = row, row + batch.num_rows
-                ids = batch.column(info.id_column).to_pylist() if info.id_column else range(start, row)
-                todo = []
-                for i, ident in enumerate(ids):
-                    ident = row_id(ident, f"row:{start + i}")
-                    key = id_key(ident)
-                    if not done(key):
-                        todo.append((i, ident, key))
-                if not todo:
-                    continue
-                picked = batch.take(pa.array([i for i, _, _ in todo], pa.int64()))
-                data = {name: picked.column(name).to_pylist() for name in wanted if name != info.id_column}
-                for j, (i, ident, key) in enumerate(todo):
-                    fields = {name: data[name][j] for name in info.fields}
-                    null_id = info.id_column is not None and ids[i] is None
-                    yield make_item(start + i, ident, key, data[info.text_column][j], fields, dedup, null_id)
+            parquet = pq.ParquetFile(file)
+            for group in range(parquet.num_row_groups):
+                start = row
+                row += parquet.metadata.row_group(group).num_rows
+                todo = pending_rows(parquet, group, start, row, info.id_column, done)
+                if todo:
+                    yield from read_rows(parquet, group, start, todo, info, wanted, dedup)
         except (pa.ArrowException, OSError) as exc:
-            raise UsageError(f"{file}: cannot read row {row} ({one_line(exc)})") from None
+            raise UsageError(f"{file}: cannot read row group starting at row {row} ({one_line(exc)})") from None
+
+
+def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_column: str | None,
+                 done: Callable[[int], bool]) -> array:
+    """Return the in-group positions of rows not yet done (8 bytes each)."""
+    todo = array("q")
+    if id_column is None:
+        todo.extend(i - start for i in range(start, end) if not done(i))
+        return todo
+    position = 0
+    for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[id_column]):
+        for ident in batch.column(0).to_pylist():
+            if not done(id_key(row_id(ident, f"row:{start + position}"))):
+                todo.append(position)
+            position += 1
+    return todo
+
+
+def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info: InputInfo,
+              wanted: list[str], dedup: bool) -> Iterator[Item]:
+    """Yield Items for the rows at positions `todo` of one row group, batch by batch."""
+    position = 0
+    for batch in parquet.iter_batches(batch_size=16384, row_groups=[group], columns=wanted):
+        lo = bisect.bisect_left(todo, position)
+        hi = bisect.bisect_left(todo, position + batch.num_rows)
+        if lo < hi:
+            picked = batch.take(pa.array([p - position for p in todo[lo:hi]], pa.int64()))
+            data = {name: picked.column(name).to_pylist() for name in wanted}
+            for j, p in enumerate(todo[lo:hi]):
+                number = start + p
+                raw_id = data[info.id_column][j] if info.id_column else number
+                ident = row_id(raw_id, f"row:{number}")
+                fields = {name: data[name][j] for name in info.fields}
+                yield make_item(number, ident, id_key(ident), data[info.text_column][j], fields, dedup,
+                                null_id=raw_id is None)
+        position += batch.num_rows
 
 
 def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Iterator[Item]:
@@ -629,6 +656,28 @@ except ImportError:  # pragma: no cover - Windows has no flock; run one writer p
     fcntl = None
 
 
+# Our own lines start with id and score and end with error_kind, with hash between: reading
+# just those with one regex is ~6x faster than json.loads, which stays the fallback.
+RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
+                           rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
+
+
+def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] | None:
+    """Return (id key, score, hash, error_kind) of a checkpoint line, or None if unreadable."""
+    found = RECORD_FIELDS.match(line)
+    try:
+        if found:
+            raw_id, raw_score, raw_hash, raw_kind = found.groups()
+            ident = json.loads(raw_id) if raw_id[:1] == b'"' else int(raw_id)
+            return (id_key(ident), None if raw_score == b"null" else int(raw_score),
+                    None if raw_hash == b"null" else raw_hash[1:-1].decode(),
+                    None if raw_kind == b"null" else raw_kind[1:-1].decode())
+        record = json.loads(line)
+        return id_key(record["id"]), record.get("score"), record.get("hash"), record.get("error_kind")
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class Checkpoint:
     """Append-only JSONL of finished items: the only source of truth for resume."""
 
@@ -692,24 +741,22 @@ class Checkpoint:
         digest_keys, digest_offsets = array("q"), array("q")
         records = bad = 0
         offset = 0
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb", buffering=1 << 20) as f:
             for line in f:
                 here, offset = offset, offset + len(line)
-                try:
-                    record = json.loads(line)
-                    key = id_key(record["id"])
-                except (ValueError, KeyError, TypeError):
+                fields = scan_record(line)
+                if fields is None:
                     bad += 1
                     continue
+                key, score, digest, kind = fields
                 records += 1
-                if record.get("score") is not None:
+                if score is not None:
                     scored.append(key)
-                    digest = record.get("hash")
                     if digest:
                         with contextlib.suppress(ValueError):
                             digest_keys.append(parse_digest(digest))
                             digest_offsets.append(here)
-                elif record.get("error_kind") in PERMANENT_ERRORS:
+                elif kind in PERMANENT_ERRORS:
                     permanent.append(key)
                 else:
                     failed.add(key)
@@ -1380,7 +1427,8 @@ async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
                 content, p_tokens, o_tokens = await request_answer(endpoint, config, prompt, temperature, seed)
             except FormatRejected as exc:
                 endpoint.response_format = "json_object"       # remembered for the endpoint
-                warn(f"{endpoint.name}: server rejected response_format json_schema ({exc}); using json_object")
+                warn(f"{endpoint.name}: server rejected response_format json_schema ({str(exc)[:90]}...); "
+                     "using json_object from now on")
                 content, p_tokens, o_tokens = await request_answer(endpoint, config, prompt, temperature, seed)
     except TimeoutError:
         raise EndpointFault(f"no answer within {config.timeout:g} s (--timeout)", overload=True) from None
@@ -2086,7 +2134,7 @@ class Stats:
     errors: Counter = field(default_factory=Counter)
     duplicates: int = 0
     truncated: int = 0
-    timeline: dict[str, list[float]] = field(default_factory=dict)    # endpoint -> completion times
+    timeline: dict[str, array] = field(default_factory=dict)    # endpoint -> completion times (8 bytes each)
     first_ts: float | None = None
     last_ts: float | None = None
 
@@ -2095,36 +2143,43 @@ class Stats:
         return sum(score * n for score, n in counts.items()) / total if total else float("nan")
 
 
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield each readable record of a checkpoint, skipping torn or foreign lines."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "id" in record:
+                yield record
+
+
 def read_stats(path: Path) -> Stats:
     """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
     stats = Stats()
     scored_keys = array("q")
     last_error: dict[int, str] = {}
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                key = id_key(record["id"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            score = record.get("score")
-            if score is None:
-                last_error[key] = record.get("error_kind") or "error"
-                continue
-            scored_keys.append(key)
-            stats.rows_scored += 1
-            stats.histogram[score] += 1
-            stats.truncated += bool(record.get("truncated"))
-            if record.get("duplicate_of") is not None:
-                stats.duplicates += 1
-                continue                  # a copied verdict says nothing about its endpoint
-            endpoint = record.get("endpoint") or "?"
-            stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
-            ts = record.get("ts")
-            if isinstance(ts, (int, float)):
-                stats.timeline.setdefault(endpoint, []).append(ts)
-                stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
-                stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
+    for record in iter_records(path):
+        key = id_key(record["id"])
+        score = record.get("score")
+        if score is None:
+            last_error[key] = record.get("error_kind") or "error"
+            continue
+        scored_keys.append(key)
+        stats.rows_scored += 1
+        stats.histogram[score] += 1
+        stats.truncated += bool(record.get("truncated"))
+        if record.get("duplicate_of") is not None:
+            stats.duplicates += 1
+            continue                  # a copied verdict says nothing about its endpoint
+        endpoint = record.get("endpoint") or "?"
+        stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
+        ts = record.get("ts")
+        if isinstance(ts, (int, float)):
+            stats.timeline.setdefault(endpoint, array("d")).append(ts)
+            stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
+            stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
     done = KeySet(scored_keys)
     stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
     return stats
@@ -2292,22 +2347,17 @@ def answer_table(path: Path) -> pa.Table:
             for values in columns.values():
                 values.clear()
 
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                key = str(record["id"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            position += 1
-            ok = record.get("score") is not None
-            columns["key"].append(key)
-            columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
-            for name in EXPORT_COLUMNS:
-                value = record.get(name)
-                columns[name].append(value if name == "score" or value is None else str(value))
-            if len(columns["key"]) >= 65536:
-                flush()
+    for record in iter_records(path):
+        key = str(record["id"])
+        position += 1
+        ok = record.get("score") is not None
+        columns["key"].append(key)
+        columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
+        for name in EXPORT_COLUMNS:
+            value = record.get(name)
+            columns[name].append(value if name == "score" or value is None else str(value))
+        if len(columns["key"]) >= 65536:
+            flush()
     flush()
     if not chunks:
         return pa.table({"key": pa.array([], pa.string()), **{n: pa.array([], pa.int64() if n == "score" else

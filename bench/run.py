@@ -95,16 +95,22 @@ def serve(**behaviour) -> FakeOllama:
     return server
 
 
+def run_fleet(data: Path, specs: list[tuple[str, dict, str]], tag: str, *extra: str) -> dict:
+    """Start fresh simulated endpoints [(name, behaviour, endpoint options)], run score.py, stop them."""
+    fleet = [(name, serve(**params), opts) for name, params, opts in specs]
+    try:
+        return run_score(data, fleet, tag, *extra)
+    finally:
+        for _, server, _ in fleet:
+            server.stop()
+
+
 def best_fixed(data: Path, params: dict, limits: list[int], tag: str) -> tuple[int, float, dict[int, float]]:
     """Measure one endpoint's steady rate at each fixed concurrency; return the best."""
     rates = {}
     for limit in limits:
-        server = serve(**params)
-        try:
-            rates[limit] = run_score(data, [("solo", server, f"concurrency={limit}")], f"{tag}-c{limit}",
-                                     "--no-hedge")["steady"]
-        finally:
-            server.stop()
+        rates[limit] = run_fleet(data, [("solo", params, f"concurrency={limit}")], f"{tag}-c{limit}",
+                                 "--no-hedge")["steady"]
     best = max(rates, key=rates.get)
     return best, rates[best], rates
 
@@ -118,12 +124,8 @@ def scenario_efficiency(n: int) -> dict:
     results = {}
     for label, extra, opts in (("score.py defaults", [], ""),
                                ("one worker per endpoint (seed shape)", ["--no-hedge"], "concurrency=1")):
-        fleet = [("gpu", serve(**GPU), opts), ("mac1", serve(**LAPTOP), opts), ("mac2", serve(**LAPTOP), opts)]
-        try:
-            results[label] = run_score(data, fleet, "eff-" + label.split()[0], *extra)
-        finally:
-            for _, s, _ in fleet:
-                s.stop()
+        results[label] = run_fleet(data, [("gpu", GPU, opts), ("mac1", LAPTOP, opts), ("mac2", LAPTOP, opts)],
+                                   "eff-" + label.split()[0], *extra)
     # static even split: each machine scores a third on its own, at its best fixed concurrency
     rows = functions(n, seed=2)
     thirds = [rows[i::3] for i in range(3)]
@@ -153,11 +155,7 @@ def scenario_auto(n: int) -> dict:
     params = dict(latency=0.04, per_char=0.00001, slots=8, alpha=0.9, peak=4, beta=1.0)
     data = write_jsonl(OUT / "auto.jsonl", functions(n, seed=4))
     best, best_rate, rates = best_fixed(data, params, [1, 2, 3, 4, 5, 6, 8], "auto-fixed")
-    server = serve(**params)
-    try:
-        auto = run_score(data, [("solo", server, "")], "auto-auto", "--no-hedge")
-    finally:
-        server.stop()
+    auto = run_fleet(data, [("solo", params, "")], "auto-auto", "--no-hedge")
     limit_line = [line for line in auto["stderr"].splitlines() if line.startswith("solo")]
     return {"rates": rates, "best": best, "auto": auto["steady"], "ratio": auto["steady"] / best_rate,
             "vs_c1": auto["steady"] / rates[1], "final_limit": limit_line[-1].split()[-2] if limit_line else "?"}
@@ -169,36 +167,19 @@ def scenario_tail() -> dict:
     fast = dict(latency=0.1, slots=1)
     slow = dict(latency=2.0, slots=1)
     # capacity as measured here: each endpoint alone, at its best (1 slot: concurrency 1)
-    server = serve(**fast)
-    try:
-        fast_rate = 40 / run_score(data, [("fast", server, "concurrency=1")], "tail-cap-fast", "--no-hedge")["makespan"]
-    finally:
-        server.stop()
+    fast_rate = 40 / run_fleet(data, [("fast", fast, "concurrency=1")], "tail-cap-fast", "--no-hedge")["makespan"]
     few = write_jsonl(OUT / "tail-few.jsonl", functions(3, seed=9))
-    server = serve(**slow)
-    try:
-        slow_rate = 3 / run_score(few, [("slow", server, "concurrency=1")], "tail-cap-slow", "--no-hedge")["makespan"]
-    finally:
-        server.stop()
+    slow_rate = 3 / run_fleet(few, [("slow", slow, "concurrency=1")], "tail-cap-slow", "--no-hedge")["makespan"]
     capacity = fast_rate + 2 * slow_rate
     out = {"capacity": capacity}
-    for label, extra in (("racing", []), ("no racing", ["--no-hedge"])):
-        fleet = [("fast", serve(**fast), ""), ("slow1", serve(**slow), ""), ("slow2", serve(**slow), "")]
-        try:
-            result = run_score(data, fleet, "tail-" + label.replace(" ", ""), *extra)
-        finally:
-            for _, s, _ in fleet:
-                s.stop()
-        out[label] = result["makespan"] / (40 / capacity)
-    # the same job when one of the slow machines stalls (a laptop that sleeps mid-request: 30 s)
-    for label, extra in (("stall, racing", []), ("stall, no racing", ["--no-hedge"])):
-        fleet = [("fast", serve(**fast), ""), ("slow1", serve(**slow), ""), ("sleepy", serve(latency=30.0), "")]
-        try:
-            result = run_score(data, fleet, "tail-" + label.replace(" ", "").replace(",", ""), *extra)
-        finally:
-            for _, s, _ in fleet:
-                s.stop()
-        out[label] = result["makespan"] / (40 / (fast_rate + slow_rate + 1 / 30))
+    sleepy = dict(latency=30.0)       # a laptop that sleeps mid-request
+    cases = (("racing", slow, capacity, []), ("no racing", slow, capacity, ["--no-hedge"]),
+             ("stall, racing", sleepy, fast_rate + slow_rate + 1 / 30, []),
+             ("stall, no racing", sleepy, fast_rate + slow_rate + 1 / 30, ["--no-hedge"]))
+    for label, third, cap, extra in cases:
+        result = run_fleet(data, [("fast", fast, ""), ("slow1", slow, ""), ("slow2", third, "")],
+                           "tail-" + label.replace(" ", "").replace(",", ""), *extra)
+        out[label] = result["makespan"] / (40 / cap)
     return out
 
 
