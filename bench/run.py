@@ -306,7 +306,7 @@ def main() -> None:
 def render(r: dict, elapsed: float, argv: str) -> str:
     lines = ["# Benchmarks", "",
              f"Latest run: {time.strftime('%Y-%m-%d')}, on {machine()}.",
-             f"Command: `python bench/run.py {argv}`".rstrip() + f" ({elapsed / 60:.1f} min).", "",
+             f"Command: `{' '.join(['python bench/run.py', *argv.split()])}` ({elapsed / 60:.1f} min).", "",
              "Every figure is a ratio of two measurements taken in the same run (the machine is shared and noisy).",
              "Endpoints are simulated (`tests/fake_ollama.py`): k slots, service time growing with prompt length,",
              "and batching whose throughput rises sub-linearly up to a peak, then degrades.", "",
