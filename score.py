@@ -1506,6 +1506,7 @@ class Run:
         self.done = asyncio.Event()
         self.tg: asyncio.TaskGroup | None = None
         self.all_down_since: float | None = None
+        self.last_answer = time.monotonic()      # the last good answer from any endpoint
 
     @property
     def finished(self) -> bool:
@@ -1709,6 +1710,7 @@ class Run:
         """Decide what an outcome means for the item and for the endpoint."""
         now = time.monotonic()
         if isinstance(outcome, Answer):
+            self.last_answer = now
             endpoint.record_success(outcome.latency, now)
             endpoint.limiter.on_done(started, now)
             if not item.finished:
@@ -1924,9 +1926,11 @@ class Run:
             elif self.all_down_since is None:
                 self.all_down_since = now
                 self.progress.note("every endpoint is down: pausing (nothing is lost); waiting for one to return")
-            elif self.config.max_downtime is not None and now - self.all_down_since > self.config.max_downtime:
-                raise StopRun(f"every endpoint has been down for {format_duration(now - self.all_down_since)} "
-                              f"(--max-downtime {self.config.max_downtime:g} s)")
+            elif self.config.max_downtime is not None and now - self.last_answer > self.config.max_downtime:
+                # Counted from the last good answer, not from the last rejoin: a server that answers
+                # probes but fails every request keeps rejoining, and must not reset the clock.
+                raise StopRun(f"every endpoint is down and none has answered for "
+                              f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g} s)")
             self.progress.show(self.endpoints, paused=self.all_down_since is not None)
 
 
@@ -2520,7 +2524,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=42, metavar="N", help="sampling seed (default 42)")
     add("--keep-alive", default="30m", metavar="DURATION", help="how long Ollama keeps the model loaded (default 30m)")
     add("--max-downtime", type=parse_duration, metavar="DURATION",
-        help="give up (exit 1, nothing lost) when every endpoint has been down this long (default: never)")
+        help="give up (exit 1, nothing lost) when every endpoint is down and none has answered for this long "
+             "(default: never)")
     add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
         help="exit 2 if no endpoint has answered at all within this time (default 300s)")
     add("--allow-mixed-models", action="store_true", help="accept different builds of the model across endpoints")

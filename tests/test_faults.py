@@ -175,6 +175,20 @@ def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve)
     assert_complete(read_records(out), [r["id"] for r in rows(100)])
 
 
+def test_max_downtime_also_ends_a_run_whose_only_endpoint_keeps_failing_after_rejoining(tmp_path, serve):
+    flapping = serve(latency=0.01)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(200))
+    endpoints = write_endpoints(tmp_path / "e.txt", [flapping])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress", "--max-downtime", "3")
+    wait_for(lambda: lines_in(out) >= 10, what="first records")
+    flapping.behaviour.fail_500 = 1.0        # probes still answer; every scoring request fails
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "none has answered" in err and "Traceback" not in err
+    assert all(r["score"] is not None for r in read_records(out))      # nothing charged to rows
+
+
 def test_startup_timeout_names_every_endpoint(tmp_path):
     data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
     endpoints = tmp_path / "e.txt"
