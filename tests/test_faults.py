@@ -157,36 +157,27 @@ def test_all_endpoints_down_mid_run_pauses_then_continues(tmp_path, serve):
     assert all(r["error"] is None for r in records)
 
 
-def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve):
+@pytest.mark.parametrize("outage", ["port closed", "answers probes, fails every request"])
+def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve, outage):
     a = serve(latency=0.02)
     data = write_jsonl(tmp_path / "fns.jsonl", rows(100))
     endpoints = write_endpoints(tmp_path / "e.txt", [a])
     out = tmp_path / "fns.scores.jsonl"
-    proc = start_cli(data, "--endpoints", endpoints, "--no-progress", "--max-downtime", "2")
-    wait_for(lambda: lines_in(out) >= 10, what="first records")
-    a.go_down()
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1, err
-    assert "--max-downtime" in err and "Traceback" not in err
-    a.come_back()
-    done = read_records(out)
-    assert all(r["score"] is not None for r in done)
-    assert run_cli(data, "--endpoints", endpoints, "--resume").returncode == 0
-    assert_complete(read_records(out), [r["id"] for r in rows(100)])
-
-
-def test_max_downtime_also_ends_a_run_whose_only_endpoint_keeps_failing_after_rejoining(tmp_path, serve):
-    flapping = serve(latency=0.01)
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(200))
-    endpoints = write_endpoints(tmp_path / "e.txt", [flapping])
-    out = tmp_path / "fns.scores.jsonl"
     proc = start_cli(data, "--endpoints", endpoints, "--no-progress", "--max-downtime", "3")
     wait_for(lambda: lines_in(out) >= 10, what="first records")
-    flapping.behaviour.fail_500 = 1.0        # probes still answer; every scoring request fails
+    if outage == "port closed":
+        a.go_down()
+    else:
+        a.behaviour.fail_500 = 1.0        # it keeps rejoining after probes, which must not reset the clock
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
-    assert "none has answered" in err and "Traceback" not in err
+    assert "none has answered" in err and "--max-downtime" in err and "Traceback" not in err
     assert all(r["score"] is not None for r in read_records(out))      # nothing charged to rows
+    if outage == "port closed":
+        a.come_back()
+    a.behaviour.fail_500 = 0.0
+    assert run_cli(data, "--endpoints", endpoints, "--resume").returncode == 0
+    assert_complete(read_records(out), [r["id"] for r in rows(100)])
 
 
 def test_startup_timeout_names_every_endpoint(tmp_path):
