@@ -1114,11 +1114,19 @@ class Endpoint:
             return {"Authorization": f"Bearer {os.environ.get(self.spec.key_env, '')}"}
         return {}
 
+    @property
+    def status(self) -> str:
+        """Say in words what the endpoint is doing."""
+        if self.state == "down" and self.down_since is not None:
+            return f"down {format_duration(time.monotonic() - self.down_since)}"
+        return {"pending": "not answering", "warming": "loading model", "gone": "taken out",
+                "backoff": "backing off"}.get(self.state, self.state)
+
     def label(self) -> str:
-        """Return a short status for the progress line."""
-        if self.state in ("ready", "backoff"):
-            return f"{self.name} {self.done} x{self.limiter.limit}" + (" backoff" if self.state == "backoff" else "")
-        return f"{self.name} {self.done} {self.state}"
+        """Return a short status for the progress line: name, items done, limit or trouble."""
+        if self.state == "ready":
+            return f"{self.name} {self.done} x{self.limiter.limit}"
+        return f"{self.name} {self.done} {self.status}"
 
 
 def make_client(endpoint: Endpoint, config: Config) -> httpx.AsyncClient:
@@ -2106,7 +2114,7 @@ def summary(run: Run, elapsed: float) -> str:
     rows = [["endpoint", "state", "items", "share", "items/s", "latency", "gen tok/s", "errors", "faults", "limit"]]
     total = sum(e.done for e in run.endpoints) or 1
     for e in run.endpoints:
-        rows.append([e.name, e.state, f"{e.done:,}", f"{100 * e.done / total:.1f}%",
+        rows.append([e.name, e.status, f"{e.done:,}", f"{100 * e.done / total:.1f}%",
                      f"{e.done / max(elapsed, 1e-9):.2f}",
                      f"{e.latency_sum / e.done:.2f}s" if e.done else "-",
                      f"{e.output_tokens / max(elapsed, 1e-9):.1f}" if e.output_tokens else "-",
