@@ -2660,16 +2660,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         return finish_outputs(config, code)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
-    received: list[int] = []
-
-    def on_signal(sig: int) -> None:
-        if received:   # second signal: leave now; every line written is already complete
-            os._exit(EXIT_SIGNAL[sig])
-        received.append(sig)
-        main_task.cancel()
-
-    for sig in EXIT_SIGNAL:
-        loop.add_signal_handler(sig, on_signal, sig)
+    received = install_signal_handlers(loop, main_task)
     endpoints = [Endpoint(spec, config) for spec in config.endpoints]
     progress: Progress | None = None
     run: Run | None = None
@@ -2687,11 +2678,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                     meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
                                                         "digest": endpoint.digest}
             if config.check:
-                sample = first[0] if first else None
-                if sample is not None and sample.text is not None:
-                    usable = next((e for e in endpoints if e.checked), endpoints[0])
-                    prompt, _ = render_prompt(config.prompt, sample, code_budget(usable, config.prompt, sample))
-                    print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
+                print_first_prompt(config, first, endpoints)
                 return EXIT_OK
             write_meta(config.output, meta)
             progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
@@ -2731,6 +2718,31 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
              f"  {resume_command(config)}")
         return code
     return finish_outputs(config, code)
+
+
+def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.Task) -> list[int]:
+    """SIGINT/SIGTERM cancel the run (which then saves and exits 130/143); a second one exits at once."""
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if received:   # every line written is already complete, so leaving now loses nothing
+            os._exit(EXIT_SIGNAL[sig])
+        received.append(sig)
+        main_task.cancel()
+
+    for sig in EXIT_SIGNAL:
+        loop.add_signal_handler(sig, on_signal, sig)
+    return received
+
+
+def print_first_prompt(config: Config, first: list[Item], endpoints: list[Endpoint]) -> None:
+    """Show (on stdout) the prompt the first pending row would get, for --check."""
+    sample = next((item for item in first if item.text is not None), None)
+    if sample is None:
+        return
+    usable = next((e for e in endpoints if e.checked), endpoints[0])
+    prompt, _ = render_prompt(config.prompt, sample, code_budget(usable, config.prompt, sample))
+    print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
 
 
 def resume_command(config: Config) -> str:
