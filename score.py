@@ -1055,12 +1055,10 @@ class Endpoint:
         self._chat_url: httpx.URL | None = None
         self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
         # counters for the display and the summary
-        self.done = self.errors = self.fault_count = self.hedges_won = 0
+        self.done = self.errors = self.fault_count = 0
         self.latency_sum = 0.0
         self.latency_avg: float | None = None
         self.prompt_tokens = self.output_tokens = 0
-        self.first_at: float | None = None
-        self.last_at: float | None = None
 
     @property
     def chat_url(self) -> httpx.URL:
@@ -1092,8 +1090,6 @@ class Endpoint:
         self.done += 1
         self.latency_sum += latency
         self.latency_avg = latency if self.latency_avg is None else 0.8 * self.latency_avg + 0.2 * latency
-        self.first_at = self.first_at or now - latency
-        self.last_at = now
 
     def record_fault(self, exc: EndpointFault, now: float) -> bool:
         """Note an endpoint fault; return True if the endpoint should now go down."""
@@ -1724,7 +1720,6 @@ class Run:
             if not item.finished:
                 if item.racer is endpoint and item.tasks:
                     self.tally.hedges_won += 1
-                    endpoint.hedges_won += 1
                 self.write(item, success_record(item, endpoint, outcome))
             return
         if isinstance(outcome, EndpointFault):
