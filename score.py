@@ -199,7 +199,6 @@ class Item:
 
     id: int | str
     key: int                      # compact 64-bit form of the id, for the done-set
-    row: int
     text: str | None
     fields: dict[str, Any]
     digest: int = 0               # content hash for duplicate fan-out (0 = none)
@@ -431,7 +430,7 @@ def row_id(ident: Any, label: str) -> int | str:
     return ident if isinstance(ident, (int, str)) else str(ident)
 
 
-def make_item(row: int, ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
+def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
               null_id: bool = False) -> Item:
     """Build an Item from one row, marking rows that must not be sent."""
     problem = ("no_id", "the id column is null") if null_id else None
@@ -444,7 +443,7 @@ def make_item(row: int, ident: int | str, key: int, text: Any, fields: dict[str,
             problem = ("empty", "the text is null or empty")
         elif missing := [k for k, v in fields.items() if v is None]:
             problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
-    item = Item(id=ident, key=key, row=row, text=text if problem is None else None, fields=fields, problem=problem)
+    item = Item(id=ident, key=key, text=text if problem is None else None, fields=fields, problem=problem)
     if problem is None and dedup:
         item.digest = text_digest(text)
     return item
@@ -503,7 +502,7 @@ def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info
                 raw_id = data[info.id_column][j] if info.id_column else number
                 ident = row_id(raw_id, f"row:{number}")
                 fields = {name: data[name][j] for name in info.fields}
-                yield make_item(number, ident, id_key(ident), data[info.text_column][j], fields, dedup,
+                yield make_item(ident, id_key(ident), data[info.text_column][j], fields, dedup,
                                 null_id=raw_id is None)
         position += batch.num_rows
 
@@ -527,7 +526,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Ite
                     ident = number if info.id_column is None else label
                     key = id_key(ident)
                     if info.id_column is None or not done(key):
-                        yield Item(id=ident, key=key, row=number, text=None, fields={}, problem=(
+                        yield Item(id=ident, key=key, text=None, fields={}, problem=(
                             "malformed", f"line {number + 1}: not valid JSON ({one_line(exc)})"))
                     continue
                 if info.id_column is None:
@@ -539,7 +538,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Ite
                     if done(key):
                         continue
                 fields = {name: obj.get(name) for name in info.fields}
-                yield make_item(number, ident, key, obj.get(info.text_column), fields, dedup, null_id)
+                yield make_item(ident, key, obj.get(info.text_column), fields, dedup, null_id)
     except (OSError, EOFError) as exc:
         raise UsageError(f"{path}: cannot read ({one_line(exc)})") from None
 
@@ -1477,7 +1476,6 @@ class Signal:
 class Tally:
     """Counters for the end summary and the exit code."""
 
-    started: float = field(default_factory=time.monotonic)
     taken: int = 0
     scored: int = 0
     duplicates: int = 0
