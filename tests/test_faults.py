@@ -243,12 +243,17 @@ def test_torn_final_line_is_repaired_on_resume(tmp_path, serve):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_promptly_and_resume_completes(tmp_path, serve, sig, code):
-    server = serve(latency=0.3, slots=2)
+    server = serve(latency=0.05, slots=2)
     data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
     endpoints = write_endpoints(tmp_path / "e.txt", [server])
     out = tmp_path / "fns.scores.jsonl"
     proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
-    wait_for(lambda: lines_in(out) >= 3, what="first records")
+    wait_for(lambda: lines_in(out) >= 1, what="first records")
+    # from now on a request takes a minute: the signal lands while one is surely in flight,
+    # so stopping promptly means abandoning it, not waiting for it
+    server.behaviour.latency = 60.0
+    slow_from = server.chats
+    wait_for(lambda: server.chats > slow_from, what="a slow request in flight")
     sent = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
@@ -256,6 +261,8 @@ def test_signal_stops_promptly_and_resume_completes(tmp_path, serve, sig, code):
     assert time.monotonic() - sent < 10
     assert "--resume" in err and "Traceback" not in err
     assert out.read_bytes().endswith(b"\n")
+    assert lines_in(out) < 60
+    server.behaviour.latency = 0.01
     assert run_cli(data, "--endpoints", endpoints, "--resume").returncode == 0
     assert_complete(read_records(out), [r["id"] for r in rows(60)])
 
