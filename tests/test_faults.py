@@ -68,11 +68,17 @@ def test_garbage_and_out_of_range_answers_never_become_scores(tmp_path, serve):
     server = serve(garbage=0.2, out_of_range=0.2, seed=4)
     data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
     endpoints = write_endpoints(tmp_path / "e.txt", [server])
-    score.main([str(data), "--endpoints", str(endpoints), "--max-attempts", "6", "--no-progress"])
+    code = score.main([str(data), "--endpoints", str(endpoints), "--max-attempts", "6", "--no-progress"])
     records = read_records(tmp_path / "fns.scores.jsonl")
-    assert_complete([r for r in records if r["score"] is not None], [r["id"] for r in records if r["score"]])
-    assert all(1 <= r["score"] <= 10 for r in records if r["score"] is not None)
-    assert len(scored(records)) >= 55
+    ids = {r["id"] for r in rows(60)}
+    failed = {r["id"] for r in records if r["score"] is None}
+    # every row ends either scored (once, with the true verdict) or recorded as failed, never both
+    assert_complete(records, ids - failed)
+    good = set(scored(records))
+    assert not good & failed
+    assert all(r["error_kind"] == "attempts_exhausted" for r in records if r["score"] is None)
+    assert code == (0 if good == ids else 1)
+    assert len(good) >= 55
 
 
 def test_dead_endpoint_is_not_drained_and_fails_no_item(tmp_path, serve):
