@@ -91,7 +91,6 @@ def endpoints(tmp_path):
     listing.write_text("127.0.0.1:11434 name=ollama api=ollama\nhttp://127.0.0.1:8080/v1 name=openai\n")
     config = score.parse_args([str(tmp_path / "fns.jsonl"), "--endpoints", str(listing), "--model", "foo"])
     built = {spec.name: score.Endpoint(spec, config) for spec in config.endpoints}
-    assert built["ollama"].api == "ollama" and built["openai"].api == "openai"
     return built
 
 
