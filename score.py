@@ -2358,7 +2358,9 @@ def read_stats(path: Path) -> Stats:
         score = record["score"]
         if score is None:
             if record["error_kind"] == "duplicate_id":
-                repeated_keys.append(key)     # a later row's note: it says nothing of the id's own row
+                # a later row's note says nothing of the id's own row; it names the row's line, so
+                # equal notes are one row noted again by a later run
+                repeated_keys.append(id_key(str(record.get("error"))))
             else:
                 last_error[key] = record["error_kind"]
             continue
@@ -2378,7 +2380,7 @@ def read_stats(path: Path) -> Stats:
             stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
     done = KeySet(scored_keys)
     stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
-    if repeated_keys:     # each resume notes them again until the id is scored: count ids, not notes
+    if repeated_keys:
         stats.errors["duplicate_id"] = len(pc.unique(arrow_int64(repeated_keys)))
     return stats
 
@@ -2580,7 +2582,7 @@ def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tupl
 
 
 def clean_strings(value: Any) -> Any:
-    """Replace what UTF-8 cannot hold (lone surrogates) in a JSON value, so the row can still be exported."""
+    """Replace what UTF-8 cannot hold (lone surrogates) in a JSON value."""
     if isinstance(value, str):
         return value if writable(value) else value.encode("utf-8", "replace").decode()
     if isinstance(value, dict):
@@ -2588,6 +2590,24 @@ def clean_strings(value: Any) -> Any:
     if isinstance(value, list):
         return [clean_strings(v) for v in value]
     return value
+
+
+def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
+    """Build an Arrow table from JSONL objects; when Arrow refuses them, a column whose values mix
+    types (1 and "1") becomes text and unwritable strings are mended, so the row is still exported."""
+    try:
+        return pa.Table.from_pylist(records, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+        pass
+    kinds: dict[str, set] = {}
+    for record in records:
+        for name, value in record.items():
+            if value is not None:
+                kinds.setdefault(name, set()).add(type(value))
+    mixed = {name for name, types in kinds.items() if len(types) > 1}
+    mended = [{name: clean_strings(str(value) if name in mixed and value is not None else value)
+               for name, value in record.items()} for record in records]
+    return pa.Table.from_pylist(mended, schema=schema)
 
 
 def input_batches(info: InputInfo, log: InputLog) -> Iterator[tuple[pa.RecordBatch, pa.Array, pa.Array]]:
@@ -2614,10 +2634,7 @@ def input_batches(info: InputInfo, log: InputLog) -> Iterator[tuple[pa.RecordBat
 
     def batch() -> tuple[pa.RecordBatch, pa.Array, pa.Array]:
         nonlocal schema
-        try:
-            table = pa.Table.from_pylist(records, schema=schema)
-        except UnicodeEncodeError:
-            table = pa.Table.from_pylist([clean_strings(r) for r in records], schema=schema)
+        table = arrow_rows(records, schema)
         schema = schema or table.schema
         if info.id_column:
             keys, repeated = batch_keys(ids, (f"line:{n + 1}" for n in numbers), seen)
