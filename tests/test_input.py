@@ -104,6 +104,23 @@ def test_truncated_gzip_scores_every_readable_row_and_exits_1(tmp_path, serve):
     assert len(read_records(tmp_path / "fns.scores.jsonl")) == len(records)
 
 
+def test_damaged_parquet_row_group_is_skipped_and_the_rest_is_scored(tmp_path, serve):
+    server = serve()
+    table = rows(30)
+    data = write_parquet(tmp_path / "fns.parquet", table, row_group_size=10)
+    chunk = pq.ParquetFile(data).metadata.row_group(1).column(1)       # the middle group's code column
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(data.read_bytes())
+    for i in range(start + 30, start + chunk.total_compressed_size - 5):
+        raw[i] ^= 0x5A                                                   # its compressed pages no longer decode
+    data.write_bytes(bytes(raw))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--no-progress")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and f"{data}: cannot read rows 10-19" in result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert sorted(scored(records)) == sorted(r["id"] for r in table[:10] + table[20:])
+
+
 FOREIGN = [
     '{"id": 1, "score": "7", "error": null, "error_kind": null}',       # a string score
     '{"id": 2, "score": 11, "error": null, "error_kind": null}',        # out of range
