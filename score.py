@@ -567,7 +567,11 @@ def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_c
     position = 0
     for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[id_column]):
         for ident in column_values(batch.column(0)):
-            if not done(id_key(checked_id(ident, f"row:{start + position}")[0])):
+            if type(ident) is int or type(ident) is str and ident.isascii():   # its own id: no label needed
+                key = id_key(ident)
+            else:
+                key = id_key(checked_id(ident, f"row:{start + position}")[0])
+            if not done(key):
                 todo.append(position)
             position += 1
     return todo
