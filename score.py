@@ -807,6 +807,7 @@ class ResumeState:
     retried: int = 0                # ids whose last attempt failed: resume retries them
     skipped: SkippedLines = field(default_factory=SkippedLines)
     torn_bytes: int = 0
+    repeated: KeySet = field(default_factory=lambda: KeySet(array("q")))   # ids noted as duplicate_id
 
 
 try:
@@ -920,7 +921,7 @@ class Checkpoint:
         """
         scored, failed, permanent = array("q"), set(), array("q")
         digest_keys, digest_offsets = array("q"), array("q")
-        skipped = SkippedLines()
+        skipped, repeated = SkippedLines(), array("q")
         records = 0
         offset = 0
         with open(self.path, "rb", buffering=1 << 20) as f:
@@ -939,7 +940,7 @@ class Checkpoint:
                             digest_keys.append(parse_digest(digest))
                             digest_offsets.append(here)
                 elif kind == "duplicate_id":
-                    continue
+                    repeated.append(key)
                 elif kind in PERMANENT_ERRORS:
                     permanent.append(key)
                 else:
@@ -948,7 +949,8 @@ class Checkpoint:
         permanent = array("q", (k for k in permanent if k not in scored_set))
         retried = sum(1 for k in failed if k not in scored_set)
         digests = DigestIndex(digest_keys, digest_offsets)
-        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, skipped, torn)
+        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, skipped, torn,
+                           KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record as one complete line; return its offset."""
@@ -2129,12 +2131,17 @@ def take_chunk(reader: Iterator[Item], size: int) -> list[Item]:
 def done_filter(resume: ResumeState, tally: Tally) -> Callable[[int], bool]:
     """Tell the reader which id keys the checkpoint already finished, counting them."""
     scored, permanent = resume.scored, resume.permanent
+    repeated, met = (resume.repeated if len(resume.repeated) else None), set()
     if not len(scored) and not len(permanent):
         return lambda key: False
 
     def done(key: int) -> bool:
         if key in scored:
             tally.skipped += 1
+            if repeated is not None and key in repeated:
+                # rows after the first with this id were noted as duplicate_id: they have no score
+                tally.skipped_permanent += key in met
+                met.add(key)
             return True
         if key in permanent:
             tally.skipped += 1

@@ -48,6 +48,11 @@ def test_lone_surrogate_in_text_or_id_is_an_error_record_and_the_run_goes_on(tmp
     again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert len(strict_records(out)) == len(records)
+    export = tmp_path / "x.parquet"
+    assert run_cli(data, "--report", "--export", export).returncode == 0
+    got = exported(export)
+    assert [r["score"] is not None for r in got] == [i not in (2, 5) for i in range(10)]
+    assert got[2]["code"] == 'def f():\n    return "?"' and got[2]["error"].startswith("line 3:")
 
 
 def test_parquet_strings_that_are_not_utf8_are_error_records(tmp_path, serve):
@@ -173,6 +178,7 @@ def test_repeated_ids_are_named_recorded_and_only_the_first_row_is_scored(tmp_pa
     # resume: the ids are finished, so no row is a repeat of anything new
     again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
     assert "appeared earlier" not in again.stderr and len(read_records(tmp_path / "fns.scores.jsonl")) == 12
+    assert again.returncode == 1                       # the repeats still have no score of their own
     assert "Rows without a score: 7 duplicate_id" in again.stderr                 # the report counts rows
     # the export gives the verdict to the first row with the id only
     out = tmp_path / "x.parquet"
