@@ -19,8 +19,10 @@ Usage:
 Input:
     a .parquet file, a directory of .parquet files, or .jsonl/.ndjson (optionally .gz).
     Ids come from --id-column (default "id" if present, else the 0-based row number;
-    for JSONL the physical line number). Text comes from --text-column (default the
-    first of code, function, content, text).
+    for JSONL the physical line number); integers and strings are kept, anything else is
+    recorded as its text, a null id as row:N / line:N. Text comes from --text-column
+    (default the first of code, function, content, text). Bad rows (malformed, not valid
+    Unicode, a repeated id) get error records; an input cut short is scored as far as it reads.
 
 Output (<input>.scores.jsonl unless -o): one JSON object per finished row, e.g.
     {"id": "fn-17", "score": 7, "reason": "...", "model": "qwen2.5-coder:7b", ...,
