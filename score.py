@@ -19,8 +19,10 @@ Usage:
 Input:
     a .parquet file, a directory of .parquet files, or .jsonl/.ndjson (optionally .gz).
     Ids come from --id-column (default "id" if present, else the 0-based row number;
-    for JSONL the physical line number). Text comes from --text-column (default the
-    first of code, function, content, text).
+    for JSONL the physical line number); integers and strings are kept, anything else is
+    recorded as its text, a null id as row:N / line:N. Text comes from --text-column
+    (default the first of code, function, content, text). Bad rows (malformed, not valid
+    Unicode, a repeated id) get error records; an input cut short is scored as far as it reads.
 
 Output (<input>.scores.jsonl unless -o): one JSON object per finished row, e.g.
     {"id": "fn-17", "score": 7, "reason": "...", "model": "qwen2.5-coder:7b", ...,
@@ -62,9 +64,10 @@ import statistics
 import string
 import sys
 import time
+import zlib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +125,8 @@ CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own marku
 MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
 TRUNCATION_MARK = "\n... [truncated]"
 
-PERMANENT_ERRORS = frozenset({"empty", "malformed", "no_id", "template"})
+PERMANENT_ERRORS = frozenset({"empty", "malformed", "no_id", "template", "bad_text", "bad_id",
+                              "duplicate_id"})
 
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
@@ -423,17 +427,90 @@ def inspect_input(path: Path, id_column: str | None, text_column: str | None, te
     return InputInfo(kind, files, columns, total, id_column, text_column, fields)
 
 
+WARN_FIRST = 5              # bad rows of one kind named on the console before they are only counted
+NAMED_PROBLEMS = frozenset({"malformed", "bad_text", "bad_id", "duplicate_id"})
+
+
 def row_id(ident: Any, label: str) -> int | str:
-    """Normalize an id value; a null id becomes the row's label (row:N / line:N)."""
+    """Return the id a row is recorded under: the one id rule of scoring, resume, export and report.
+
+    Integers and strings stay as they are, so 1 and "1" are different rows; any other value (a
+    float such as 1.0, bytes, a struct or list, a date) becomes its text, str(value), as every
+    checkpoint has always held it; a null id becomes the row's label (row:N / line:N).
+    """
     if ident is None:
         return label
-    return ident if isinstance(ident, (int, str)) else str(ident)
+    if type(ident) is int or type(ident) is str:
+        return ident
+    return str(ident)
+
+
+def writable(value: Any) -> bool:
+    """Tell whether a value can go into a UTF-8 record: a lone surrogate (from a "\\ud800" escape, or
+    kept from bytes that were not UTF-8) cannot."""
+    if type(value) is not str or value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def checked_id(raw: Any, label: str) -> tuple[int | str, tuple[str, str] | None]:
+    """Apply the id rule to a raw id; a null or unwritable id gives way to the row's label, with the problem."""
+    if raw is None:
+        return label, ("no_id", "the id column is null")
+    ident = row_id(raw, label)
+    if not writable(ident):
+        return label, ("bad_id", "the id is not valid text (bytes that are not UTF-8, or a lone "
+                                 "surrogate escape such as \\ud800)")
+    return ident, None
+
+
+def column_values(column: pa.Array) -> list[Any]:
+    """Convert an Arrow column to Python values; strings that are not valid UTF-8 keep their bytes
+    as lone surrogates (which writable() refuses) instead of failing the whole batch."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        raw = pc.cast(column, pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+        return [None if v is None else v.decode("utf-8", "surrogateescape") for v in raw.to_pylist()]
+
+
+class InputLog:
+    """What the reader met that the user must hear of as it happens: bad rows (the first few of each
+    kind named, the rest counted in the summary) and parts of the input that could not be read."""
+
+    def __init__(self, source: object = "", say: Callable[[str], None] = lambda message: None,
+                 unreadable: list[str] | None = None) -> None:
+        self.source, self.say = source, say
+        self.named: Counter = Counter()
+        self.unreadable = [] if unreadable is None else unreadable
+
+    def bad_row(self, kind: str, message: str) -> None:
+        """Name a bad row on the console, unless enough of its kind were named already."""
+        self.named[kind] += 1
+        if self.named[kind] <= WARN_FIRST:
+            more = f" (further {kind} rows are only counted)" if self.named[kind] == WARN_FIRST else ""
+            self.say(f"{self.source}: {message}{more}")
+
+    def cut_short(self, message: str) -> None:
+        """Record (and say) that part of the input could not be read."""
+        self.unreadable.append(message)
+        self.say(message)
 
 
 def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
-              null_id: bool = False) -> Item:
-    """Build an Item from one row, marking rows that must not be sent."""
-    problem = ("no_id", "the id column is null") if null_id else None
+              problem: tuple[str, str] | None = None, where: str = "", seen: SeenKeys | None = None) -> Item:
+    """Build an Item from one row, marking rows that must not be sent.
+
+    A repeated id wins over every other problem: its record must never be a permanent error that
+    would make resume skip the first row with that id.
+    """
+    if problem is None and seen is not None and not seen.add(key):
+        problem = ("duplicate_id", f"{where}: id {ident!r} appeared earlier in the input; "
+                                   "only its first row is scored")
     if problem is None:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
@@ -441,34 +518,45 @@ def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], ded
             text = str(text)
         if text is None or not text.strip():
             problem = ("empty", "the text is null or empty")
+        elif not writable(text) or not all(writable(v) for v in fields.values()):
+            problem = ("bad_text", f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
+                                   "lone surrogate escape such as \\ud800)")
         elif missing := [k for k, v in fields.items() if v is None]:
             problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
+    elif problem[0] == "bad_id":
+        problem = ("bad_id", f"{where}: {problem[1]}")
     item = Item(id=ident, key=key, text=text if problem is None else None, fields=fields, problem=problem)
     if problem is None and dedup:
         item.digest = text_digest(text)
     return item
 
 
-def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Iterator[Item]:
+def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: InputLog) -> Iterator[Item]:
     """Stream items from Parquet in record batches, reading only the needed columns.
 
     Each row group is read twice: its ids first, to find the rows still to do, and
     then (only if there are any) the text of just those rows. Resuming near the end
     of a big file therefore decodes ids, not gigabytes of code into Python strings.
+    A row group that cannot be read is noted and skipped: the rest is still scored.
     """
     wanted = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
+    seen = SeenKeys() if info.id_column else None
     row = 0
     for file in info.files:
         try:
             parquet = pq.ParquetFile(file)
-            for group in range(parquet.num_row_groups):
-                start = row
-                row += parquet.metadata.row_group(group).num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise UsageError(f"{file}: cannot read ({one_line(exc)})") from None
+        for group in range(parquet.num_row_groups):
+            start = row
+            row += parquet.metadata.row_group(group).num_rows
+            try:
                 todo = pending_rows(parquet, group, start, row, info.id_column, done)
                 if todo:
-                    yield from read_rows(parquet, group, start, todo, info, wanted, dedup)
-        except (pa.ArrowException, OSError) as exc:
-            raise UsageError(f"{file}: cannot read row group starting at row {row} ({one_line(exc)})") from None
+                    yield from read_rows(parquet, group, start, todo, info, wanted, dedup, seen)
+            except (pa.ArrowException, OSError) as exc:
+                log.cut_short(f"{file}: cannot read rows {start}-{row - 1} ({one_line(exc)}); "
+                              "they are not scored")
 
 
 def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_column: str | None,
@@ -480,15 +568,19 @@ def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_c
         return todo
     position = 0
     for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[id_column]):
-        for ident in batch.column(0).to_pylist():
-            if not done(id_key(row_id(ident, f"row:{start + position}"))):
+        for ident in column_values(batch.column(0)):
+            if type(ident) is int or type(ident) is str and ident.isascii():   # its own id: no label needed
+                key = id_key(ident)
+            else:
+                key = id_key(checked_id(ident, f"row:{start + position}")[0])
+            if not done(key):
                 todo.append(position)
             position += 1
     return todo
 
 
 def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info: InputInfo,
-              wanted: list[str], dedup: bool) -> Iterator[Item]:
+              wanted: list[str], dedup: bool, seen: SeenKeys | None) -> Iterator[Item]:
     """Yield Items for the rows at positions `todo` of one row group, batch by batch."""
     position = 0
     for batch in parquet.iter_batches(batch_size=16384, row_groups=[group], columns=wanted):
@@ -496,57 +588,82 @@ def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info
         hi = bisect.bisect_left(todo, position + batch.num_rows)
         if lo < hi:
             picked = batch.take(pa.array([p - position for p in todo[lo:hi]], pa.int64()))
-            data = {name: picked.column(name).to_pylist() for name in wanted}
+            data = {name: column_values(picked.column(name)) for name in wanted}
             for j, p in enumerate(todo[lo:hi]):
                 number = start + p
-                raw_id = data[info.id_column][j] if info.id_column else number
-                ident = row_id(raw_id, f"row:{number}")
+                ident, problem = checked_id(data[info.id_column][j], f"row:{number}") if info.id_column \
+                    else (number, None)
                 fields = {name: data[name][j] for name in info.fields}
-                yield make_item(ident, id_key(ident), data[info.text_column][j], fields, dedup,
-                                null_id=raw_id is None)
+                yield make_item(ident, id_key(ident), data[info.text_column][j], fields, dedup, problem,
+                                f"row {number}", seen if problem is None else None)
         position += batch.num_rows
 
 
-def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool]) -> Iterator[Item]:
-    """Stream items from JSONL line by line; a malformed line becomes an error item."""
-    path = info.files[0]
+def jsonl_rows(path: Path, log: InputLog,
+               skip: Callable[[int], bool] = lambda number: False) -> Iterator[tuple[int, dict | None, str]]:
+    """Yield (0-based line number, object, "") per JSON object line, or (number, None, why) per
+    malformed one; blank lines and numbers `skip` says are passed over unparsed. A file that ends
+    early (a cut .gz) or cannot be read further stops the rows there, noted in the log."""
+    number = -1
     try:
         with open_lines(path) as lines:
             for number, raw in enumerate(lines):
-                if info.id_column is None and done(number):   # row-number ids: skip without parsing
+                if skip(number) or not raw.strip():
                     continue
-                if not raw.strip():
-                    continue
-                label = f"line:{number + 1}"
                 try:
                     obj = json.loads(raw)
                     if not isinstance(obj, dict):
                         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
                 except ValueError as exc:
-                    ident = number if info.id_column is None else label
-                    key = id_key(ident)
-                    if info.id_column is None or not done(key):
-                        yield Item(id=ident, key=key, text=None, fields={}, problem=(
-                            "malformed", f"line {number + 1}: not valid JSON ({one_line(exc)})"))
+                    yield number, None, one_line(exc)
                     continue
-                if info.id_column is None:
-                    ident, key, null_id = number, number, False
-                else:
-                    raw_id = obj.get(info.id_column)
-                    ident, null_id = row_id(raw_id, label), raw_id is None
-                    key = id_key(ident)
-                    if done(key):
-                        continue
-                fields = {name: obj.get(name) for name in info.fields}
-                yield make_item(ident, key, obj.get(info.text_column), fields, dedup, null_id)
-    except (OSError, EOFError) as exc:
-        raise UsageError(f"{path}: cannot read ({one_line(exc)})") from None
+                yield number, obj, ""
+    except (OSError, EOFError, zlib.error) as exc:
+        log.cut_short(f"{path}: cannot read past line {number + 1} ({one_line(exc)}); "
+                      "the rows after it are not scored")
 
 
-def read_items(info: InputInfo, dedup: bool = True, done: Callable[[int], bool] = lambda key: False) -> Iterator[Item]:
-    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory."""
+def line_place(number: int, id_column: str | None) -> str:
+    """Name a JSONL line for messages: line numbers count from 1, as editors do; without an id
+    column the row's id (its 0-based line number) is named too."""
+    return f"line {number + 1}" if id_column else f"line {number + 1} (row id {number})"
+
+
+def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: InputLog) -> Iterator[Item]:
+    """Stream items from JSONL line by line; a malformed line becomes an error item."""
+    numbered = info.id_column is None
+    seen = None if numbered else SeenKeys()
+    for number, obj, why in jsonl_rows(info.files[0], log, done if numbered else lambda number: False):
+        label, where = f"line:{number + 1}", line_place(number, info.id_column)
+        if obj is None:
+            ident = number if numbered else label
+            key = id_key(ident)
+            if numbered or not done(key):
+                yield Item(id=ident, key=key, text=None, fields={},
+                           problem=("malformed", f"{where}: not valid JSON ({why})"))
+            continue
+        if numbered:
+            ident, key, problem = number, number, None
+        else:
+            ident, problem = checked_id(obj.get(info.id_column), label)
+            key = id_key(ident)
+            if done(key):
+                continue
+        fields = {name: obj.get(name) for name in info.fields}
+        yield make_item(ident, key, obj.get(info.text_column), fields, dedup, problem, where,
+                        seen if problem is None else None)
+
+
+def read_items(info: InputInfo, dedup: bool = True, done: Callable[[int], bool] = lambda key: False,
+               log: InputLog | None = None) -> Iterator[Item]:
+    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory;
+    bad rows are named in the log as they are read."""
+    log = log or InputLog()
     reader = read_parquet if info.kind == "parquet" else read_jsonl
-    return reader(info, dedup, done)
+    for item in reader(info, dedup, done, log):
+        if item.problem and item.problem[0] in NAMED_PROBLEMS:
+            log.bad_row(*item.problem)
+        yield item
 
 
 def count_rows(info: InputInfo) -> int:
@@ -599,6 +716,32 @@ class KeySet:
         return len(self._keys)
 
 
+class SeenKeys:
+    """A growing set of 64-bit keys: a sorted array plus a small recent set folded in now and then,
+    so a dataset's ids cost ~8 bytes each rather than a Python set's ~70."""
+
+    def __init__(self) -> None:
+        self._keys = array("q")
+        self._recent: set[int] = set()
+
+    def add(self, key: int) -> bool:
+        """Add a key; return False if it was already there."""
+        if key in self._recent:
+            return False
+        i = bisect.bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            return False
+        self._recent.add(key)
+        if len(self._recent) >= 65536:
+            keys = array("q", self._keys)
+            keys.extend(self._recent)
+            (self._keys,), self._recent = sort_together(keys), set()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+
 class DigestIndex:
     """Map content digests to the checkpoint offset of the first scored record with that text."""
 
@@ -637,6 +780,25 @@ class DigestIndex:
 
 
 @dataclass(slots=True)
+class SkippedLines:
+    """Checkpoint lines that are not records score.py writes: counted, the first few by line number."""
+
+    count: int = 0
+    first: list[int] = field(default_factory=list)
+
+    def add(self, number: int) -> None:
+        self.count += 1
+        if len(self.first) < WARN_FIRST:
+            self.first.append(number)
+
+    def describe(self, path: Path) -> str:
+        """Say which lines were skipped, for a one-line warning."""
+        where = ", ".join(map(str, self.first)) + (", ..." if self.count > len(self.first) else "")
+        return (f"{path}: skipped {self.count:,} line(s) that are not records score.py writes "
+                f"(line {where}); they count for nothing")
+
+
+@dataclass(slots=True)
 class ResumeState:
     """What an existing checkpoint says is finished."""
 
@@ -645,8 +807,9 @@ class ResumeState:
     digests: DigestIndex
     records: int = 0
     retried: int = 0                # ids whose last attempt failed: resume retries them
-    bad_lines: int = 0
+    skipped: SkippedLines = field(default_factory=SkippedLines)
     torn_bytes: int = 0
+    repeated: KeySet = field(default_factory=lambda: KeySet(array("q")))   # ids noted as duplicate_id
 
 
 try:
@@ -657,23 +820,42 @@ except ImportError:  # pragma: no cover - Windows has no flock; run one writer p
 
 # Our own lines start with id and score and end with error_kind, with hash between: reading
 # just those with one regex is ~6x faster than json.loads, which stays the fallback.
+# base_record() must keep this key order; a test pins the two together.
 RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
                            rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
 
 
+def valid_record(record: Any) -> bool:
+    """Tell whether a decoded line is a record score.py could have written; no other line counts.
+
+    The id is an int or a writable string, the score an int in 1..10 or null (and then
+    error_kind says why), error_kind and hash are strings or null.
+    """
+    if not isinstance(record, dict) or "id" not in record or "score" not in record:
+        return False
+    ident, score, kind, digest = record["id"], record["score"], record.get("error_kind"), record.get("hash")
+    return ((type(ident) is int or type(ident) is str and writable(ident))
+            and (type(score) is int and 1 <= score <= 10 or score is None and type(kind) is str)
+            and (kind is None or type(kind) is str) and (digest is None or type(digest) is str))
+
+
 def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] | None:
-    """Return (id key, score, hash, error_kind) of a checkpoint line, or None if unreadable."""
+    """Return (id key, score, hash, error_kind) of a checkpoint line, or None if it is not our record."""
     found = RECORD_FIELDS.match(line)
     try:
         if found:
             raw_id, raw_score, raw_hash, raw_kind = found.groups()
             ident = json.loads(raw_id) if raw_id[:1] == b'"' else int(raw_id)
-            return (id_key(ident), None if raw_score == b"null" else int(raw_score),
-                    None if raw_hash == b"null" else raw_hash[1:-1].decode(),
+            score = None if raw_score == b"null" else int(raw_score)
+            if score is None and raw_kind == b"null" or score is not None and not 1 <= score <= 10:
+                return None
+            return (id_key(ident), score, None if raw_hash == b"null" else raw_hash[1:-1].decode(),
                     None if raw_kind == b"null" else raw_kind[1:-1].decode())
         record = json.loads(line)
-        return id_key(record["id"]), record.get("score"), record.get("hash"), record.get("error_kind")
-    except (ValueError, KeyError, TypeError):
+        if not valid_record(record):
+            return None
+        return id_key(record["id"]), record["score"], record.get("hash"), record.get("error_kind")
+    except ValueError:
         return None
 
 
@@ -735,17 +917,21 @@ class Checkpoint:
         return size - end
 
     def _scan(self, torn: int) -> ResumeState:
-        """Read every complete line once to learn what is finished."""
+        """Read every complete line once to learn what is finished.
+
+        A duplicate_id record finishes nothing: the id's first row still needs its own verdict.
+        """
         scored, failed, permanent = array("q"), set(), array("q")
         digest_keys, digest_offsets = array("q"), array("q")
-        records = bad = 0
+        skipped, repeated = SkippedLines(), array("q")
+        records = 0
         offset = 0
         with open(self.path, "rb", buffering=1 << 20) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 here, offset = offset, offset + len(line)
                 fields = scan_record(line)
                 if fields is None:
-                    bad += 1
+                    skipped.add(number)
                     continue
                 key, score, digest, kind = fields
                 records += 1
@@ -755,6 +941,8 @@ class Checkpoint:
                         with contextlib.suppress(ValueError):
                             digest_keys.append(parse_digest(digest))
                             digest_offsets.append(here)
+                elif kind == "duplicate_id":
+                    repeated.append(key)
                 elif kind in PERMANENT_ERRORS:
                     permanent.append(key)
                 else:
@@ -763,7 +951,8 @@ class Checkpoint:
         permanent = array("q", (k for k in permanent if k not in scored_set))
         retried = sum(1 for k in failed if k not in scored_set)
         digests = DigestIndex(digest_keys, digest_offsets)
-        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, bad, torn)
+        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, skipped, torn,
+                           KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record as one complete line; return its offset."""
@@ -1486,6 +1675,7 @@ class Tally:
     hedges_won: int = 0
     requeued: int = 0
     errors: Counter = field(default_factory=Counter)
+    unreadable: list[str] = field(default_factory=list)    # parts of the input that could not be read
 
 
 class Run:
@@ -1943,12 +2133,17 @@ def take_chunk(reader: Iterator[Item], size: int) -> list[Item]:
 def done_filter(resume: ResumeState, tally: Tally) -> Callable[[int], bool]:
     """Tell the reader which id keys the checkpoint already finished, counting them."""
     scored, permanent = resume.scored, resume.permanent
+    repeated, met = (resume.repeated if len(resume.repeated) else None), set()
     if not len(scored) and not len(permanent):
         return lambda key: False
 
     def done(key: int) -> bool:
         if key in scored:
             tally.skipped += 1
+            if repeated is not None and key in repeated:
+                # rows after the first with this id were noted as duplicate_id: they have no score
+                tally.skipped_permanent += key in met
+                met.add(key)
             return True
         if key in permanent:
             tally.skipped += 1
@@ -2104,6 +2299,8 @@ def summary(run: Run, elapsed: float) -> str:
         retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
         lines.append(f"Rows without a score: {parts}." + (
             f" --resume retries the {retry:,} that are not permanent." if retry else ""))
+    for message in t.unreadable:
+        lines.append(f"Input not read to the end: {message}.")
     rows = [["endpoint", "state", "items", "share", "items/s", "latency", "gen tok/s", "errors", "faults", "limit"]]
     total = sum(e.done for e in run.endpoints) or 1
     for e in run.endpoints:
@@ -2118,8 +2315,8 @@ def summary(run: Run, elapsed: float) -> str:
 
 
 def exit_code(tally: Tally) -> int:
-    """0 if every row taken has a score, else 1."""
-    return EXIT_INCOMPLETE if tally.errors or tally.skipped_permanent else EXIT_OK
+    """0 if every row taken has a score and the whole input was read, else 1."""
+    return EXIT_INCOMPLETE if tally.errors or tally.skipped_permanent or tally.unreadable else EXIT_OK
 
 
 # ── Export and report ───────────────────────────────────────────────────────────
@@ -2142,34 +2339,43 @@ class Stats:
     timeline: dict[str, array] = field(default_factory=dict)    # endpoint -> completion times (8 bytes each)
     first_ts: float | None = None
     last_ts: float | None = None
+    skipped: SkippedLines = field(default_factory=SkippedLines)
 
     def mean(self, counts: Counter) -> float:
         total = sum(counts.values())
         return sum(score * n for score, n in counts.items()) / total if total else float("nan")
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield each readable record of a checkpoint, skipping torn or foreign lines."""
+def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[dict[str, Any]]:
+    """Yield each record score.py could have written, counting torn or foreign lines in `skipped`."""
+    skipped = skipped if skipped is not None else SkippedLines()
     with open(path, "rb", buffering=1 << 20) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
             except ValueError:
-                continue
-            if isinstance(record, dict) and "id" in record:
+                record = None
+            if valid_record(record):
                 yield record
+            else:
+                skipped.add(number)
 
 
 def read_stats(path: Path) -> Stats:
     """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
     stats = Stats()
-    scored_keys = array("q")
+    scored_keys, repeated_keys = array("q"), array("q")
     last_error: dict[int, str] = {}
-    for record in iter_records(path):
+    for record in iter_records(path, stats.skipped):
         key = id_key(record["id"])
-        score = record.get("score")
+        score = record["score"]
         if score is None:
-            last_error[key] = record.get("error_kind") or "error"
+            if record["error_kind"] == "duplicate_id":
+                # a later row's note says nothing of the id's own row; it names the row's line, so
+                # equal notes are one row noted again by a later run
+                repeated_keys.append(id_key(str(record.get("error"))))
+            else:
+                last_error[key] = record["error_kind"]
             continue
         scored_keys.append(key)
         stats.rows_scored += 1
@@ -2187,6 +2393,8 @@ def read_stats(path: Path) -> Stats:
             stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
     done = KeySet(scored_keys)
     stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
+    if repeated_keys:
+        stats.errors["duplicate_id"] = len(pc.unique(arrow_int64(repeated_keys)))
     return stats
 
 
@@ -2336,7 +2544,7 @@ def html_report(stats: Stats, source: Path) -> str:
 
 
 def answer_table(path: Path) -> pa.Table:
-    """Reduce a checkpoint to one row per id: the last scored record, else the last error."""
+    """Reduce a checkpoint to one row per id key: the last scored record, else the last error."""
     columns: dict[str, list] = {name: [] for name in ("key", "rank", *EXPORT_COLUMNS)}
     chunks = []
     position = 0
@@ -2344,7 +2552,7 @@ def answer_table(path: Path) -> pa.Table:
     def flush() -> None:
         if columns["key"]:
             chunks.append(pa.table({
-                "key": pa.array(columns["key"], pa.string()), "rank": pa.array(columns["rank"], pa.int64()),
+                "key": pa.array(columns["key"], pa.int64()), "rank": pa.array(columns["rank"], pa.int64()),
                 "score": pa.array(columns["score"], pa.int64()), "reason": pa.array(columns["reason"], pa.string()),
                 "model": pa.array(columns["model"], pa.string()),
                 "endpoint": pa.array(columns["endpoint"], pa.string()),
@@ -2353,10 +2561,11 @@ def answer_table(path: Path) -> pa.Table:
                 values.clear()
 
     for record in iter_records(path):
-        key = str(record["id"])
+        if record["score"] is None and record["error_kind"] == "duplicate_id":
+            continue                   # a later row's note; the id's own row has its own record
         position += 1
-        ok = record.get("score") is not None
-        columns["key"].append(key)
+        ok = record["score"] is not None
+        columns["key"].append(id_key(record["id"]))
         columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
         for name in EXPORT_COLUMNS:
             value = record.get(name)
@@ -2365,54 +2574,114 @@ def answer_table(path: Path) -> pa.Table:
             flush()
     flush()
     if not chunks:
-        return pa.table({"key": pa.array([], pa.string()), **{n: pa.array([], pa.int64() if n == "score" else
-                                                                          pa.string()) for n in EXPORT_COLUMNS}})
+        return pa.table({"key": pa.array([], pa.int64()), **{n: pa.array([], pa.int64() if n == "score" else
+                                                                         pa.string()) for n in EXPORT_COLUMNS}})
     answers = pa.concat_tables(chunks)
     best = answers.group_by("key").aggregate([("rank", "max")])
     return answers.join(best, keys=["key", "rank"], right_keys=["key", "rank_max"], join_type="inner") \
         .select(["key", *EXPORT_COLUMNS])
 
 
-def input_batches(info: InputInfo) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
-    """Stream the input as Arrow batches with each row's id as a string key."""
+def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tuple[pa.Array, pa.Array]:
+    """Key a batch's ids by the id rule of scoring (checked_id: labels for null or unwritable ids)
+    and mark the rows whose id appeared earlier in the input."""
+    keys, repeated = array("q"), []
+    for value, label in zip(values, labels):
+        ident, problem = checked_id(value, label)
+        key = id_key(ident)
+        keys.append(key)
+        repeated.append(problem is None and not seen.add(key))
+    return arrow_int64(keys), pa.array(repeated, pa.bool_())
+
+
+def clean_strings(value: Any) -> Any:
+    """Replace what UTF-8 cannot hold (lone surrogates) in a JSON value."""
+    if isinstance(value, str):
+        return value if writable(value) else value.encode("utf-8", "replace").decode()
+    if isinstance(value, dict):
+        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    return value
+
+
+def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
+    """Build an Arrow table from JSONL objects; when Arrow refuses them, a column whose values mix
+    types (1 and "1") becomes text and unwritable strings are mended, so the row is still exported."""
+    try:
+        return pa.Table.from_pylist(records, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+        pass
+    kinds: dict[str, set] = {}
+    for record in records:
+        for name, value in record.items():
+            if value is not None:
+                kinds.setdefault(name, set()).add(type(value))
+    mixed = {name for name, types in kinds.items() if len(types) > 1}
+    mended = [{name: clean_strings(str(value) if name in mixed and value is not None else value)
+               for name, value in record.items()} for record in records]
+    return pa.Table.from_pylist(mended, schema=schema)
+
+
+def input_batches(info: InputInfo, log: InputLog) -> Iterator[tuple[pa.RecordBatch, pa.Array, pa.Array]]:
+    """Stream the input as Arrow batches with each row's id key and whether its id is a repeat.
+
+    Ids follow the scoring readers' rule (row_id, checked_id), so every record finds its row.
+    """
+    seen = SeenKeys()
     if info.kind == "parquet":
         row = 0
         for file in info.files:
             for batch in pq.ParquetFile(file).iter_batches(batch_size=16384):
                 if info.id_column:
-                    keys = pc.cast(batch.column(info.id_column), pa.string())
+                    keys, repeated = batch_keys(column_values(batch.column(info.id_column)),
+                                                (f"row:{row + i}" for i in range(batch.num_rows)), seen)
                 else:
-                    keys = pa.array([str(i) for i in range(row, row + batch.num_rows)], pa.string())
+                    keys = pa.array(range(row, row + batch.num_rows), pa.int64())
+                    repeated = pa.array([False] * batch.num_rows, pa.bool_())
                 row += batch.num_rows
-                yield batch, keys
+                yield batch, keys, repeated
         return
     schema: pa.Schema | None = None
-    records, keys = [], []
+    records, ids, numbers = [], [], []
 
-    def batch() -> pa.RecordBatch:
+    def batch() -> tuple[pa.RecordBatch, pa.Array, pa.Array]:
         nonlocal schema
-        table = pa.Table.from_pylist(records, schema=schema)
+        table = arrow_rows(records, schema)
         schema = schema or table.schema
-        return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema)
+        if info.id_column:
+            keys, repeated = batch_keys(ids, (f"line:{n + 1}" for n in numbers), seen)
+        else:
+            keys, repeated = pa.array(numbers, pa.int64()), pa.array([False] * len(numbers), pa.bool_())
+        return (table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema),
+                keys, repeated)
 
-    with open_lines(info.files[0]) as lines:
-        for number, raw in enumerate(lines):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue                       # blank or malformed: no row to carry scores
-            if not isinstance(obj, dict):
-                continue
-            records.append(obj)
-            keys.append(str(obj.get(info.id_column)) if info.id_column else str(number))
-            if len(records) >= 16384:
-                yield batch(), pa.array(keys, pa.string())
-                records, keys = [], []
+    for number, obj, _ in jsonl_rows(info.files[0], log):
+        if obj is None:
+            continue                           # malformed: no row to carry scores
+        records.append(obj)
+        numbers.append(number)
+        ids.append(obj.get(info.id_column) if info.id_column else number)
+        if len(records) >= 16384:
+            yield batch()
+            records, ids, numbers = [], [], []
     if records:
-        yield batch(), pa.array(keys, pa.string())
+        yield batch()
 
 
-def export_parquet(config: Config, info: InputInfo, target: Path) -> tuple[int, int]:
+def blank_repeats(table: pa.Table, repeated: pa.Array) -> pa.Table:
+    """Take the verdict off rows whose id appeared earlier in the input: it belongs to the first."""
+    if not pc.any(repeated).as_py():
+        return table
+    for name in EXPORT_COLUMNS:
+        index = table.schema.get_field_index(name)
+        note = "duplicate_id: an earlier row has this id" if name == "error" else None
+        table = table.set_column(index, name, pc.if_else(repeated, pa.scalar(note, table.schema.field(index).type),
+                                                         table.column(index)))
+    return table
+
+
+def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog | None = None) -> tuple[int, int]:
     """Write the input with the score columns appended, joined by id; return (rows written, scored)."""
     clash = [c for c in EXPORT_COLUMNS if c in info.columns]
     if clash:
@@ -2422,12 +2691,13 @@ def export_parquet(config: Config, info: InputInfo, target: Path) -> tuple[int, 
     writer = None
     written = scored = 0
     try:
-        for batch, keys in input_batches(info):
+        for batch, keys, repeated in input_batches(info, log or InputLog()):
             index = pc.index_in(keys, value_set=answers.column("key"))
             picked = answers.take(index)
             table = pa.Table.from_batches([batch])
             for name in EXPORT_COLUMNS:
                 table = table.append_column(name, picked.column(name).combine_chunks())
+            table = blank_repeats(table, repeated)
             if config.min_score is not None:
                 table = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), config.min_score), False))
             if writer is None:
@@ -2452,15 +2722,20 @@ def write_reports(config: Config) -> int:
     if not config.output.exists():
         raise UsageError(f"{config.output}: no checkpoint to report on (score something first)")
     stats = read_stats(config.output)
+    if stats.skipped.count:
+        warn(stats.skipped.describe(config.output))
     warn(text_report(stats))
     if config.report_html:
         config.report_html.write_text(html_report(stats, config.output))
         warn(f"Report written to {config.report_html}")
     if config.export:
         info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
-        written, scored = export_parquet(config, info, config.export)
+        log = InputLog(config.input, warn)
+        written, scored = export_parquet(config, info, config.export, log)
         warn(f"Exported {written:,} rows ({scored:,} scored) to {config.export}"
              + (f" (--min-score {config.min_score})" if config.min_score is not None else ""))
+        if log.unreadable:
+            return EXIT_INCOMPLETE
     return EXIT_OK
 
 
@@ -2639,18 +2914,19 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     """Preflight, score, summarise, export."""
     if resume.torn_bytes:
         warn(f"{config.output}: removed a torn final line ({resume.torn_bytes} bytes) left by an interrupted run")
-    if resume.bad_lines:
-        warn(f"{config.output}: ignored {resume.bad_lines} unreadable line(s)")
+    if resume.skipped.count:
+        warn(resume.skipped.describe(config.output))
     if resume.records:
         warn(f"Resuming {config.output}: {len(resume.scored):,} rows scored, {len(resume.permanent):,} with "
              f"permanent errors, {resume.retried:,} failed rows to retry.")
     tally = Tally()
-    reader = read_items(info, config.dedup, done_filter(resume, tally))
+    log = InputLog(config.input, warn, tally.unreadable)
+    reader = read_items(info, config.dedup, done_filter(resume, tally), log)
     first = await asyncio.to_thread(take_chunk, reader, READ_CHUNK)
     if not first and not config.check:
-        warn(f"Nothing to do: every row of {config.input} is already in {config.output}.")
-        code = EXIT_INCOMPLETE if tally.skipped_permanent else EXIT_OK
-        return finish_outputs(config, code)
+        warn(f"Nothing to do: every {'readable ' if tally.unreadable else ''}row of {config.input} "
+             f"is already in {config.output}.")
+        return finish_outputs(config, exit_code(tally))
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     received = install_signal_handlers(loop, main_task)
