@@ -32,10 +32,10 @@ malformed line), repairs a torn final line, and retries rows whose attempts ran 
 A sidecar <output>.meta.json pins model, prompt and input; mixing needs --force.
 
 Exit codes:
-    0    every row taken has a score
+    0    every row taken has a score, or nothing was left to score and reports/export succeeded
     1    some rows have no score (failed, permanently skipped, or --max-downtime hit)
     2    bad usage or input, no usable endpoint, or an existing output without --resume
-    130  interrupted (SIGINT);  143  terminated (SIGTERM)
+    129  terminal closed (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM)
 
 Layout of this file (in the order data flows):
     Constants · Data model · Errors · Input · Checkpoint · Endpoints · Scoring ·
