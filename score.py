@@ -960,7 +960,7 @@ def appended_to(path: Path, old: dict[str, Any]) -> bool:
                 and block_digest(f, max(0, old_size - PIN_BLOCK), min(old_size, PIN_BLOCK)) == old["tail"])
 
 
-def input_changes(source: Path, info: InputInfo, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
+def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
     """Say how the input differs from its pins, ignoring what keeps row numbers (appends, files added last)."""
     old_by = {pin["file"]: pin for pin in old}
     new_by = {pin["file"]: pin for pin in new}
@@ -1016,7 +1016,7 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
         problems.append(f"{config.output} was written with a different setup; "
                         "resuming would mix incomparable scores:\n" + "\n".join(setup))
     if info.id_column is None and isinstance(old.get("input_files"), list):
-        changes = input_changes(config.input, info, old["input_files"], current["input_files"])
+        changes = input_changes(info, old["input_files"], current["input_files"])
         if changes:
             problems.append(f"{config.input} changed since {config.output} was written; without an id column, "
                             "rows are paired with their scores by position, so resuming would give old scores "
