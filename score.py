@@ -737,6 +737,8 @@ class Checkpoint:
 
         With check=True (--check) the file is only read: never created, cut or locked.
         """
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path}: the output must be a regular file")
         exists = path.exists() and path.stat().st_size > 0
         if exists and not (resume or overwrite):
             raise UsageError(f"{path} already holds results ({path.stat().st_size:,} bytes); "
@@ -894,8 +896,13 @@ def write_meta(output: Path, meta: dict[str, Any]) -> None:
     """Write the sidecar atomically (temp file + rename)."""
     target = meta_path(output)
     temp = target.with_name(target.name + ".tmp")
-    temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temp, target)
+    try:
+        temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(temp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)     # never leave a half-written temp file behind
+        raise
 
 
 def probe_sidecar(output: Path) -> None:

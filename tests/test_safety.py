@@ -149,6 +149,8 @@ def test_a_second_writer_is_refused_from_the_start_of_the_first(tmp_path, serve)
             assert "another score.py" in one_line_error(run_cli(data, "--endpoints", endpoints, *flags))
         wait_for(lambda: lines_in(out) >= 1, what="first record")
         assert "another score.py" in one_line_error(run_cli(data, "--endpoints", endpoints, "--resume"))
+        check = run_cli(data, "--endpoints", endpoints, "--resume", "--check")     # only reads: no lock needed
+        assert check.returncode == 0, check.stderr
     finally:
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
@@ -303,6 +305,8 @@ def test_output_folder_that_cannot_take_the_sidecar_stops_at_the_start(tmp_path,
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     one_line_error(run_cli(data, "--endpoints", endpoints, "-o", blocker / "out.jsonl"))
+    for flags in (["--resume"], ["--resume", "--check"]):
+        one_line_error(run_cli(data, "--endpoints", endpoints, "-o", tmp_path, *flags))
 
 
 @pytest.mark.parametrize("flag, target", [("--report-html", "missing/report.html"), ("--report-html", "."),
