@@ -34,10 +34,10 @@ malformed line), repairs a torn final line, and retries rows whose attempts ran 
 A sidecar <output>.meta.json pins model, prompt and input; mixing needs --force.
 
 Exit codes:
-    0    every row taken has a score
+    0    every row taken has a score, or nothing was left to score and reports/export succeeded
     1    some rows have no score (failed, permanently skipped, or --max-downtime hit)
     2    bad usage or input, no usable endpoint, or an existing output without --resume
-    130  interrupted (SIGINT);  143  terminated (SIGTERM)
+    129  terminal closed (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM)
 
 Layout of this file (in the order data flows):
     Constants · Data model · Errors · Input · Checkpoint · Endpoints · Scoring ·
@@ -83,7 +83,7 @@ from tqdm import tqdm
 __version__ = "0.3.0"
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_ENDPOINT = "http://localhost:11434"
@@ -859,27 +859,18 @@ def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] |
         return None
 
 
-class Checkpoint:
-    """Append-only JSONL of finished items: the only source of truth for resume."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd = fd
-        self.size = os.lseek(fd, 0, os.SEEK_END)
-        self._synced_at = time.monotonic()
-        self._dirty = False
-
-    @classmethod
-    def open(cls, path: Path, *, resume: bool, overwrite: bool) -> tuple[Checkpoint, ResumeState]:
-        """Open (and lock) the output for appending, repairing and scanning it on resume."""
-        exists = path.exists() and path.stat().st_size > 0
-        if exists and not (resume or overwrite):
-            raise UsageError(f"{path} already holds results ({path.stat().st_size:,} bytes); "
-                             "continue it with --resume or start over with --overwrite")
-        if path.parent and not path.parent.exists():
-            raise UsageError(f"{path.parent}: output directory does not exist")
+def lock_output(path: Path) -> tuple[int, bool]:
+    """Open the output for appending and take its single-writer lock; return (fd, created)."""
+    for _ in range(5):
+        created = False
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+        except FileExistsError:
+            continue
         except OSError as exc:
             raise UsageError(f"{path}: cannot open for writing ({exc.strerror})") from None
         if fcntl is not None:
@@ -888,36 +879,113 @@ class Checkpoint:
             except OSError:
                 os.close(fd)
                 raise UsageError(f"{path} is being written by another score.py; wait for it or choose another -o") from None
-        if overwrite and not resume:
-            os.ftruncate(fd, 0)
-        checkpoint = cls(path, fd)
+        # A run that stops before writing removes the file it created; if that happened between
+        # our open and our lock, the lock guards a file nobody can see: open the path again.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd, created
+        os.close(fd)
+    raise UsageError(f"{path}: keeps disappearing while being opened; is another program removing it?")
+
+
+class Checkpoint:
+    """Append-only JSONL of finished items: the only source of truth for resume.
+
+    Nothing is changed on disk until the first record is about to be written: only then is
+    an --overwrite'n file emptied, a torn tail cut and the sidecar written, so a run that
+    stops before that (no endpoint, a typo, Ctrl-C in preflight) leaves every file as it was.
+    """
+
+    def __init__(self, path: Path, fd: int, created: bool = False) -> None:
+        self.path = path
+        self._fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END) if fd >= 0 else 0
+        self._synced_at = time.monotonic()
+        self._dirty = False
+        self._created = created          # we made the file: remove it if nothing gets written
+        self._cut_to: int | None = None  # length to cut the file to before the first write
+        self._started = False
+        self.meta: dict[str, Any] | None = None
+
+    @property
+    def untouched(self) -> bool:
+        """True while the file still holds exactly what it held before this run."""
+        return not self._started
+
+    @classmethod
+    def open(cls, path: Path, *, resume: bool, overwrite: bool,
+             check: bool = False) -> tuple[Checkpoint, ResumeState]:
+        """Lock the output (creating it if needed) and scan it on resume; change nothing yet.
+
+        With check=True (--check) the file is only read: never created, cut or locked.
+        """
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path}: the output must be a regular file")
+        exists = path.exists() and path.stat().st_size > 0
+        if exists and not (resume or overwrite):
+            raise UsageError(f"{path} already holds results ({path.stat().st_size:,} bytes); "
+                             "continue it with --resume or start over with --overwrite")
+        if path.parent and not path.parent.is_dir():
+            raise UsageError(f"{path.parent}: output directory does not exist")
+        if check:
+            checkpoint = cls(path, os.open(path, os.O_RDONLY) if exists and resume else -1)
+        else:
+            checkpoint = cls(path, *lock_output(path))
+            try:
+                probe_sidecar(path)
+            except UsageError:
+                checkpoint.close()
+                raise
         state = ResumeState(KeySet(array("q")), KeySet(array("q")), DigestIndex())
-        if resume and checkpoint.size:
-            state.torn_bytes = checkpoint._repair_tail()
-            state = checkpoint._scan(state.torn_bytes)
+        if overwrite and not resume and checkpoint.size:
+            checkpoint._cut_to = 0
+        elif resume and checkpoint.size:
+            end = checkpoint._complete_end()
+            if end < checkpoint.size:
+                checkpoint._cut_to = end
+            state = checkpoint._scan(end, checkpoint.size - end)
         return checkpoint, state
 
-    def _repair_tail(self) -> int:
-        """Cut a torn final line (a crash mid-write) and return how many bytes went."""
+    def _complete_end(self) -> int:
+        """Return where the last complete line ends (a crash mid-write can leave a torn one)."""
         size = self.size
         if os.pread(self._fd, 1, size - 1) == b"\n":
-            return 0
+            return size
         end = size
         while end > 0:
             start = max(0, end - 65536)
             block = os.pread(self._fd, end - start, start)
             cut = block.rfind(b"\n")
             if cut >= 0:
-                end = start + cut + 1
-                break
+                return start + cut + 1
             end = start
-        os.ftruncate(self._fd, end)
-        os.fsync(self._fd)
-        self.size = end
-        return size - end
+        return 0
 
-    def _scan(self, torn: int) -> ResumeState:
-        """Read every complete line once to learn what is finished.
+    def _start(self) -> None:
+        """Before the first record: empty an overwritten file or cut a torn tail, then pin the sidecar."""
+        self._started = True
+        try:
+            if self._cut_to is not None:
+                os.ftruncate(self._fd, self._cut_to)
+                os.fsync(self._fd)
+                self.size = self._cut_to
+            if self.meta is not None:
+                write_meta(self.path, self.meta)
+        except OSError as exc:
+            raise StopRun(f"cannot write {self.path} or its sidecar: {exc.strerror}; "
+                          "fix that and rerun with --resume") from None
+
+    def save_meta(self, meta: dict[str, Any]) -> None:
+        """Keep the sidecar in step with the run; before the first record, only remember it."""
+        self.meta = meta
+        if self._started:
+            try:
+                write_meta(self.path, meta)
+            except OSError as exc:
+                warn(f"{meta_path(self.path)}: cannot update ({exc.strerror}); records are unaffected")
+
+    def _scan(self, end: int, torn: int) -> ResumeState:
+        """Read every complete line (up to end) once to learn what is finished.
 
         A duplicate_id record finishes nothing: the id's first row still needs its own verdict.
         """
@@ -928,6 +996,8 @@ class Checkpoint:
         offset = 0
         with open(self.path, "rb", buffering=1 << 20) as f:
             for number, line in enumerate(f, 1):
+                if offset >= end:
+                    break
                 here, offset = offset, offset + len(line)
                 fields = scan_record(line)
                 if fields is None:
@@ -957,6 +1027,8 @@ class Checkpoint:
     def append(self, record: dict[str, Any]) -> int:
         """Write one record as one complete line; return its offset."""
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        if not self._started:
+            self._start()
         offset = self.size
         view = memoryview(data)
         try:
@@ -994,6 +1066,10 @@ class Checkpoint:
     def close(self) -> None:
         """fsync and release the file (and its lock)."""
         if self._fd >= 0:
+            if self._created and not self._started:
+                # still locked, so a run waiting to open this path sees it gone and makes its own
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             with contextlib.suppress(OSError):
                 self.sync()
             os.close(self._fd)
@@ -1009,12 +1085,103 @@ def write_meta(output: Path, meta: dict[str, Any]) -> None:
     """Write the sidecar atomically (temp file + rename)."""
     target = meta_path(output)
     temp = target.with_name(target.name + ".tmp")
-    temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temp, target)
+    try:
+        temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(temp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)     # never leave a half-written temp file behind
+        raise
+
+
+def probe_sidecar(output: Path) -> None:
+    """Fail now, not at the first record, if the sidecar cannot be written beside the output."""
+    target = meta_path(output)
+    temp = target.with_name(target.name + ".tmp")
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory, so the output's sidecar cannot be written there")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if temp.is_file() and not temp.is_symlink():
+            return                  # left by an interrupted run; write_meta replaces it
+        raise UsageError(f"{temp} is in the way of the output's sidecar; remove it") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the sidecar {temp} beside the output ({exc.strerror})") from None
+    try:
+        os.write(fd, b" " * 4096)   # a sidecar's worth, so a full disk stops the run here
+        os.fsync(fd)
+    except OSError as exc:
+        raise UsageError(f"cannot write the sidecar {temp} beside the output ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+
+
+PIN_BLOCK = 1 << 16         # bytes digested at each end of an input file
+
+
+def block_digest(f, start: int, length: int) -> str:
+    """Digest `length` bytes of an open file from `start`."""
+    f.seek(start)
+    return hashlib.blake2b(f.read(length), digest_size=16).hexdigest()
+
+
+def pin_file(path: Path, name: str, kind: str) -> dict[str, Any]:
+    """Pin an input file cheaply: size, Parquet row count, digests of its first and last 64 KiB."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            pin = {"file": name, "size": size, "head": block_digest(f, 0, min(size, PIN_BLOCK)),
+                   "tail": block_digest(f, max(0, size - PIN_BLOCK), min(size, PIN_BLOCK))}
+        if kind == "parquet":
+            pin["rows"] = pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: cannot read ({one_line(exc)})") from None
+    return pin
+
+
+def pin_input(source: Path, info: InputInfo) -> list[dict[str, Any]]:
+    """Pin every input file, named relative to the input directory (so the file list is pinned too)."""
+    return [pin_file(f, str(f.relative_to(source)) if source.is_dir() else f.name, info.kind) for f in info.files]
+
+
+def appended_to(path: Path, old: dict[str, Any]) -> bool:
+    """Tell whether a JSONL file is the pinned one with lines added at its end (line ids stay put)."""
+    size, old_size = path.stat().st_size, old["size"]
+    if size <= old_size:
+        return False
+    with open(path, "rb") as f:
+        return (block_digest(f, 0, min(old_size, PIN_BLOCK)) == old["head"]
+                and block_digest(f, max(0, old_size - PIN_BLOCK), min(old_size, PIN_BLOCK)) == old["tail"])
+
+
+def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
+    """Say how the input differs from its pins, ignoring what keeps row numbers (appends, files added last)."""
+    old_by = {pin["file"]: pin for pin in old}
+    new_by = {pin["file"]: pin for pin in new}
+    changes = [f"{name}: removed" for name in old_by if name not in new_by]
+    kept = [i for i, pin in enumerate(new) if pin["file"] in old_by]
+    last_kept = new[kept[-1]]["file"] if kept else None
+    for i, pin in enumerate(new):
+        name, before = pin["file"], old_by.get(pin["file"])
+        if before is None:
+            if kept and i < kept[-1]:
+                changes.append(f"{name}: new, and read before {last_kept}, so every later row moves")
+        elif before != pin:
+            if info.kind == "jsonl" and appended_to(info.files[i], before):
+                continue
+            if before.get("rows") != pin.get("rows"):
+                changes.append(f"{name}: {before['rows']:,} rows, now {pin['rows']:,}")
+            elif before["size"] != pin["size"]:
+                changes.append(f"{name}: {before['size']:,} bytes, now {pin['size']:,}")
+            else:
+                changes.append(f"{name}: same size, different content")
+    return changes
 
 
 def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
-    """Describe what makes two runs' scores comparable."""
+    """Describe what makes two runs' scores comparable, and pin the input's content."""
     return {
         "model": config.model,
         "prompt_sha256": hashlib.sha256(config.prompt.encode()).hexdigest(),
@@ -1022,11 +1189,12 @@ def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
         "input": str(config.input.resolve()),
         "id_column": info.id_column,
         "text_column": info.text_column,
+        "input_files": pin_input(config.input, info),
     }
 
 
 def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
-    """Compare the run with the checkpoint's sidecar; refuse to mix unless --force."""
+    """Compare the run with the checkpoint's sidecar; refuse to mix, or to mispair rows, unless --force."""
     current = fingerprint(config, info)
     path = meta_path(config.output)
     if not (config.resume and path.exists()):
@@ -1034,19 +1202,30 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
         old = meta["fingerprint"]
-    except (ValueError, KeyError, OSError) as exc:
+        setup = [f"  {k}: was {old.get(k)!r}, now {current[k]!r}"
+                 for k in current if k != "input_files" and old.get(k) != current[k]]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         warn(f"{path}: unreadable ({one_line(exc)}); it will be rewritten")
         return {"fingerprint": current, "endpoints": {}}
-    changed = [k for k in current if old.get(k) != current[k]]
-    if changed:
-        lines = [f"  {k}: was {old.get(k)!r}, now {current[k]!r}" for k in changed]
-        message = (f"{config.output} was written with a different setup; "
-                   f"resuming would mix incomparable scores:\n" + "\n".join(lines))
+    problems = []
+    if setup:
+        problems.append(f"{config.output} was written with a different setup; "
+                        "resuming would mix incomparable scores:\n" + "\n".join(setup))
+    if info.id_column is None and isinstance(old.get("input_files"), list):
+        changes = input_changes(info, old["input_files"], current["input_files"])
+        if changes:
+            problems.append(f"{config.input} changed since {config.output} was written; without an id column, "
+                            "rows are paired with their scores by position, so resuming would give old scores "
+                            "to other rows:\n" + "\n".join(f"  {c}" for c in changes))
+    if problems:
+        message = "\n".join(problems)
         if not config.force:
-            raise UsageError(message + "\nrerun with --force to mix them anyway, or choose another -o")
-        warn("WARNING: " + message + "\n(--force given: mixing them)")
-        meta["fingerprint"] = current
-    meta.setdefault("endpoints", {})
+            raise UsageError(message + "\nrerun with --force to resume anyway, or start over with --overwrite "
+                                       "or another -o")
+        warn("WARNING: " + message + "\n(--force given: resuming anyway)")
+    meta["fingerprint"] = current
+    if not isinstance(meta.get("endpoints"), dict):
+        meta["endpoints"] = {}
     return meta
 
 
@@ -1078,6 +1257,9 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
         url, implied_api = normalize_url(first)
     except (ValueError, httpx.InvalidURL) as exc:
         raise UsageError(f"{where}: bad endpoint {first!r} ({one_line(exc)})") from None
+    port = httpx.URL(url).port
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"{where}: bad endpoint {first!r} (port {port} is outside 1-65535)")
     options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -2096,7 +2278,7 @@ class Run:
                                    f"{other.name} has {other.digest[:12]} (--allow-mixed-models to accept)")
         self.meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
                                                  "digest": endpoint.digest}
-        write_meta(self.config.output, self.meta)
+        self.checkpoint.save_meta(self.meta)
 
     async def watch(self) -> None:
         """Refresh the display, fsync, and end the run if it cannot go on."""
@@ -2194,6 +2376,51 @@ def duplicate_record(item: Item, original: dict[str, Any]) -> dict[str, Any]:
 def warn(message: str) -> None:
     """Print a line on stderr without breaking the progress bar."""
     tqdm.write(message, file=sys.stderr)
+
+
+class QuietStream:
+    """A console stream that falls silent, instead of raising, once nobody reads it.
+
+    A closed pipe (`2>&1 | head -1`) or a hung-up terminal must cost the messages, never the run.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.silence()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def silence(self) -> None:
+        """Stop writing; point the descriptor at /dev/null so the interpreter's last flush succeeds."""
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def one_line(value: object) -> str:
@@ -2896,13 +3123,63 @@ async def preflight(endpoints: list[Endpoint], config: Config) -> None:
         raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
 
 
+def path_key(path: Path) -> tuple:
+    """Identify a file by inode when it exists (so links count as the same file), else by its resolved name."""
+    try:
+        stat = path.stat()
+        return ("inode", stat.st_dev, stat.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def check_writable(flag: str, path: Path, probe: bool) -> None:
+    """Fail at the start, not after days of scoring, if a report or export path cannot be written."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
+    if not probe:
+        return
+    existed = path.exists()
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write ({exc.strerror})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def check_outputs(config: Config, info: InputInfo) -> None:
+    """Refuse, before anything is opened for writing, outputs that would overwrite the input or each other."""
+    outputs = [(flag, path) for flag, path in (("-o", config.output), ("the sidecar", meta_path(config.output)),
+                                               ("--export", config.export), ("--report-html", config.report_html))
+               if path is not None]
+    inputs = {path_key(file) for file in info.files}
+    folder = config.input.resolve() if config.input.is_dir() else None
+    seen: dict[tuple, str] = {}
+    for flag, path in outputs:
+        key = path_key(path)
+        if key in inputs or (folder is not None and path.resolve().is_relative_to(folder)):
+            where = "is" if key in inputs else "is inside"
+            raise UsageError(f"{flag} {path} {where} the input {config.input}: writing there would destroy "
+                             "the dataset; choose a path outside it")
+        if key in seen:
+            raise UsageError(f"{flag} {path} is the same file as {seen[key]}; choose another path")
+        seen[key] = f"{flag} {path}"
+    for flag, path in outputs[2:]:
+        check_writable(flag, path, probe=not config.check)
+
+
 async def amain(config: Config) -> int:
     """Run the whole job; return the exit code."""
     info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
+    check_outputs(config, info)
     if config.report:
         return write_reports(config)
     meta = check_meta(config, info)
-    checkpoint, resume = Checkpoint.open(config.output, resume=config.resume, overwrite=config.overwrite)
+    checkpoint, resume = Checkpoint.open(config.output, resume=config.resume, overwrite=config.overwrite,
+                                         check=config.check)
+    checkpoint.save_meta(meta)
     try:
         return await run_job(config, info, meta, checkpoint, resume)
     finally:
@@ -2913,7 +3190,8 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                   resume: ResumeState) -> int:
     """Preflight, score, summarise, export."""
     if resume.torn_bytes:
-        warn(f"{config.output}: removed a torn final line ({resume.torn_bytes} bytes) left by an interrupted run")
+        warn(f"{config.output}: ends with a torn final line ({resume.torn_bytes} bytes) left by an interrupted "
+             "run; it is cut before the next record")
     if resume.skipped.count:
         warn(resume.skipped.describe(config.output))
     if resume.records:
@@ -2926,7 +3204,8 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     if not first and not config.check:
         warn(f"Nothing to do: every {'readable ' if tally.unreadable else ''}row of {config.input} "
              f"is already in {config.output}.")
-        return finish_outputs(config, exit_code(tally))
+        # Only reports and exports run: their success is the answer, unless the input itself is cut short.
+        return finish_outputs(config, EXIT_INCOMPLETE if tally.unreadable else EXIT_OK)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     received = install_signal_handlers(loop, main_task)
@@ -2949,7 +3228,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
             if config.check:
                 print_first_prompt(config, first, endpoints)
                 return EXIT_OK
-            write_meta(config.output, meta)
+            checkpoint.save_meta(meta)
             progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
             run = Run(config, info, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
             if info.total is None and config.progress:
@@ -2986,11 +3265,14 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         warn(f"Interrupted. Every finished row is saved in {config.output}; continue with:\n"
              f"  {resume_command(config)}")
         return code
+    if config.overwrite and checkpoint.untouched:
+        warn(f"Nothing new was written: {config.output} is left as it was.")
+        return code
     return finish_outputs(config, code)
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.Task) -> list[int]:
-    """SIGINT/SIGTERM cancel the run (which then saves and exits 130/143); a second one exits at once."""
+    """SIGINT/SIGTERM/SIGHUP cancel the run (which then saves and exits 130/143/129); a second one exits at once."""
     received: list[int] = []
 
     def on_signal(sig: int) -> None:
@@ -3000,6 +3282,8 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.
         main_task.cancel()
 
     for sig in EXIT_SIGNAL:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue            # started under nohup: a closed terminal must not stop the run
         loop.add_signal_handler(sig, on_signal, sig)
     return received
 
@@ -3025,8 +3309,31 @@ def finish_outputs(config: Config, code: int) -> int:
     return write_reports(config) or code
 
 
+def guard_streams() -> Callable[[], None]:
+    """Make stdout/stderr safe to lose mid-run; return what undoes it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:     # closed (`2>&-`): the checkpoint would get this number, and stray writes with it
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    saved = sys.stdout, sys.stderr
+    opened = [open(os.devnull, "w") for stream in saved if stream is None]
+    spare = iter(opened)
+    sys.stdout, sys.stderr = (QuietStream(stream if stream is not None else next(spare)) for stream in saved)
+
+    def restore() -> None:
+        sys.stdout, sys.stderr = saved
+        for stream in opened:
+            stream.close()
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and map every expected failure to a one-line error."""
+    restore = guard_streams()
     try:
         config = parse_args(argv)
         return asyncio.run(amain(config))
@@ -3036,6 +3343,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("score.py: interrupted", file=sys.stderr)
         return EXIT_SIGNAL[signal.SIGINT]
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_lone_surrogate_in_text_or_id_is_an_error_record_and_the_run_goes_on(tmp
     assert "fns.jsonl: line 3: the text is not valid Unicode" in result.stderr    # named as it happens
     # both are permanent: resume neither crashes nor writes them again
     again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
-    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.returncode == 0 and "Traceback" not in again.stderr   # nothing left to score
+    assert "1 bad_text" in again.stderr                                   # but still listed
     assert len(strict_records(out)) == len(records)
     export = tmp_path / "x.parquet"
     assert run_cli(data, "--report", "--export", export).returncode == 0
@@ -178,7 +179,7 @@ def test_repeated_ids_are_named_recorded_and_only_the_first_row_is_scored(tmp_pa
     # resume: the ids are finished, so no row is a repeat of anything new
     again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
     assert "appeared earlier" not in again.stderr and len(read_records(tmp_path / "fns.scores.jsonl")) == 12
-    assert again.returncode == 1                       # the repeats still have no score of their own
+    assert again.returncode == 0                       # nothing left to score; the repeats are still listed
     assert "Rows without a score: 7 duplicate_id" in again.stderr                 # the report counts rows
     # the export gives the verdict to the first row with the id only
     out = tmp_path / "x.parquet"

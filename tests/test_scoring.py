@@ -151,9 +151,10 @@ def test_malformed_line_and_empty_function_are_recorded_once(tmp_path, serve):
     assert errors["fn-4"]["error_kind"] == "empty" and errors["fn-6"]["error_kind"] == "empty"
     assert len(scored(out)) == 8 and server.answered == 8
     assert "2 empty" in result.stderr and "1 malformed" in result.stderr
-    # permanent errors are not retried by --resume
+    # permanent errors are not retried by --resume; with nothing left to score it exits 0, still listing them
     again = run_cli(data, "--endpoints", endpoints, "--resume")
-    assert again.returncode == 1 and len(read_records(tmp_path / "fns.scores.jsonl")) == 11
+    assert again.returncode == 0 and len(read_records(tmp_path / "fns.scores.jsonl")) == 11
+    assert "2 empty" in again.stderr and "1 malformed" in again.stderr
 
 
 def test_long_function_is_cut_to_fit_the_context(tmp_path, serve):
