@@ -2123,10 +2123,11 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
     """One summary row per endpoint, or the notable ones plus an aggregate "others" row."""
     rate = {e.name: e.done / max(elapsed, 1e-9) for e in run.endpoints}
     by_name = {e.name: e for e in run.endpoints}
+    typical = statistics.median(rate.values()) if rate else 0.0
     shown = notable(list(by_name), [
         (lambda n: by_name[n].state not in ("ready", "warming"), FLEET_ROWS),
         (lambda n: by_name[n].errors + by_name[n].fault_count, 3),
-        (lambda n: 1 / (1e-9 + rate[n]), 2), (lambda n: rate[n], 1)])
+        (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
     total = sum(e.done for e in run.endpoints) or 1
     rows = [["endpoint", "state", "items", "share", "items/s", "latency", "tok/s", "errors", "faults", "limit"]]
     for e in (by_name[n] for n in shown):
@@ -2418,8 +2419,9 @@ def report_endpoints(stats: Stats) -> list[str]:
     odd, pair = outliers({n: moments(c) for n, c in stats.per_endpoint.items()})
     flagged = {name for name, *_ in odd} | set(pair)
     items = {n: sum(stats.per_endpoint[n].values()) for n in names}
-    return notable(names, [(lambda n: n in flagged, FLEET_ROWS), (lambda n: 1 / (1 + items[n]), 2),
-                           (lambda n: items[n], 1)])
+    typical = statistics.median(items.values()) if items else 0
+    return notable(names, [(lambda n: n in flagged, FLEET_ROWS),
+                           (lambda n: (items[n] < typical / 2) / (1 + items[n]), 3)])
 
 
 def tie_line(stats: Stats) -> str | None:
@@ -2448,7 +2450,8 @@ def distribution_lines(stats: Stats) -> list[str]:
     rows.append(["mean", mean, "", ""] + ([format_mean(sum(stats.expected.values(), Moments()).mean)]
                                           if stats.expected_rows else []))
     lines = [f"Score distribution ({plural(stats.rows_scored, 'row')} scored"
-             + (f", {stats.duplicates:,} as duplicates" if stats.duplicates else "") + "):",
+             + (f", {stats.duplicates:,} as {'a duplicate' if stats.duplicates == 1 else 'duplicates'}"
+                if stats.duplicates else "") + "):",
              table(rows, right={1, 2, 4})]
     if stats.expected_rows:
         lines.append("  (expected: rows whose score_expected rounds to that score)")
@@ -2531,66 +2534,84 @@ def find_gaps(stats: Stats) -> list[tuple[float, float]]:
     return [(a, b) for a, b in zip(times, times[1:]) if b - a > threshold]
 
 
-def throughput_curves(stats: Stats, names: list[str], gaps: list[tuple[float, float]],
-                      buckets: int = 96) -> dict[str, list[float | None]]:
-    """Items/s per named endpoint (and the rest together) over time; None where a bucket falls in a gap."""
-    start, width = stats.first_ts or 0.0, ((stats.last_ts or 0.0) - (stats.first_ts or 0.0)) / buckets
-    active = []
-    for i in range(buckets):
-        lo, hi = start + i * width, start + (i + 1) * width
-        idle = sum(max(0.0, min(hi, b) - max(lo, a)) for a, b in gaps)
-        active.append(width - idle)
+def curve_groups(stats: Stats, names: list[str]) -> dict[str, list[str]]:
+    """Lines to draw: each named endpoint, and the others together."""
     groups = {n: [n] for n in names}
     rest = [n for n in stats.timeline if n not in groups]
     if rest:
         groups[f"{len(rest)} others" if names else "fleet"] = rest
-    curves = {}
-    for label, members in groups.items():
-        counts = [0] * buckets
-        for name in members:
-            for t in stats.timeline.get(name, ()):
-                counts[min(buckets - 1, int((t - start) / width))] += 1
-        curves[label] = [c / a if a > width / 2 else None for c, a in zip(counts, active)]
-    return curves
+    return groups
+
+
+def active_spans(stats: Stats, gaps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The stretches between gaps, in real time."""
+    edges = [stats.first_ts or 0.0, *itertools.chain.from_iterable(gaps), stats.last_ts or 0.0]
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[float]:
+    """Items/s in equal buckets over [lo, hi]."""
+    width = (hi - lo) / buckets
+    counts = [0] * buckets
+    for t in times[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]:
+        counts[min(buckets - 1, int((t - lo) / width))] += 1
+    return [c / width for c in counts]
 
 
 def clock(ts: float, span: float) -> str:
-    """Label a moment for a time axis: HH:MM, with the date when the run spans days."""
+    """Label a moment for a time axis: HH:MM, with seconds for short runs and the date for long ones."""
     return time.strftime("%m-%d %H:%M" if span > 86400 else "%H:%M:%S" if span < 600 else "%H:%M", time.gmtime(ts))
 
 
 def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 180) -> str:
-    """An inline SVG line chart of items/s over time, with a clock axis and gaps drawn as gaps."""
+    """An inline SVG chart of items/s over time: a clock axis, and each pause drawn as a narrow gap."""
     colors = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#777777"]
     gaps = find_gaps(stats)
-    curves = throughput_curves(stats, names[:len(colors) - 1], gaps)
-    start, span = stats.first_ts or 0.0, max(1e-9, (stats.last_ts or 0.0) - (stats.first_ts or 0.0))
-    top = max((v for c in curves.values() for v in c if v is not None), default=1) or 1
-    x = lambda t: 40 + width * (t - start) / span                       # noqa: E731
+    spans = active_spans(stats, gaps)
+    groups = curve_groups(stats, names[:len(colors) - 1])
+    times = {label: sorted(itertools.chain.from_iterable(stats.timeline[n] for n in members))
+             for label, members in groups.items()}
+    active = sum(hi - lo for lo, hi in spans) or 1e-9
+    usable, gap_px = width - 60 * len(gaps), 60
+    span = (stats.last_ts or 0.0) - (stats.first_ts or 0.0)
+    curves: list[tuple[float, float, dict[str, list[float]]]] = []     # (x, px width, rates per label)
+    x = 40.0
+    for lo, hi in spans:
+        px = max(4.0, usable * (hi - lo) / active)
+        if hi - lo > 1e-6:
+            buckets = max(1, round(96 * (hi - lo) / active))
+            curves.append((x, px, {label: span_rates(t, lo, hi, buckets) for label, t in times.items()}))
+        x += px + gap_px
+    top = max((max(r) for _, _, rates in curves for r in rates.values()), default=1) or 1
     parts = [f'<svg width="{width + 80}" height="{height + 60}" role="img">',
              f'<text x="0" y="14" font-size="10">{top:.2f}/s</text><text x="0" y="{height + 5}" font-size="10">0</text>',
              f'<line x1="40" y1="{height + 5}" x2="{width + 40}" y2="{height + 5}" stroke="#999"/>']
-    for a, b in gaps:
-        parts.append(f'<rect x="{x(a):.1f}" y="5" width="{max(1.0, x(b) - x(a)):.1f}" height="{height}" fill="#eee">'
-                     f'<title>no answers for {format_duration(b - a)}</title></rect>'
-                     f'<text x="{(x(a) + x(b)) / 2:.1f}" y="{height / 2:.0f}" font-size="10" text-anchor="middle" '
-                     f'fill="#777">no answers {format_duration(b - a)}</text>')
-    for i in range(5):
-        t = start + span * i / 4
-        parts.append(f'<line x1="{x(t):.1f}" y1="{height + 5}" x2="{x(t):.1f}" y2="{height + 9}" stroke="#999"/>'
-                     f'<text x="{x(t):.1f}" y="{height + 21}" font-size="10" text-anchor="middle">'
-                     f'{clock(t, span)}</text>')
-    step = span / len(next(iter(curves.values()), [None]))
-    for i, (label, values) in enumerate(curves.items()):
+    x, last_label = 40.0, -1e9
+    for i, (lo, hi) in enumerate(spans):
+        px = max(4.0, usable * (hi - lo) / active)
+        for t in (lo, hi) if px < 200 else (lo, lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3, hi):
+            at = x + px * (t - lo) / max(1e-9, hi - lo)
+            if at - last_label >= 70:
+                parts.append(f'<line x1="{at:.1f}" y1="{height + 5}" x2="{at:.1f}" y2="{height + 9}" stroke="#999"/>'
+                             f'<text x="{at:.1f}" y="{height + 21}" font-size="10" text-anchor="middle">'
+                             f'{clock(t, span)}</text>')
+                last_label = at
+        x += px
+        if i < len(gaps):
+            a, b = gaps[i]
+            parts.append(f'<rect x="{x + 4:.1f}" y="5" width="{gap_px - 8}" height="{height}" fill="#eee">'
+                         f'<title>no answers for {format_duration(b - a)}</title></rect>'
+                         f'<text x="{x + gap_px / 2:.1f}" y="{height / 2:.0f}" font-size="9" text-anchor="middle" '
+                         f'fill="#777"><tspan x="{x + gap_px / 2:.1f}">no answers</tspan><tspan x="'
+                         f'{x + gap_px / 2:.1f}" dy="12">{format_duration(b - a)}</tspan></text>')
+            x += gap_px
+    for i, label in enumerate(groups):
         color = colors[i % len(colors)]
-        segments, current = [], []
-        for j, v in enumerate(values):
-            if v is None:
-                segments, current = segments + [current] * bool(current), []
-            else:
-                current.append(f"{x(start + (j + 0.5) * step):.1f},{height - height * v / top + 5:.1f}")
-        for points in segments + [current] * bool(current):
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(points)}"/>')
+        for left, px, rates in curves:
+            values = rates[label]
+            points = " ".join(f"{left + px * (j + 0.5) / len(values):.1f},{height - height * v / top + 5:.1f}"
+                              for j, v in enumerate(values))
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
         parts.append(f'<text x="{40 + 120 * i}" y="{height + 40}" font-size="11" fill="{color}">'
                      f'{html.escape(label[:18])}</text>')
     parts.append(f'<text x="{width + 40}" y="{height + 55}" font-size="10" text-anchor="end">time (UTC)</text></svg>')

@@ -151,6 +151,61 @@ def test_html_report_renders_in_headless_chromium(tmp_path, serve):
     assert "<svg" in dom and "All rows (60 scored" in dom
     for name in ("e0", "e1"):
         n = sum(r["endpoint"] == name for r in records)
-        assert f"{name}: {n} items" in dom
+        assert f"<td>{name}</td><td>{n}</td>" in dom
+    assert "qwen2.5-coder:7b" in dom and "prompt sha256" in dom and "nan" not in dom
     assert "http://" not in page.read_text().replace(a.url, "").replace(b.url, "").replace(
         "http://www.w3.org/2000/svg", "")                                  # nothing fetched at view time
+
+
+def fleet_checkpoint(path, endpoints: int = 44, per_endpoint: int = 60, gap: float = 3 * 3600.0):
+    """Write a checkpoint as a large fleet would leave it: expected scores, tokens, a duplicate, a long pause."""
+    lines, start = [], 1_790_000_000.0
+    for e in range(endpoints):
+        for i in range(per_endpoint):
+            n = e * per_endpoint + i
+            value = 3 if e == 7 else 6 + (i % 3 == 0)             # node-07 scores far lower
+            ts = start + n * 0.5 + (gap if n >= endpoints * per_endpoint // 2 else 0.0)
+            lines.append({"id": n, "score": value, "score_expected": value - 0.4 + (i % 5) / 10,
+                          "endpoint": f"node-{e:02d}", "output_tokens": 6, "ts": ts})
+    lines.append({"id": "dup", "score": 7, "endpoint": "node-00", "duplicate_of": 0, "ts": start})
+    lines.append({"id": "bad", "score": None, "error_kind": "empty", "error": "empty text"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return lines
+
+
+def test_report_of_a_large_fleet_fits_100_columns_and_names_the_notable_endpoints(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    fleet_checkpoint(checkpoint)
+    result = run_cli(data, "-o", checkpoint, "--report")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert any(line.startswith("node-07") for line in lines)                 # the disagreeing one is named
+    named = [line.split()[0] for line in lines if line.startswith("node-")]
+    folded = [line.split() for line in lines if line.endswith("|") and line.split()[1] == "others"]
+    assert named and len(named) < score.FLEET_ROWS and len(folded) == 1
+    assert len(named) + int(folded[0][0]) == 44                               # every endpoint counted once
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 2 and all("node-07" in w for w in warnings)     # integer and expected scores
+    assert "share the most common score (6)" in result.stderr
+    assert "6.0 tokens per answer" in result.stderr
+
+
+def test_html_report_of_a_large_fleet_renders_every_endpoint_and_the_pause(tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    fleet_checkpoint(checkpoint, endpoints=120, per_endpoint=20)
+    page = tmp_path / "report.html"
+    assert run_cli(data, "-o", checkpoint, "--report", "--report-html", page).returncode == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert all(f"<td>node-{e:02d}</td>" for e in range(120)) and dom.count("<svg") > 120
+    assert "no answers for 3h00m" in dom                               # the pause is drawn as a gap
+    assert "took its verdict" in dom                                   # why the endpoints don't add up
+    assert "nan" not in dom and "Expected scores" in dom
