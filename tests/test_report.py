@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -209,3 +211,55 @@ def test_html_report_of_a_large_fleet_renders_every_endpoint_and_the_pause(tmp_p
     assert "no answers for 3h00m" in dom                               # the pause is drawn as a gap
     assert "took its verdict" in dom                                   # why the endpoints don't add up
     assert "nan" not in dom and "Expected scores" in dom
+
+
+def fleet_stats(groups: dict[str, list[int]]) -> score.Stats:
+    stats = score.Stats()
+    for name, values in groups.items():
+        stats.per_endpoint[name] = Counter(values)
+    return stats
+
+
+def spread(mean_tenths: int, n: int = 100) -> list[int]:
+    """n scores around 5 (4, 5, 6 in turn) shifted so that their mean is mean_tenths / 10."""
+    base = [4 + i % 3 for i in range(n - n % 3)] + [5] * (n % 3)             # mean 5.0
+    moved = (mean_tenths - 50) * n // 10                                     # rows one point higher (lower)
+    return [v + (i < abs(moved)) * (1 if moved > 0 else -1) for i, v in enumerate(base)]
+
+
+def test_disagreement_warns_for_two_endpoints_five_against_five_point_nine():
+    a, b = spread(50), spread(59)
+    assert (sum(a) / 100, sum(b) / 100) == (5.0, 5.9)
+    warnings = score.disagreements(fleet_stats({"a": a, "b": b}))
+    assert len(warnings) == 1 and "a and b disagree" in warnings[0] and "5.00 vs 5.90" in warnings[0]
+
+
+def test_disagreement_names_only_the_outlier_among_several():
+    warnings = score.disagreements(fleet_stats({"gpu": spread(55), "mac1": spread(54), "mac2": spread(58),
+                                                "mac3": spread(42)}))
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: mac3 scores") and "lower" in warnings[0]
+
+
+@pytest.mark.parametrize("groups", [
+    {"a": spread(50, 5000), "b": spread(53, 5000)},                  # real but small: under half a point
+    {"a": [1, 10] * 30, "b": [1, 10] * 24 + [10] * 12},              # 0.9 apart, but on noise this wide it is chance
+    {"a": spread(50, 40), "b": spread(60, 40)},                      # too few items to judge
+])
+def test_disagreement_stays_quiet_on_small_gaps_noise_or_few_items(groups):
+    assert score.disagreements(fleet_stats(groups)) == []
+
+
+def test_disagreement_has_no_false_alarms_on_a_large_fleet_of_one_model():
+    generator = random.Random(7)
+    groups = {f"node-{i}": [generator.choice([3, 4, 5, 5, 6, 6, 7, 9]) for _ in range(80)] for i in range(60)}
+    assert score.disagreements(fleet_stats(groups)) == []
+
+
+def test_disagreement_compares_expected_scores_where_endpoints_have_them():
+    stats = fleet_stats({"a": spread(50), "b": spread(50)})       # the integers agree
+    for name, shift in (("a", 0.0), ("b", 0.8)):
+        stats.expected[name] = score.Moments()
+        for i in range(100):
+            stats.expected[name].add(4.5 + shift + (i % 5) / 5)
+    warnings = score.disagreements(stats)
+    assert len(warnings) == 1 and "on expected scores" in warnings[0]
