@@ -2143,7 +2143,8 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
                      f"{done:,}", f"{100 * done / total:.1f}%", f"{done / max(elapsed, 1e-9):.2f}",
                      f"{sum(e.latency_sum for e in rest) / done:.2f}s" if done else "-",
                      f"{sum(e.output_tokens for e in rest) / max(elapsed, 1e-9):.1f}", str(sum(e.errors for e in rest)),
-                     str(sum(e.fault_count for e in rest)), f"{limits[0]}-{limits[-1]}"])
+                     str(sum(e.fault_count for e in rest)),
+                     str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"])
     return [[cell[:18] for cell in row] for row in rows]
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import signal
 import subprocess
 import sys
 
 import score
-from conftest import SCORE, lines_in, read_records, rows, wait_for, write_endpoints, write_jsonl
+from conftest import SCORE, lines_in, read_records, rows, run_cli, start_cli, wait_for, write_endpoints, write_jsonl, \
+    write_parquet
 
 
 def test_resume_command_is_quoted_and_runs_from_the_same_folder(tmp_path, serve):
@@ -46,3 +48,56 @@ def test_invocation_names_a_console_script_as_typed(tmp_path, monkeypatch):
     assert score.invocation("../tools/score.py")[1:] == ["../tools/score.py"]
     monkeypatch.setenv("PATH", "")
     assert score.invocation(str(script)) == [str(script)]
+
+
+def summary_numbers(err: str, pattern: str) -> list[int]:
+    found = re.search(pattern, err)
+    assert found, err
+    return [int(g.replace(",", "")) for g in found.groups()]
+
+
+def test_interrupted_summary_counts_rows_never_attempted_and_no_false_resends(tmp_path, serve):
+    server = serve(latency=0.3, slots=2)
+    data = write_parquet(tmp_path / "fns.parquet", rows(60))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
+    wait_for(lambda: lines_in(out) >= 3, what="first records")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    cancelled, never = summary_numbers(err, r"Stopped before the end: ([\d,]+) rows? in flight cancelled "
+                                            r"\(not written\), ([\d,]+) rows? never attempted")
+    assert cancelled >= 1 and lines_in(out) + cancelled + never == 60
+    assert "Re-sent" not in err                     # nothing was re-sent: the cancelled rows wait for --resume
+
+
+def test_summary_speaks_in_the_singular_for_one(tmp_path, serve):
+    server = serve()
+    table = rows(3)
+    table[2]["code"] = table[0]["code"]
+    data = write_jsonl(tmp_path / "fns.jsonl", table)
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]))
+    assert result.returncode == 0, result.stderr
+    assert "Scored 3 rows" in result.stderr and "1 was a duplicate (scored once)" in result.stderr
+    assert "1 as a duplicate" in result.stderr and "were duplicates" not in result.stderr
+    assert "Stopped before the end" not in result.stderr
+
+
+def test_summary_of_a_large_fleet_fits_100_columns(tmp_path, serve):
+    urls = [serve(latency=0.001).url for _ in range(42)]
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(200))
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("".join(f"{u} name=laptop-{i:02d} concurrency=1\n" for i, u in enumerate(urls))
+                         + "http://127.0.0.1:9/ name=unplugged-box\n")
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", "--startup-timeout", "20")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Scored 200 rows"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("Score distribution"))
+    summary = lines[start:end]
+    assert max(len(line) for line in summary + lines[end:]) <= 100, max(summary, key=len)
+    assert any(line.startswith("unplugged-box") for line in summary)           # the one that needs attention
+    folded = [line.split() for line in summary if " others " in line]
+    named = [line for line in summary if line.startswith("laptop-")]
+    assert len(folded) == 1 and len(named) + 1 + int(folded[0][0]) == 43
