@@ -101,3 +101,17 @@ def test_summary_of_a_large_fleet_fits_100_columns(tmp_path, serve):
     folded = [line.split() for line in summary if " others " in line]
     named = [line for line in summary if line.startswith("laptop-")]
     assert len(folded) == 1 and len(named) + 1 + int(folded[0][0]) == 43
+
+
+def test_help_groups_options_states_durations_and_names_the_score_command():
+    result = run_cli("--help", env={"COLUMNS": "100"})
+    assert result.returncode == 0
+    text = result.stdout
+    headings = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert [h.split(" (")[0].rstrip(":") for h in headings] == [
+        "positional arguments", "options", "input", "fleet", "run", "output", "reports and export"]
+    assert "score INPUT" in text and "`score` command" in text
+    flat = " ".join(text.split())
+    for flag in ("--timeout", "--max-downtime", "--startup-timeout"):
+        described = flat.split(f"{flag} DURATION ", 1)[1].split(" --", 1)[0]
+        assert "15m, 2h or 1d" in described, (flag, described)
