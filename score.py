@@ -2183,7 +2183,7 @@ def summary(run: Run, elapsed: float) -> str:
     done = sum(e.done for e in run.endpoints)
     generated = sum(e.output_tokens for e in run.endpoints)
     if done and generated:
-        lines.append(f"Generated {generated / done:.1f} tokens per row on average ({generated:,} in all).")
+        lines.append(f"Generated {generated / done:.1f} tokens per answer on average ({generated:,} in all).")
     missing = dict(t.errors)
     if t.skipped_permanent:
         missing["earlier permanent errors"] = t.skipped_permanent
@@ -2495,9 +2495,8 @@ def text_report(stats: Stats) -> str:
     if series:
         lines.append(f"Throughput over time ({bucket_label(width)} buckets, peak items/s):")
         rest = [n for n in series if n not in shown]
-        if rest:
-            series = {**{n: series[n] for n in shown if n in series},
-                      f"{len(rest)} others": [sum(v) for v in zip(*(series[n] for n in rest))]}
+        series = {n: series[n] for n in shown if n in series} | (
+            {f"{len(rest)} others": [sum(v) for v in zip(*(series[n] for n in rest))]} if rest else {})
         for name, values in series.items():
             lines.append(f"  {name[:16]:<16} {spark(values)} {max(values):.2f}")
     return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ") if len(line) > REPORT_WIDTH
