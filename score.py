@@ -2432,13 +2432,15 @@ def tie_line(stats: Stats) -> str | None:
     mode, count = max(stats.histogram.items(), key=lambda kv: kv[1])
     line = f"Ties: {100 * count / stats.rows_scored:.0f}% of scored rows share the most common score ({mode})"
     if stats.expected_rows:
-        return line + (f"; {stats.expected_rows:,} rows have an expected score (score_expected), "
-                       f"which ranks rows within a tie.")
+        return line + (f"; {plural(stats.expected_rows, 'row')} {'has' if stats.expected_rows == 1 else 'have'} "
+                       f"an expected score (score_expected), which ranks rows within a tie.")
     return line + "; the records have no expected scores to rank them within a tie."
 
 
 def distribution_lines(stats: Stats) -> list[str]:
     """The overall histogram, one row per score, with expected scores beside it."""
+    if not stats.rows_scored:
+        return ["No rows scored yet."]
     total = stats.rows_scored or 1
     top = max(stats.histogram.values(), default=0) or 1
     head = ["score", "rows", "share", "", "expected"] if stats.expected_rows else ["score", "rows", "share", ""]

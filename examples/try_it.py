@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -147,29 +148,30 @@ def verdicts(output: Path) -> tuple[list[dict], list[dict]]:
     return scored, [r for r in last.values() if r.get("score") is None]
 
 
-def explain(output: Path, code: int) -> int:
-    """Say what the run showed; a finished run whose only gap is the planted empty row did its job."""
+def explain(output: Path, code: int, rows: int) -> int:
+    """Say what the run showed; a finished run of all `rows` whose only gap is the planted empty row did its job."""
     if code not in (0, 1) or not output.exists():
         return code
     scored, unscored = verdicts(output)
+    lines = []
     if scored:
         (top, count), = Counter(r["score"] for r in scored).most_common(1)
         expected = [r["score_expected"] for r in scored if isinstance(r.get("score_expected"), (int, float))]
-        print(f"\nWhat the verdicts are worth: SmolLM2-135M is a tiny model, so its integer scores say little "
-              f"about the code ({count} of {len(scored)} functions got {top}).", end=" ")
-        if expected:
-            print(f"The expected scores (score_expected, the score weighted by the model's token probabilities) "
-                  f"show what the integers hide: they range from {min(expected):.2f} to {max(expected):.2f}.")
-        else:
-            print("These servers gave no token probabilities, so the records have no expected scores "
-                  "(score_expected) to show what the integers hide.")
-        print("With a real model (e.g. qwen2.5-coder:7b on Ollama) the same commands give usable scores.")
+        lines.append(f"What the verdicts are worth: SmolLM2-135M is a tiny model, so its integer scores say little "
+                     f"about the code ({count} of {len(scored)} functions got {top}). " + (
+                         f"The expected scores (score_expected, the score weighted by the model's token "
+                         f"probabilities) show what the integers hide: they range from {min(expected):.2f} to "
+                         f"{max(expected):.2f}." if expected else
+                         "These servers gave no token probabilities, so the records have no expected scores "
+                         "(score_expected) to show what the integers hide.")
+                     + " A real model (e.g. qwen2.5-coder:7b on Ollama) gives usable scores with the same commands.")
     planted = [r for r in unscored if r.get("error_kind") == "empty"]
-    if planted and len(planted) == len(unscored):
-        print(f"The row without a score ({planted[0]['id']}) is blank on purpose, to show how a bad row is "
-              f"recorded: that is expected. The demo did what it promised.")
-        return 0
-    return code
+    done = bool(planted) and len(planted) == len(unscored) and len(scored) + len(unscored) == rows
+    if done:
+        lines.append(f"The row without a score ({planted[0]['id']}) is blank on purpose, to show how a bad row is "
+                     f"recorded: that is expected. The demo did what it promised.")
+    print("\n" + "\n".join(textwrap.fill(line, 100) for line in lines))
+    return 0 if done else code
 
 
 def main() -> int:
@@ -194,7 +196,8 @@ def main() -> int:
         print("\nStopped before scoring started; the servers are stopped and nothing was written.", file=sys.stderr)
         return 130
     print(f"\nResults: {output}  (servers' logs: {workdir}; the servers are stopped)")
-    return explain(output, code)
+    rows = sum(1 for line in (HERE / "sample.jsonl").read_text().splitlines() if line.strip())
+    return explain(output, code, rows)
 
 
 if __name__ == "__main__":

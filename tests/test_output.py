@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import shlex
 import signal
@@ -77,8 +79,11 @@ def test_summary_speaks_in_the_singular_for_one(tmp_path, serve):
     table = rows(3)
     table[2]["code"] = table[0]["code"]
     data = write_jsonl(tmp_path / "fns.jsonl", table)
-    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]))
+    page = tmp_path / "report.html"
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--report-html", page)
     assert result.returncode == 0, result.stderr
+    for text in (result.stderr, page.read_text()):                  # a run of a fraction of a second
+        assert "nan" not in text and "0.0s buckets" not in text
     assert "Scored 3 rows" in result.stderr and "1 was a duplicate (scored once)" in result.stderr
     assert "1 as a duplicate" in result.stderr and "were duplicates" not in result.stderr
     assert "Stopped before the end" not in result.stderr
@@ -115,3 +120,26 @@ def test_help_groups_options_states_durations_and_names_the_score_command():
     for flag in ("--timeout", "--max-downtime", "--startup-timeout"):
         described = flat.split(f"{flag} DURATION ", 1)[1].split(" --", 1)[0]
         assert "15m, 2h or 1d" in described, (flag, described)
+
+
+def load_try_it():
+    spec = importlib.util.spec_from_file_location("try_it", score.__file__.replace("score.py", "examples/try_it.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_counts_the_planted_empty_row_as_expected_and_says_what_tiny_verdicts_are_worth(tmp_path, capsys):
+    try_it = load_try_it()
+    out = tmp_path / "sample.scores.jsonl"
+    records = [{"id": f"f{i}", "score": 1, "score_expected": 1.5 + i / 20} for i in range(40)]
+    records.append({"id": "poor.empty", "score": None, "error_kind": "empty"})
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert try_it.explain(out, 1, 41) == 0
+    said = capsys.readouterr().out
+    assert "40 of 40 functions got 1" in said and "range from 1.50 to 3.45" in said and "expected" in said
+    assert try_it.explain(out, 1, 50) == 1                      # stopped early: rows never attempted
+    records[3] = {"id": "f3", "score": None, "error_kind": "attempts_exhausted"}
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert try_it.explain(out, 1, 41) == 1                      # a real failure is not explained away
+    assert try_it.explain(out, 130, 41) == 130
