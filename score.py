@@ -2206,6 +2206,7 @@ def exit_code(tally: Tally) -> int:
 DISAGREE_POINTS = 0.5       # an endpoint whose mean score differs from the rest's by more than this
 DISAGREE_MIN_ITEMS = 50     # on at least this many items on each side
 DISAGREE_ALPHA = 0.01       # and beyond chance (family-wise, across the fleet) gets a warning
+GAP_SECONDS = 120.0         # no answer from any endpoint for this long (and 20× the usual pace) is a gap
 EXPORT_COLUMNS = ("score", "reason", "model", "endpoint", "error")
 
 
@@ -2385,6 +2386,21 @@ def disagreements(stats: Stats) -> list[str]:
     return warnings
 
 
+def find_gaps(stats: Stats) -> list[tuple[float, float]]:
+    """Find stretches with no answers at all (the run stopped or every endpoint was down)."""
+    times = sorted(itertools.chain.from_iterable(stats.timeline.values()))
+    steps = [b - a for a, b in zip(times, times[1:])]
+    if not steps:
+        return []
+    threshold = max(GAP_SECONDS, 20 * statistics.median(steps))
+    return [(a, b) for a, b in zip(times, times[1:]) if b - a > threshold]
+
+
+def clock(ts: float, span: float) -> str:
+    """Label a moment for a time axis: HH:MM, with seconds for short runs and the date for long ones."""
+    return time.strftime("%m-%d %H:%M" if span > 86400 else "%H:%M:%S" if span < 600 else "%H:%M", time.gmtime(ts))
+
+
 def throughput_series(stats: Stats, buckets: int = 24) -> tuple[float, dict[str, list[float]]]:
     """Items/s per endpoint in equal time buckets over the checkpoint's span (none for a span under 2 s)."""
     if stats.first_ts is None or stats.last_ts is None or stats.last_ts - stats.first_ts < 2:
@@ -2501,6 +2517,9 @@ def text_report(stats: Stats) -> str:
             {f"{len(rest)} others": [sum(v) for v in zip(*(series[n] for n in rest))]} if rest else {})
         for name, values in series.items():
             lines.append(f"  {name[:16]:<16} {spark(values)} {max(values):.2f}")
+        for a, b in find_gaps(stats):
+            lines.append(f"  no answers for {format_duration(b - a)}, {clock(a, b - a + 3600)} to "
+                         f"{clock(b, b - a + 3600)} UTC (stopped, or every endpoint down)")
     return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ") if len(line) > REPORT_WIDTH
                      and "\n" not in line else line for line in lines)
 
@@ -2521,19 +2540,6 @@ def svg_bars(values: list[float], labels: list[str], width: int = 360, height: i
                      f'text-anchor="middle">{html.escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
-
-
-GAP_SECONDS = 120.0         # no answer from any endpoint for this long (and 20× the usual pace) is a gap
-
-
-def find_gaps(stats: Stats) -> list[tuple[float, float]]:
-    """Find stretches with no answers at all (the run stopped or every endpoint was down)."""
-    times = sorted(itertools.chain.from_iterable(stats.timeline.values()))
-    steps = [b - a for a, b in zip(times, times[1:])]
-    if not steps:
-        return []
-    threshold = max(GAP_SECONDS, 20 * statistics.median(steps))
-    return [(a, b) for a, b in zip(times, times[1:]) if b - a > threshold]
 
 
 def curve_groups(stats: Stats, names: list[str]) -> dict[str, list[str]]:
@@ -2558,11 +2564,6 @@ def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[f
     for t in times[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]:
         counts[min(buckets - 1, int((t - lo) / width))] += 1
     return [c / width for c in counts]
-
-
-def clock(ts: float, span: float) -> str:
-    """Label a moment for a time axis: HH:MM, with seconds for short runs and the date for long ones."""
-    return time.strftime("%m-%d %H:%M" if span > 86400 else "%H:%M:%S" if span < 600 else "%H:%M", time.gmtime(ts))
 
 
 def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 180) -> str:

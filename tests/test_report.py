@@ -192,6 +192,7 @@ def test_report_of_a_large_fleet_fits_100_columns_and_names_the_notable_endpoint
     assert len(warnings) == 2 and all("node-07" in w for w in warnings)     # integer and expected scores
     assert "share the most common score (6)" in result.stderr
     assert "6.0 tokens per answer" in result.stderr
+    assert "no answers for 3h00m" in result.stderr
 
 
 def test_html_report_of_a_large_fleet_renders_every_endpoint_and_the_pause(tmp_path):
