@@ -2119,6 +2119,24 @@ def notable(names: list[str], flags: list[tuple[Callable[[str], float], int]]) -
     return [n for n in names if n in picked]
 
 
+def figure(value: float, unit: str = "") -> str:
+    """Two decimals for small figures, none for large ones, so columns stay narrow."""
+    return f"{value:.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, total: int) -> list[str]:
+    """One summary row for an endpoint, or for several taken together."""
+    done = sum(e.done for e in group)
+    tokens = sum(e.output_tokens for e in group)
+    limits = sorted(e.limiter.limit for e in group)
+    limit = str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"
+    return [label[:16], state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
+            figure(sum(e.latency_sum for e in group) / done, "s") if done else "-",
+            figure(tokens / max(elapsed, 1e-9)) if tokens else "-", str(sum(e.errors for e in group)),
+            str(sum(e.fault_count for e in group)),
+            limit + (" auto" if len(group) == 1 and group[0].limiter.auto else "")]
+
+
 def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
     """One summary row per endpoint, or the notable ones plus an aggregate "others" row."""
     rate = {e.name: e.done / max(elapsed, 1e-9) for e in run.endpoints}
@@ -2130,22 +2148,12 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
         (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
     total = sum(e.done for e in run.endpoints) or 1
     rows = [["endpoint", "state", "items", "share", "items/s", "latency", "tok/s", "errors", "faults", "limit"]]
-    for e in (by_name[n] for n in shown):
-        rows.append([e.name, e.status, f"{e.done:,}", f"{100 * e.done / total:.1f}%", f"{rate[e.name]:.2f}",
-                     f"{e.latency_sum / e.done:.2f}s" if e.done else "-",
-                     f"{e.output_tokens / max(elapsed, 1e-9):.1f}" if e.output_tokens else "-",
-                     str(e.errors), str(e.fault_count), f"{e.limiter.limit}{' auto' if e.limiter.auto else ''}"])
+    rows += [endpoint_row(n, by_name[n].status, [by_name[n]], elapsed, total) for n in shown]
     rest = [e for e in run.endpoints if e.name not in shown]
     if rest:
-        done = sum(e.done for e in rest)
-        limits = sorted(e.limiter.limit for e in rest)
-        rows.append([f"{len(rest)} others", "ok" if all(e.state == "ready" for e in rest) else "mixed",
-                     f"{done:,}", f"{100 * done / total:.1f}%", f"{done / max(elapsed, 1e-9):.2f}",
-                     f"{sum(e.latency_sum for e in rest) / done:.2f}s" if done else "-",
-                     f"{sum(e.output_tokens for e in rest) / max(elapsed, 1e-9):.1f}", str(sum(e.errors for e in rest)),
-                     str(sum(e.fault_count for e in rest)),
-                     str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"])
-    return [[cell[:18] for cell in row] for row in rows]
+        state = "ok" if all(e.state == "ready" for e in rest) else "mixed"
+        rows.append(endpoint_row(f"{len(rest)} others", state, rest, elapsed, total))
+    return rows
 
 
 def stop_line(run: Run) -> str | None:
