@@ -184,6 +184,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="score-try-"))
     output = HERE / "sample.scores.jsonl"
     print(f"Starting {args.servers} llama_cpp.server processes (SmolLM2-135M, 1 thread each)...", flush=True)
+    code = None
     try:
         with fleet(args.servers, workdir) as urls:
             endpoints = write_endpoints(workdir / "endpoints.txt", urls)
@@ -193,8 +194,16 @@ def main() -> int:
             print("$ score.py " + " ".join(argv), flush=True)
             code = run_score(argv, command)
     except KeyboardInterrupt:
-        print("\nStopped before scoring started; the servers are stopped and nothing was written.", file=sys.stderr)
-        return 130
+        if code is None:
+            print("\nStopped before scoring started; the servers are stopped and nothing was written.",
+                  file=sys.stderr)
+            return 130
+    except ImportError as exc:
+        print(f"try_it: {exc}; install the demo's servers with: pip install -e '.[real]'", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"try_it: {exc}", file=sys.stderr)
+        return 2
     print(f"\nResults: {output}  (servers' logs: {workdir}; the servers are stopped)")
     rows = sum(1 for line in (HERE / "sample.jsonl").read_text().splitlines() if line.strip())
     return explain(output, code, rows)
