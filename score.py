@@ -2500,8 +2500,8 @@ def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
         rows.append([name[:24], f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
                      *([format_mean(expected[name].mean)] if stats.expected_rows else []),
                      "|" + spark(shares[name], top) + "|"])
-    return ["Per endpoint (histograms share one scale):", table(rows, right={1, 2, 3} if stats.expected_rows
-                                                                   else {1, 2})]
+    laid = table(rows, right={1, 2, 3} if stats.expected_rows else {1, 2})
+    return ["Per endpoint (histograms share one scale):", *("  " + line for line in laid.splitlines())]
 
 
 def text_report(stats: Stats) -> str:
