@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -265,3 +266,14 @@ def test_disagreement_compares_expected_scores_where_endpoints_have_them():
             stats.expected[name].add(4.5 + shift + (i % 5) / 5)
     warnings = score.disagreements(stats)
     assert len(warnings) == 1 and "on expected scores" in warnings[0]
+
+
+def test_html_endpoint_histograms_share_one_scale(tmp_path):
+    stats = fleet_stats({"sure": [5] * 60, "torn": [4, 6] * 30})
+    page = score.html_report(stats, tmp_path / "x.scores.jsonl")
+    heights = {}
+    for name in ("sure", "torn"):
+        row = page.split(f"<td>{name}</td>", 1)[1].split("</tr>", 1)[0]
+        heights[name] = max(float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)"', row))
+    assert heights["torn"] == pytest.approx(heights["sure"] / 2)       # half the share, half the height
+    assert "unknown (no sidecar)" in page and "nan" not in page
