@@ -2410,9 +2410,14 @@ def clock(ts: float, span: float) -> str:
 
 
 def throughput_series(stats: Stats, buckets: int = 24) -> tuple[float, dict[str, list[float]]]:
-    """Items/s per endpoint in equal time buckets over the checkpoint's span (none for a span under 2 s)."""
+    """Items/s per endpoint in up to `buckets` equal time buckets (about 20 answers or 1 s each at least).
+
+    None for a span under 2 s: a rate over a fraction of a second says nothing.
+    """
     if stats.first_ts is None or stats.last_ts is None or stats.last_ts - stats.first_ts < 2:
         return 0.0, {}
+    events = sum(map(len, stats.timeline.values()))
+    buckets = max(4, min(buckets, events // 20, int(stats.last_ts - stats.first_ts)))
     width = (stats.last_ts - stats.first_ts) / buckets
     series = {}
     for name, times in stats.timeline.items():
@@ -2586,11 +2591,13 @@ def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 18
     usable, gap_px = width - 60 * len(gaps), 60
     span = (stats.last_ts or 0.0) - (stats.first_ts or 0.0)
     curves: list[tuple[float, float, dict[str, list[float]]]] = []     # (x, px width, rates per label)
+    # Enough answers per bucket to be a rate, not a comb of single completions; at most 96, at least 1 s wide.
+    resolution = max(4, min(96, sum(map(len, times.values())) // 20, int(active)))
     x = 40.0
     for lo, hi in spans:
         px = max(4.0, usable * (hi - lo) / active)
         if hi - lo > 1e-6:
-            buckets = max(1, round(96 * (hi - lo) / active))
+            buckets = max(1, round(resolution * (hi - lo) / active))
             curves.append((x, px, {label: span_rates(t, lo, hi, buckets) for label, t in times.items()}))
         x += px + gap_px
     top = max((max(r) for _, _, rates in curves for r in rates.values()), default=1) or 1
@@ -2657,8 +2664,10 @@ def html_header(stats: Stats, source: Path) -> str:
              ("prompt sha256", str(found.get("prompt_sha256") or "unknown")[:16]),
              ("input", found.get("input") or "unknown")]
     if stats.first_ts is not None and stats.last_ts is not None:
-        facts.append(("answers", f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(stats.first_ts))} to "
-                                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stats.last_ts))}"))
+        first, last = time.gmtime(stats.first_ts), time.gmtime(stats.last_ts)
+        same_day = first[:3] == last[:3]
+        facts.append(("answers", f"{time.strftime('%Y-%m-%d %H:%M:%S', first)} to "
+                                 f"{time.strftime('%H:%M:%S' if same_day else '%Y-%m-%d %H:%M:%S', last)} UTC"))
     facts.append(("report written", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
     return "<table class=facts>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                                            for k, v in facts) + "</table>"
