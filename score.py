@@ -2097,6 +2097,12 @@ FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the nota
 REPORT_WIDTH = 100          # columns the end summary and the text report stay within
 
 
+def fit(lines: list[str]) -> str:
+    """Join report lines, wrapping prose (never tables) to REPORT_WIDTH columns."""
+    return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ")
+                     if len(line) > REPORT_WIDTH and "\n" not in line else line for line in lines)
+
+
 def plural(n: int, word: str, words: str | None = None) -> str:
     """Say "1 row" / "2 rows"."""
     return f"{n:,} {word if n == 1 else words or word + 's'}"
@@ -2156,7 +2162,7 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
     return rows
 
 
-def stop_line(run: Run) -> str | None:
+def stop_line(run: Run) -> str:
     """After an interrupt or early stop, say how much of the input is still to do."""
     t = run.tally
     written = t.taken - run.unfinished
@@ -2201,7 +2207,7 @@ def summary(run: Run, elapsed: float) -> str:
         lines.append(f"Rows without a score: {parts}." + (
             f" --resume retries the {retry:,} that are not permanent." if retry else ""))
     lines.append(table(endpoint_rows(run, elapsed), right={2, 3, 4, 5, 6, 7, 8}))
-    return "\n".join(lines)
+    return fit(lines)
 
 
 def exit_code(tally: Tally) -> int:
@@ -2233,6 +2239,9 @@ class Moments:
 
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.n + other.n, self.total + other.total, self.squares + other.squares)
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.n - other.n, self.total - other.total, self.squares - other.squares)
 
     @property
     def mean(self) -> float:
@@ -2356,11 +2365,9 @@ def outliers(groups: dict[str, Moments]) -> tuple[list[tuple[str, float, Moments
     found: list[tuple[str, float, Moments, Moments]] = []
     while len(left) >= 2:
         tested = []
+        fleet = sum(left.values(), Moments())
         for name, own in left.items():
-            rest = Moments()
-            for other, m in left.items():
-                if other != name:
-                    rest = rest + m
+            rest = fleet - own
             gap, z = separation(own, rest)
             if abs(gap) > DISAGREE_POINTS and z > critical:
                 tested.append((z, name, gap, own, rest))
@@ -2533,8 +2540,7 @@ def text_report(stats: Stats) -> str:
         for a, b in find_gaps(stats):
             lines.append(f"  no answers for {format_duration(b - a)}, {clock(a, b - a + 3600)} to "
                          f"{clock(b, b - a + 3600)} UTC (stopped, or every endpoint down)")
-    return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ") if len(line) > REPORT_WIDTH
-                     and "\n" not in line else line for line in lines)
+    return fit(lines)
 
 
 def svg_bars(values: list[float], labels: list[str], width: int = 360, height: int = 140, color: str = "#3b6ea8") -> str:
