@@ -59,16 +59,19 @@ import math
 import os
 import random
 import re
+import shlex
+import shutil
 import signal
 import statistics
 import string
 import sys
+import textwrap
 import time
 import zlib
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +198,7 @@ class Config:
     min_score: int | None
     report: bool
     report_html: Path | None
+    command: tuple[str, ...] = ()    # this run as the user typed it, for the resume hint
 
 
 @dataclass(slots=True, eq=False)
@@ -1856,6 +1860,7 @@ class Tally:
     hedges: int = 0
     hedges_won: int = 0
     requeued: int = 0
+    cancelled: int = 0              # in flight when the run stopped: not re-sent, left for --resume
     errors: Counter = field(default_factory=Counter)
     unreadable: list[str] = field(default_factory=list)    # parts of the input that could not be read
 
@@ -2063,7 +2068,8 @@ class Run:
                 outcome: Answer | Exception = await score_item(endpoint, item, self.config)
             except asyncio.CancelledError:
                 self.release(endpoint, item)
-                self.requeue(item)
+                # Cancelled because its endpoint went down: a real re-send; otherwise the run is stopping.
+                self.requeue(item, resent=endpoint.state in ("down", "gone"))
                 raise
             except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
                 outcome = exc
@@ -2072,11 +2078,14 @@ class Run:
             self.changed.notify()
             item = None if self.finished else self.pick(endpoint)
 
-    def requeue(self, item: Item, *, front: bool = True) -> None:
+    def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
         if item.finished or item.tasks:
             return
-        self.tally.requeued += 1
+        if resent:
+            self.tally.requeued += 1
+        else:
+            self.tally.cancelled += 1
         (self.retry.appendleft if front else self.retry.append)(item)
         self.changed.notify()
 
@@ -2506,18 +2515,111 @@ def preflight_table(endpoints: list[Endpoint]) -> str:
     return table(rows)
 
 
+FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
+REPORT_WIDTH = 100          # columns the end summary and the text report stay within
+
+
+def fit(lines: list[str]) -> str:
+    """Join report lines, wrapping prose (never tables) to REPORT_WIDTH columns."""
+    return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ")
+                     if len(line) > REPORT_WIDTH and "\n" not in line else line for line in lines)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """Say "1 row" / "2 rows"."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
+def notable(names: list[str], flags: list[tuple[Callable[[str], float], int]]) -> list[str]:
+    """Keep up to FLEET_ROWS - 1 names, the ones the flags mark, in the flags' order of concern.
+
+    Each flag weighs every name (0 = nothing to see) and contributes at most its
+    cap of the heaviest, so a large fleet shows what needs attention and folds the rest.
+    """
+    if len(names) <= FLEET_ROWS:
+        return names
+    picked: dict[str, None] = {}
+    for flag, cap in flags:
+        weighed = sorted(((flag(n), n) for n in names), key=lambda wn: -wn[0])
+        for weight, name in weighed[:cap]:
+            if weight > 0 and len(picked) < FLEET_ROWS - 1:
+                picked.setdefault(name)
+    return [n for n in names if n in picked]
+
+
+def figure(value: float, unit: str = "") -> str:
+    """Two decimals for small figures, none for large ones, so columns stay narrow."""
+    return f"{value:.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, total: int) -> list[str]:
+    """One summary row for an endpoint, or for several taken together."""
+    done = sum(e.done for e in group)
+    tokens = sum(e.output_tokens for e in group)
+    limits = sorted(e.limiter.limit for e in group)
+    limit = str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"
+    return [label[:16], state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
+            figure(sum(e.latency_sum for e in group) / done, "s") if done else "-",
+            figure(tokens / max(elapsed, 1e-9)) if tokens else "-", str(sum(e.errors for e in group)),
+            str(sum(e.fault_count for e in group)),
+            limit + (" auto" if len(group) == 1 and group[0].limiter.auto else "")]
+
+
+def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
+    """One summary row per endpoint, or the notable ones plus an aggregate "others" row."""
+    rate = {e.name: e.done / max(elapsed, 1e-9) for e in run.endpoints}
+    by_name = {e.name: e for e in run.endpoints}
+    typical = statistics.median(rate.values()) if rate else 0.0
+    shown = notable(list(by_name), [
+        (lambda n: by_name[n].state not in ("ready", "warming"), FLEET_ROWS),
+        (lambda n: by_name[n].errors + by_name[n].fault_count, 3),
+        (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
+    total = sum(e.done for e in run.endpoints) or 1
+    rows = [["endpoint", "state", "items", "share", "items/s", "latency", "tok/s", "errors", "faults", "limit"]]
+    rows += [endpoint_row(n, by_name[n].status, [by_name[n]], elapsed, total) for n in shown]
+    rest = [e for e in run.endpoints if e.name not in shown]
+    if rest:
+        state = "ok" if all(e.state == "ready" for e in rest) else "mixed"
+        rows.append(endpoint_row(f"{len(rest)} others", state, rest, elapsed, total))
+    return rows
+
+
+def stop_line(run: Run) -> str:
+    """After an interrupt or early stop, say how much of the input is still to do."""
+    t = run.tally
+    written = t.taken - run.unfinished
+    left = None
+    if run.progress.total is not None:
+        left = max(0, run.progress.total - run.progress.count)
+        if run.config.limit is not None:
+            left = min(left, run.config.limit - written)
+    cancelled = f"{plural(t.cancelled, 'row')} in flight cancelled (not written)"
+    if left is None:
+        return f"Stopped before the end: {cancelled}; the rest of the input was never attempted. --resume continues."
+    never = max(0, left - t.cancelled)
+    return (f"Stopped before the end: {cancelled}, {plural(never, 'row')} never attempted. "
+            f"--resume continues with them.")
+
+
 def summary(run: Run, elapsed: float) -> str:
     """Render the end-of-run report: totals, what is missing and why, and per-endpoint figures."""
     t = run.tally
-    lines = [f"Scored {t.scored:,} rows in {format_duration(elapsed)} ({t.scored / max(elapsed, 1e-9):.2f}/s)"
-             + (f"; {t.duplicates:,} were duplicates (scored once)" if t.duplicates else "")
+    lines = [f"Scored {plural(t.scored, 'row')} in {format_duration(elapsed)} ({t.scored / max(elapsed, 1e-9):.2f}/s)"
+             + (f"; {t.duplicates:,} {'was a duplicate' if t.duplicates == 1 else 'were duplicates'} (scored once)"
+                if t.duplicates else "")
              + (f"; {t.truncated:,} truncated to fit the context" if t.truncated else "") + "."]
     if t.skipped:
-        lines.append(f"Already finished before this run: {t.skipped:,} rows.")
+        lines.append(f"Already finished before this run: {plural(t.skipped, 'row')}.")
+    if not run.finished:
+        lines.append(stop_line(run))
     if t.requeued:
-        lines.append(f"Re-sent {t.requeued:,} requests after endpoint trouble or a bad answer.")
+        lines.append(f"Re-sent {plural(t.requeued, 'request')} after endpoint trouble or a bad answer.")
     if t.hedges:
-        lines.append(f"Raced {t.hedges} slow tail requests on faster endpoints; {t.hedges_won} won.")
+        lines.append(f"Raced {plural(t.hedges, 'slow tail request')} on faster endpoints; {t.hedges_won} won.")
+    done = sum(e.done for e in run.endpoints)
+    generated = sum(e.output_tokens for e in run.endpoints)
+    if done and generated:
+        lines.append(f"Generated {generated / done:.1f} tokens per answer on average ({generated:,} in all).")
     missing = dict(t.errors)
     if t.skipped_permanent:
         missing["earlier permanent errors"] = t.skipped_permanent
@@ -2528,17 +2630,8 @@ def summary(run: Run, elapsed: float) -> str:
             f" --resume retries the {retry:,} that are not permanent." if retry else ""))
     for message in t.unreadable:
         lines.append(f"Input not read to the end: {message}.")
-    rows = [["endpoint", "state", "items", "share", "items/s", "latency", "gen tok/s", "errors", "faults", "limit"]]
-    total = sum(e.done for e in run.endpoints) or 1
-    for e in run.endpoints:
-        rows.append([e.name, e.status, f"{e.done:,}", f"{100 * e.done / total:.1f}%",
-                     f"{e.done / max(elapsed, 1e-9):.2f}",
-                     f"{e.latency_sum / e.done:.2f}s" if e.done else "-",
-                     f"{e.output_tokens / max(elapsed, 1e-9):.1f}" if e.output_tokens else "-",
-                     str(e.errors), str(e.fault_count),
-                     f"{e.limiter.limit}{' auto' if e.limiter.auto else ''}"])
-    lines.append(table(rows, right={2, 3, 4, 5, 6, 7, 8}))
-    return "\n".join(lines)
+    lines.append(table(endpoint_rows(run, elapsed), right={2, 3, 4, 5, 6, 7, 8}))
+    return fit(lines)
 
 
 def exit_code(tally: Tally) -> int:
@@ -2549,8 +2642,49 @@ def exit_code(tally: Tally) -> int:
 # ── Export and report ───────────────────────────────────────────────────────────
 
 DISAGREE_POINTS = 0.5       # an endpoint whose mean score differs from the rest's by more than this
-DISAGREE_MIN_ITEMS = 50     # on at least this many items on each side gets a warning
+DISAGREE_MIN_ITEMS = 50     # on at least this many items on each side
+DISAGREE_ALPHA = 0.01       # and beyond chance (family-wise, across the fleet) gets a warning
+GAP_SECONDS = 120.0         # no answer from any endpoint for this long (and 20× the usual pace) is a gap
 EXPORT_COLUMNS = ("score", "reason", "model", "endpoint", "error")
+
+
+@dataclass(slots=True)
+class Moments:
+    """Count, mean and spread of a stream of numbers, kept in three floats."""
+
+    n: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def add(self, value: float, times: int = 1) -> None:
+        self.n += times
+        self.total += value * times
+        self.squares += value * value * times
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.n + other.n, self.total + other.total, self.squares + other.squares)
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.n - other.n, self.total - other.total, self.squares - other.squares)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else float("nan")
+
+    @property
+    def variance(self) -> float:
+        """The sample variance (0 below two values)."""
+        if self.n < 2:
+            return 0.0
+        return max(0.0, (self.squares - self.total * self.total / self.n) / (self.n - 1))
+
+
+def moments(counts: Counter) -> Moments:
+    """Summarize a score histogram."""
+    result = Moments()
+    for score, n in counts.items():
+        result.add(score, n)
+    return result
 
 
 @dataclass
@@ -2567,6 +2701,11 @@ class Stats:
     first_ts: float | None = None
     last_ts: float | None = None
     skipped: SkippedLines = field(default_factory=SkippedLines)
+    expected: dict[str, Moments] = field(default_factory=dict)  # endpoint -> moments of score_expected
+    expected_histogram: Counter = field(default_factory=Counter)  # score_expected rounded to the nearest score
+    expected_rows: int = 0
+    token_rows: int = 0             # answers that report output_tokens, and their sum
+    tokens: int = 0
 
     def mean(self, counts: Counter) -> float:
         total = sum(counts.values())
@@ -2586,6 +2725,19 @@ def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[di
                 yield record
             else:
                 skipped.add(number)
+
+
+def add_answer_stats(stats: Stats, endpoint: str, record: dict[str, Any]) -> None:
+    """Count a scored record's expected score and generated tokens."""
+    expected = record.get("score_expected")
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool) and math.isfinite(expected):
+        stats.expected.setdefault(endpoint, Moments()).add(float(expected))
+        stats.expected_histogram[min(10, max(1, math.floor(expected + 0.5)))] += 1
+        stats.expected_rows += 1
+    tokens = record.get("output_tokens")
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        stats.token_rows += 1
+        stats.tokens += tokens
 
 
 def read_stats(path: Path) -> Stats:
@@ -2613,6 +2765,7 @@ def read_stats(path: Path) -> Stats:
             continue                  # a copied verdict says nothing about its endpoint
         endpoint = record.get("endpoint") or "?"
         stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
+        add_answer_stats(stats, endpoint, record)
         ts = record.get("ts")
         if isinstance(ts, (int, float)):
             stats.timeline.setdefault(endpoint, array("d")).append(ts)
@@ -2625,39 +2778,89 @@ def read_stats(path: Path) -> Stats:
     return stats
 
 
-def disagreements(stats: Stats) -> list[str]:
-    """Warn about endpoints whose mean score stands apart from the fleet's typical endpoint.
+def separation(one: Moments, other: Moments) -> tuple[float, float]:
+    """The gap between two groups' means and its size in standard errors (Welch)."""
+    gap = one.mean - other.mean
+    error = math.sqrt(one.variance / one.n + other.variance / other.n)
+    return gap, (abs(gap) / error if error else math.inf if gap else 0.0)
 
-    The reference is the median of the endpoints' means (each with enough items),
-    so one outlier cannot drag the others into looking different; a gap must also
-    exceed three standard errors of that endpoint's mean, so small samples stay quiet.
+
+def outliers(groups: dict[str, Moments]) -> tuple[list[tuple[str, float, Moments, Moments]], list[str]]:
+    """Find the endpoints that differ from the rest of the fleet by a real, sizable gap.
+
+    Each endpoint with enough items is compared with all the others pooled: a gap
+    of more than DISAGREE_POINTS that is also beyond chance (a two-sample z test
+    at DISAGREE_ALPHA shared across the endpoints tested). The most significant
+    one is set aside and the rest tested again, so one outlier cannot make its
+    peers look different. Two endpoints left that still differ cannot say which
+    is right: they come back as a pair.
     """
-    means, errors, sizes = {}, {}, {}
-    for name, counts in stats.per_endpoint.items():
-        n = sum(counts.values())
-        if n >= DISAGREE_MIN_ITEMS:
-            mean = stats.mean(counts)
-            variance = sum(k * (score - mean) ** 2 for score, k in counts.items()) / max(1, n - 1)
-            means[name], errors[name], sizes[name] = mean, math.sqrt(variance / n), n
-    if len(means) < 2:
-        return []
-    reference = statistics.median(means.values())
+    left = {name: m for name, m in groups.items() if m.n >= DISAGREE_MIN_ITEMS}
+    critical = statistics.NormalDist().inv_cdf(1 - DISAGREE_ALPHA / (2 * max(1, len(left))))
+    found: list[tuple[str, float, Moments, Moments]] = []
+    while len(left) >= 2:
+        tested = []
+        fleet = sum(left.values(), Moments())
+        for name, own in left.items():
+            rest = fleet - own
+            gap, z = separation(own, rest)
+            if abs(gap) > DISAGREE_POINTS and z > critical:
+                tested.append((z, name, gap, own, rest))
+        if not tested:
+            break
+        if len(left) == 2:
+            return found, sorted(left)
+        _, name, gap, own, rest = max(tested)
+        found.append((name, gap, own, rest))
+        del left[name]
+    return found, []
+
+
+def disagreements(stats: Stats) -> list[str]:
+    """Warn about endpoints whose scores (integer, or expected where both have them) stand apart."""
     warnings = []
-    for name, mean in sorted(means.items()):
-        gap = mean - reference
-        if abs(gap) > max(DISAGREE_POINTS, 3 * errors[name]):
+    integer = {name: moments(counts) for name, counts in stats.per_endpoint.items()}
+    for label, groups in (("scores", integer), ("expected scores", stats.expected)):
+        found, pair = outliers(groups)
+        on = "" if groups is integer else " on expected scores"
+        for name, gap, own, rest in found:
             warnings.append(f"WARNING: {name} scores {abs(gap):.2f} points {'higher' if gap > 0 else 'lower'} than "
-                            f"the fleet's typical endpoint ({mean:.2f} on {sizes[name]:,} items; median of "
-                            f"endpoint means {reference:.2f}): a different model build, quantization or settings "
-                            f"would bias the dataset")
+                            f"the rest of the fleet{on} ({own.mean:.2f} on {own.n:,} items vs {rest.mean:.2f} "
+                            f"on {rest.n:,}): a different model build, quantization or settings would bias the "
+                            f"dataset")
+        if pair:
+            a, b = (groups[n] for n in pair)
+            warnings.append(f"WARNING: {pair[0]} and {pair[1]} disagree on {label}: {a.mean:.2f} vs {b.mean:.2f} "
+                            f"on {a.n:,} and {b.n:,} items: a different model build, quantization or settings "
+                            f"on one of them would bias the dataset")
     return warnings
 
 
+def find_gaps(stats: Stats) -> list[tuple[float, float]]:
+    """Find stretches with no answers at all (the run stopped or every endpoint was down)."""
+    times = sorted(itertools.chain.from_iterable(stats.timeline.values()))
+    steps = [b - a for a, b in zip(times, times[1:])]
+    if not steps:
+        return []
+    threshold = max(GAP_SECONDS, 20 * statistics.median(steps))
+    return [(a, b) for a, b in zip(times, times[1:]) if b - a > threshold]
+
+
+def clock(ts: float, span: float) -> str:
+    """Label a moment for a time axis: HH:MM, with seconds for short runs and the date for long ones."""
+    return time.strftime("%m-%d %H:%M" if span > 86400 else "%H:%M:%S" if span < 600 else "%H:%M", time.gmtime(ts))
+
+
 def throughput_series(stats: Stats, buckets: int = 24) -> tuple[float, dict[str, list[float]]]:
-    """Items/s per endpoint in equal time buckets over the checkpoint's span."""
-    if stats.first_ts is None or stats.last_ts is None:
+    """Items/s per endpoint in up to `buckets` equal time buckets (about 20 answers or 1 s each at least).
+
+    None for a span under 2 s: a rate over a fraction of a second says nothing.
+    """
+    if stats.first_ts is None or stats.last_ts is None or stats.last_ts - stats.first_ts < 2:
         return 0.0, {}
-    width = max(1e-9, (stats.last_ts - stats.first_ts) / buckets)
+    events = sum(map(len, stats.timeline.values()))
+    buckets = max(4, min(buckets, events // 20, int(stats.last_ts - stats.first_ts)))
+    width = (stats.last_ts - stats.first_ts) / buckets
     series = {}
     for name, times in stats.timeline.items():
         counts = [0] * buckets
@@ -2672,33 +2875,107 @@ def bucket_label(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
 
 
-def spark(values: list[float]) -> str:
-    """Render a series as a one-line bar chart."""
-    top = max(values) or 1.0
+def spark(values: list[float], top: float | None = None) -> str:
+    """Render a series as a one-line bar chart (scaled to top, by default its own maximum)."""
+    top = top or max(values, default=0) or 1.0
     return "".join(" ▁▂▃▄▅▆▇█"[min(8, round(8 * v / top))] for v in values)
 
 
-def text_report(stats: Stats) -> str:
-    """The terminal report: histograms, means, errors, throughput over time."""
+def format_mean(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def report_endpoints(stats: Stats) -> list[str]:
+    """The endpoints a report names one by one: all of a small fleet, the notable ones of a large one."""
     names = sorted(stats.per_endpoint)
-    rows = [["score", "all", *names]]
+    odd, pair = outliers({n: moments(c) for n, c in stats.per_endpoint.items()})
+    flagged = {name for name, *_ in odd} | set(pair)
+    items = {n: sum(stats.per_endpoint[n].values()) for n in names}
+    typical = statistics.median(items.values()) if items else 0
+    return notable(names, [(lambda n: n in flagged, FLEET_ROWS),
+                           (lambda n: (items[n] < typical / 2) / (1 + items[n]), 3)])
+
+
+def tie_line(stats: Stats) -> str | None:
+    """Say how many rows share the most common score, and what breaks the tie."""
+    if not stats.rows_scored:
+        return None
+    mode, count = max(stats.histogram.items(), key=lambda kv: kv[1])
+    line = f"Ties: {100 * count / stats.rows_scored:.0f}% of scored rows share the most common score ({mode})"
+    if stats.expected_rows:
+        return line + (f"; {plural(stats.expected_rows, 'row')} {'has' if stats.expected_rows == 1 else 'have'} "
+                       f"an expected score (score_expected), which ranks rows within a tie.")
+    return line + "; the records have no expected scores to rank them within a tie."
+
+
+def distribution_lines(stats: Stats) -> list[str]:
+    """The overall histogram, one row per score, with expected scores beside it."""
+    if not stats.rows_scored:
+        return ["No rows scored yet."]
+    total = stats.rows_scored or 1
+    top = max(stats.histogram.values(), default=0) or 1
+    head = ["score", "rows", "share", "", "expected"] if stats.expected_rows else ["score", "rows", "share", ""]
+    rows = [head]
     for score in range(1, 11):
-        rows.append([str(score), f"{stats.histogram[score]:,}", *(f"{stats.per_endpoint[n][score]:,}" for n in names)])
-    rows.append(["mean", f"{stats.mean(stats.histogram):.2f}", *(f"{stats.mean(stats.per_endpoint[n]):.2f}"
-                                                               for n in names)])
-    lines = [f"Score distribution ({stats.rows_scored:,} rows scored"
-             + (f", {stats.duplicates:,} as duplicates" if stats.duplicates else "") + "):",
-             table(rows, right=set(range(1, len(rows[0]))))]
+        n = stats.histogram[score]
+        row = [str(score), f"{n:,}", f"{100 * n / total:.1f}%", "█" * round(40 * n / top)]
+        rows.append(row + [f"{stats.expected_histogram[score]:,}"] if stats.expected_rows else row)
+    mean = format_mean(stats.mean(stats.histogram))
+    rows.append(["mean", mean, "", ""] + ([format_mean(sum(stats.expected.values(), Moments()).mean)]
+                                          if stats.expected_rows else []))
+    lines = [f"Score distribution ({plural(stats.rows_scored, 'row')} scored"
+             + (f", {stats.duplicates:,} as {'a duplicate' if stats.duplicates == 1 else 'duplicates'}"
+                if stats.duplicates else "") + "):",
+             table(rows, right={1, 2, 4})]
+    if stats.expected_rows:
+        lines.append("  (expected: rows whose score_expected rounds to that score)")
+    return lines
+
+
+def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
+    """One row per endpoint: items, means, and its histogram on the fleet's shared scale."""
+    groups = {n: stats.per_endpoint[n] for n in shown}
+    expected = {n: stats.expected.get(n, Moments()) for n in shown}
+    rest = [n for n in stats.per_endpoint if n not in groups]
+    if rest:
+        groups[f"{len(rest)} others"] = sum((stats.per_endpoint[n] for n in rest), Counter())
+        expected[f"{len(rest)} others"] = sum((stats.expected.get(n, Moments()) for n in rest), Moments())
+    shares = {n: [c[s] / (sum(c.values()) or 1) for s in range(1, 11)] for n, c in groups.items()}
+    top = max((max(v) for v in shares.values()), default=1.0)
+    rows = [["endpoint", "items", "mean", *(["expected"] if stats.expected_rows else []), "scores 1..10"]]
+    for name, counts in groups.items():
+        rows.append([name[:24], f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
+                     *([format_mean(expected[name].mean)] if stats.expected_rows else []),
+                     "|" + spark(shares[name], top) + "|"])
+    laid = table(rows, right={1, 2, 3} if stats.expected_rows else {1, 2})
+    return ["Per endpoint (histograms share one scale):", *("  " + line for line in laid.splitlines())]
+
+
+def text_report(stats: Stats) -> str:
+    """The terminal report: histograms, means, ties, errors, throughput over time; within 100 columns."""
+    shown = report_endpoints(stats)
+    lines = distribution_lines(stats)
+    lines += filter(None, [tie_line(stats)])
+    if stats.token_rows:
+        lines.append(f"Generated {stats.tokens / stats.token_rows:.1f} tokens per answer on average "
+                     f"(output_tokens of {stats.token_rows:,} records).")
+    if stats.per_endpoint:
+        lines += endpoint_lines(stats, shown)
     lines += disagreements(stats)
     if stats.errors:
         lines.append("Rows without a score: " + ", ".join(f"{n:,} {k}" for k, n in sorted(stats.errors.items())))
     width, series = throughput_series(stats)
     if series:
         lines.append(f"Throughput over time ({bucket_label(width)} buckets, peak items/s):")
-        for name in names:
-            if name in series:
-                lines.append(f"  {name:<12} {spark(series[name])} {max(series[name]):.2f}")
-    return "\n".join(lines)
+        rest = [n for n in series if n not in shown]
+        series = {n: series[n] for n in shown if n in series} | (
+            {f"{len(rest)} others": [sum(v) for v in zip(*(series[n] for n in rest))]} if rest else {})
+        for name, values in series.items():
+            lines.append(f"  {name[:16]:<16} {spark(values)} {max(values):.2f}")
+        for a, b in find_gaps(stats):
+            lines.append(f"  no answers for {format_duration(b - a)}, {clock(a, b - a + 3600)} to "
+                         f"{clock(b, b - a + 3600)} UTC (stopped, or every endpoint down)")
+    return fit(lines)
 
 
 def svg_bars(values: list[float], labels: list[str], width: int = 360, height: int = 140, color: str = "#3b6ea8") -> str:
@@ -2719,52 +2996,173 @@ def svg_bars(values: list[float], labels: list[str], width: int = 360, height: i
     return "".join(parts)
 
 
-def svg_lines(series: dict[str, list[float]], span: float, width: int = 720, height: int = 180) -> str:
-    """An inline SVG line chart of items/s per endpoint over time."""
+def curve_groups(stats: Stats, names: list[str]) -> dict[str, list[str]]:
+    """Lines to draw: each named endpoint, and the others together."""
+    groups = {n: [n] for n in names}
+    rest = [n for n in stats.timeline if n not in groups]
+    if rest:
+        groups[f"{len(rest)} others" if names else "fleet"] = rest
+    return groups
+
+
+def active_spans(stats: Stats, gaps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The stretches between gaps, in real time."""
+    edges = [stats.first_ts or 0.0, *itertools.chain.from_iterable(gaps), stats.last_ts or 0.0]
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[float]:
+    """Items/s in equal buckets over [lo, hi]."""
+    width = (hi - lo) / buckets
+    counts = [0] * buckets
+    for t in times[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]:
+        counts[min(buckets - 1, int((t - lo) / width))] += 1
+    return [c / width for c in counts]
+
+
+def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 180) -> str:
+    """An inline SVG chart of items/s over time: a clock axis, and each pause drawn as a narrow gap."""
     colors = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#777777"]
-    top = max((max(v) for v in series.values() if v), default=1) or 1
-    parts = [f'<svg width="{width + 60}" height="{height + 20}" role="img">',
-             f'<text x="{width + 4}" y="12" font-size="10">{top:.2f}/s</text>',
-             f'<text x="{width + 4}" y="{height + 5}" font-size="10">0</text>',
-             f'<text x="{width - 4}" y="{height + 18}" font-size="10" text-anchor="end">'
-             f'{format_duration(span)}</text>',
-             f'<line x1="0" y1="{height + 5}" x2="{width}" y2="{height + 5}" stroke="#ccc"/>']
-    for i, (name, values) in enumerate(sorted(series.items())):
-        n = max(1, len(values) - 1)
-        points = " ".join(f"{width * j / n:.1f},{height - height * v / top + 5:.1f}" for j, v in enumerate(values))
+    gaps = find_gaps(stats)
+    spans = active_spans(stats, gaps)
+    groups = curve_groups(stats, names[:len(colors) - 1])
+    times = {label: sorted(itertools.chain.from_iterable(stats.timeline[n] for n in members))
+             for label, members in groups.items()}
+    active = sum(hi - lo for lo, hi in spans) or 1e-9
+    usable, gap_px = width - 60 * len(gaps), 60
+    span = (stats.last_ts or 0.0) - (stats.first_ts or 0.0)
+    curves: list[tuple[float, float, dict[str, list[float]]]] = []     # (x, px width, rates per label)
+    # Enough answers per bucket to be a rate, not a comb of single completions; at most 96, at least 1 s wide.
+    resolution = max(4, min(96, sum(map(len, times.values())) // 20, int(active)))
+    x = 40.0
+    for lo, hi in spans:
+        px = max(4.0, usable * (hi - lo) / active)
+        if hi - lo > 1e-6:
+            buckets = max(1, round(resolution * (hi - lo) / active))
+            curves.append((x, px, {label: span_rates(t, lo, hi, buckets) for label, t in times.items()}))
+        x += px + gap_px
+    top = max((max(r) for _, _, rates in curves for r in rates.values()), default=1) or 1
+    parts = [f'<svg width="{width + 80}" height="{height + 60}" role="img">',
+             f'<text x="0" y="14" font-size="10">{top:.2f}/s</text><text x="0" y="{height + 5}" font-size="10">0</text>',
+             f'<line x1="40" y1="{height + 5}" x2="{width + 40}" y2="{height + 5}" stroke="#999"/>']
+    x, last_label = 40.0, -1e9
+    for i, (lo, hi) in enumerate(spans):
+        px = max(4.0, usable * (hi - lo) / active)
+        for t in (lo, hi) if px < 200 else (lo, lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3, hi):
+            at = x + px * (t - lo) / max(1e-9, hi - lo)
+            if at - last_label >= 70:
+                parts.append(f'<line x1="{at:.1f}" y1="{height + 5}" x2="{at:.1f}" y2="{height + 9}" stroke="#999"/>'
+                             f'<text x="{at:.1f}" y="{height + 21}" font-size="10" text-anchor="middle">'
+                             f'{clock(t, span)}</text>')
+                last_label = at
+        x += px
+        if i < len(gaps):
+            a, b = gaps[i]
+            parts.append(f'<rect x="{x + 4:.1f}" y="5" width="{gap_px - 8}" height="{height}" fill="#eee">'
+                         f'<title>no answers for {format_duration(b - a)}</title></rect>'
+                         f'<text x="{x + gap_px / 2:.1f}" y="{height / 2:.0f}" font-size="9" text-anchor="middle" '
+                         f'fill="#777"><tspan x="{x + gap_px / 2:.1f}">no answers</tspan><tspan x="'
+                         f'{x + gap_px / 2:.1f}" dy="12">{format_duration(b - a)}</tspan></text>')
+            x += gap_px
+    for i, label in enumerate(groups):
         color = colors[i % len(colors)]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{8 + 110 * i}" y="{height + 18}" font-size="11" fill="{color}">'
-                     f'{html.escape(name)}</text>')
-    parts.append("</svg>")
+        for left, px, rates in curves:
+            values = rates[label]
+            points = " ".join(f"{left + px * (j + 0.5) / len(values):.1f},{height - height * v / top + 5:.1f}"
+                              for j, v in enumerate(values))
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
+        parts.append(f'<text x="{40 + 120 * i}" y="{height + 40}" font-size="11" fill="{color}">'
+                     f'{html.escape(label[:18])}</text>')
+    parts.append(f'<text x="{width + 40}" y="{height + 55}" font-size="10" text-anchor="end">time (UTC)</text></svg>')
     return "".join(parts)
+
+
+def svg_mini(shares: list[float], top: float, width: int = 120, height: int = 24) -> str:
+    """A tiny histogram of scores 1..10 on a scale shared by every endpoint."""
+    step = width / len(shares)
+    bars = "".join(f'<rect x="{i * step:.1f}" y="{height - height * v / top:.1f}" width="{step - 1:.1f}" '
+                   f'height="{height * v / top:.1f}" fill="#3b6ea8"><title>{i + 1}: {100 * v:.1f}%</title></rect>'
+                   for i, v in enumerate(shares))
+    return f'<svg width="{width}" height="{height}" role="img">{bars}</svg>'
+
+
+def read_meta(output: Path) -> dict[str, Any]:
+    """Read the checkpoint's sidecar, or nothing if it is missing or unreadable."""
+    try:
+        meta = json.loads(meta_path(output).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def html_header(stats: Stats, source: Path) -> str:
+    """Name what the page describes: model, prompt, when the answers came."""
+    meta = read_meta(source)
+    found = meta.get("fingerprint") or {}
+    builds = sorted({f"{e.get('model')} ({str(e.get('digest'))[:12]})" for e in (meta.get("endpoints") or {}).values()
+                     if isinstance(e, dict) and e.get("digest")})
+    facts = [("model", ", ".join(builds) or found.get("model") or "unknown (no sidecar)"),
+             ("prompt sha256", str(found.get("prompt_sha256") or "unknown")[:16]),
+             ("input", found.get("input") or "unknown")]
+    if stats.first_ts is not None and stats.last_ts is not None:
+        first, last = time.gmtime(stats.first_ts), time.gmtime(stats.last_ts)
+        same_day = first[:3] == last[:3]
+        facts.append(("answers", f"{time.strftime('%Y-%m-%d %H:%M:%S', first)} to "
+                                 f"{time.strftime('%H:%M:%S' if same_day else '%Y-%m-%d %H:%M:%S', last)} UTC"))
+    facts.append(("report written", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
+    return "<table class=facts>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                                           for k, v in facts) + "</table>"
+
+
+def html_endpoints(stats: Stats) -> str:
+    """A table of every endpoint with a small histogram each, all on one scale."""
+    names = sorted(stats.per_endpoint)
+    total = sum(sum(c.values()) for c in stats.per_endpoint.values()) or 1
+    shares = {n: [c[s] / (sum(c.values()) or 1) for s in range(1, 11)] for n, c in stats.per_endpoint.items()}
+    top = max((max(v) for v in shares.values()), default=1.0) or 1.0
+    odd, pair = outliers({n: moments(c) for n, c in stats.per_endpoint.items()})
+    flagged = {name for name, *_ in odd} | set(pair)
+    head = "<tr><th>endpoint</th><th>items</th><th>share</th><th>mean</th>" + (
+        "<th>expected</th>" if stats.expected_rows else "") + "<th>scores 1..10 (share of its items)</th></tr>"
+    rows = []
+    for n in names:
+        items = sum(stats.per_endpoint[n].values())
+        expected = f"<td>{format_mean(stats.expected.get(n, Moments()).mean)}</td>" if stats.expected_rows else ""
+        rows.append(f"<tr{' class=warn' if n in flagged else ''}><td>{html.escape(n)}</td><td>{items:,}</td>"
+                    f"<td>{100 * items / total:.1f}%</td><td>{format_mean(stats.mean(stats.per_endpoint[n]))}</td>"
+                    f"{expected}<td>{svg_mini(shares[n], top)}</td></tr>")
+    note = ""
+    if stats.duplicates:
+        note = (f"<p>The endpoints' items add up to {total:,}, not {stats.rows_scored:,}: "
+                f"{plural(stats.duplicates, 'row')} had the same text as another row and took its verdict "
+                f"without a request; they count in All rows only.</p>")
+    return f"<h2>Per endpoint</h2>{note}<table class=fleet>{head}{''.join(rows)}</table>"
 
 
 def html_report(stats: Stats, source: Path) -> str:
     """The same report as one self-contained page (inline SVG, no network)."""
-    names = sorted(stats.per_endpoint)
     labels = [str(s) for s in range(1, 11)]
-    sections = [f"<h2>All rows ({stats.rows_scored:,} scored, mean {stats.mean(stats.histogram):.2f})</h2>",
+    sections = [html_header(stats, source),
+                f"<h2>All rows ({stats.rows_scored:,} scored, mean {format_mean(stats.mean(stats.histogram))})</h2>",
                 svg_bars([stats.histogram[s] for s in range(1, 11)], labels)]
-    sections.append("<h2>Per endpoint</h2><div class=row>")
-    for name in names:
-        counts = stats.per_endpoint[name]
-        sections.append(f"<div><h3>{html.escape(name)}: {sum(counts.values()):,} items, mean "
-                        f"{stats.mean(counts):.2f}</h3>{svg_bars([counts[s] for s in range(1, 11)], labels, 300)}</div>")
-    sections.append("</div>")
+    sections += [f"<p>{html.escape(line)}</p>" for line in filter(None, [tie_line(stats)])]
+    if stats.expected_rows:
+        sections.append(f"<h2>Expected scores ({stats.expected_rows:,} rows, rounded to the nearest score)</h2>"
+                        + svg_bars([stats.expected_histogram[s] for s in range(1, 11)], labels, color="#7b5ea8"))
+    if stats.token_rows:
+        sections.append(f"<p>Generated {stats.tokens / stats.token_rows:.1f} tokens per answer on average.</p>")
+    if stats.per_endpoint:
+        sections.append(html_endpoints(stats))
     for warning in disagreements(stats):
         sections.append(f'<p class=warn>{html.escape(warning)}</p>')
-    shares = [sum(stats.per_endpoint[n].values()) for n in names]
-    sections.append("<h2>Share of work</h2>" + svg_bars(shares, names, 120 * max(1, len(names)), 120, "#3a9a5b"))
-    width, series = throughput_series(stats)
-    if series:
-        sections.append(f"<h2>Throughput over time (items/s, {bucket_label(width)} buckets)</h2>"
-                        + svg_lines(series, stats.last_ts - stats.first_ts))
+    if find_gaps(stats) or throughput_series(stats)[1]:
+        sections.append("<h2>Throughput over time (items/s)</h2>" + svg_lines(stats, report_endpoints(stats)))
     if stats.errors:
         items = "".join(f"<li>{n:,} {html.escape(k)}</li>" for k, n in sorted(stats.errors.items()))
         sections.append(f"<h2>Rows without a score</h2><ul>{items}</ul>")
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}.row{display:flex;flex-wrap:wrap;gap:2em}"
-             ".warn{color:#a00;font-weight:bold}h3{font-size:1em}")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}.warn{color:#a00;font-weight:bold}"
+             "table{border-collapse:collapse}td,th{padding:2px 10px;text-align:left}.fleet td{border-top:1px solid #eee}"
+             ".facts th{color:#555;font-weight:normal}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>score.py report: {html.escape(source.name)}"
             f"</title><style>{style}</style></head><body><h1>score.py report: {html.escape(source.name)}</h1>"
             + "".join(sections) + "</body></html>\n")
@@ -2998,50 +3396,66 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+DURATION_HELP = "90, 90s, 15m, 2h or 1d"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Declare the options, grouped as a user looks for them: input, fleet, run, output, reports."""
     parser = Parser(
-        prog="score.py", description="Score every row of a dataset with a local LLM spread over several machines.",
-        epilog="Exit codes: 0 all taken rows scored; 1 some rows have no score; 2 bad usage/input or no usable "
-               "endpoint; 130 SIGINT; 143 SIGTERM.")
-    add = parser.add_argument
-    add("input", type=Path, help=".parquet file, directory of .parquet files, or .jsonl/.ndjson (optionally .gz)")
-    add("--endpoints", type=Path, metavar="FILE",
-        help=f"endpoints file (default: ./endpoints.txt if present, else {DEFAULT_ENDPOINT})")
-    add("-o", "--output", type=Path, metavar="FILE", help="checkpoint JSONL (default: <input>.scores.jsonl)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an existing output, skipping finished rows")
-    mode.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
-    add("--force", action="store_true", help="resume even if model, prompt or input changed")
-    add("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}); endpoints may override")
+        prog="score.py", usage="python score.py INPUT [options]   (or: score INPUT [options])",
+        description="Score every row of a dataset with a local LLM spread over several machines. Installed with "
+                    "pip, the same program is the `score` command.",
+        epilog=f"Durations are written {DURATION_HELP}. Exit codes: 0 all taken rows scored; 1 some rows have no "
+               "score or the run stopped early; 2 bad usage/input or no usable endpoint; 129 SIGHUP; 130 SIGINT; 143 SIGTERM.")
+    parser.add_argument("input", type=Path,
+                        help=".parquet file, directory of .parquet files, or .jsonl/.ndjson (optionally .gz)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    groups = {name: parser.add_argument_group(title) for name, title in (
+        ("input", "input"), ("fleet", "fleet (endpoints and model)"), ("run", "run (requests, retries, pacing)"),
+        ("output", "output (checkpoint and resuming)"), ("reports", "reports and export"))}
+    add = groups["input"].add_argument
     add("--id-column", metavar="COL", help="id column (default: 'id' if present, else the row number)")
     add("--text-column", metavar="COL", help=f"text column (default: first of {', '.join(TEXT_COLUMNS)})")
     add("--prompt-file", type=Path, metavar="FILE", help="prompt template with {code} and any {column}")
-    add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
-        help="requests in flight per endpoint unless its line says (default auto: adaptive)")
-    add("--timeout", type=parse_duration, default=600.0, metavar="SECONDS", help="per-request limit (default 600)")
-    add("--max-attempts", type=positive_int, default=3, metavar="N",
-        help="bad answers allowed per row before it is recorded as failed (default 3)")
     add("--limit", type=positive_int, metavar="N", help="score at most N not-yet-finished rows, then stop")
-    add("--num-ctx", type=positive_int, default=8192, metavar="N", help="context tokens sent to Ollama (default 8192)")
-    add("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default 0)")
-    add("--seed", type=int, default=42, metavar="N", help="sampling seed (default 42)")
-    add("--keep-alive", default="30m", metavar="DURATION", help="how long Ollama keeps the model loaded (default 30m)")
-    add("--max-downtime", type=parse_duration, metavar="DURATION",
-        help="give up (exit 1, nothing lost) when every endpoint is down and none has answered for this long "
-             "(default: never)")
-    add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
-        help="exit 2 if no endpoint has answered at all within this time (default 300s)")
+    add("--no-dedup", dest="dedup", action="store_false", help="send duplicate texts separately")
+    add = groups["fleet"].add_argument
+    add("--endpoints", type=Path, metavar="FILE",
+        help=f"endpoints file (default: ./endpoints.txt if present, else {DEFAULT_ENDPOINT})")
+    add("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}); endpoints may override")
     add("--allow-mixed-models", action="store_true", help="accept different builds of the model across endpoints")
     add("--pull", action="store_true", help="ask Ollama endpoints that lack the model to pull it")
     add("--check", action="store_true", help="run the preflight, print the first prompt, and exit")
+    add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
+        help=f"exit 2 if no endpoint has answered at all within this time ({DURATION_HELP}; default 300s)")
+    add("--keep-alive", default="30m", metavar="DURATION",
+        help="how long Ollama keeps the model loaded (Ollama's syntax: 30m, 2h, -1 = forever; default 30m)")
+    add = groups["run"].add_argument
+    add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
+        help="requests in flight per endpoint unless its line says (default auto: adaptive)")
+    add("--timeout", type=parse_duration, default=600.0, metavar="DURATION",
+        help=f"per-request limit ({DURATION_HELP}; default 600s)")
+    add("--max-attempts", type=positive_int, default=3, metavar="N",
+        help="bad answers allowed per row before it is recorded as failed (default 3)")
+    add("--max-downtime", type=parse_duration, metavar="DURATION",
+        help=f"give up (exit 1, nothing lost) when every endpoint is down and none has answered for this long "
+             f"({DURATION_HELP}; default: never)")
+    add("--num-ctx", type=positive_int, default=8192, metavar="N", help="context tokens sent to Ollama (default 8192)")
+    add("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default 0)")
+    add("--seed", type=int, default=42, metavar="N", help="sampling seed (default 42)")
     add("--no-hedge", dest="hedge", action="store_false", help="never race slow tail requests on faster endpoints")
-    add("--no-dedup", dest="dedup", action="store_false", help="send duplicate texts separately")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar or status lines")
-    add("--export", type=Path, metavar="PATH.parquet", help="write the input with score columns added, at the end")
-    add("--min-score", type=int, metavar="N", help="with --export: keep only rows scoring at least N")
+    add = groups["output"].add_argument
+    add("-o", "--output", type=Path, metavar="FILE", help="checkpoint JSONL (default: <input>.scores.jsonl)")
+    mode = groups["output"].add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an existing output, skipping finished rows")
+    mode.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
+    add("--force", action="store_true", help="resume even if model, prompt or input changed")
+    add = groups["reports"].add_argument
     add("--report", action="store_true", help="print the run report for the output and exit (scores nothing)")
     add("--report-html", type=Path, metavar="PATH", help="also write the report as a self-contained HTML page")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add("--export", type=Path, metavar="PATH.parquet", help="write the input with score columns added, at the end")
+    add("--min-score", type=int, metavar="N", help="with --export: keep only rows scoring at least N")
     return parser
 
 
@@ -3298,10 +3712,30 @@ def print_first_prompt(config: Config, first: list[Item], endpoints: list[Endpoi
     print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
 
 
+def interpreter() -> str:
+    """Name the running Python the way a shell on this machine would find it."""
+    for name in ("python", "python3"):
+        found = shutil.which(name)
+        if found and os.path.abspath(found) == os.path.abspath(sys.executable):
+            return name
+    return sys.executable
+
+
+def invocation(argv0: str) -> list[str]:
+    """Spell how this program was started, valid again from the same folder."""
+    if argv0.endswith(".py"):
+        return [interpreter(), argv0]
+    name = Path(argv0).name                # the `score` console script
+    found = shutil.which(name)
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return [name]
+    return [argv0]
+
+
 def resume_command(config: Config) -> str:
-    """Spell out the command that continues this run."""
-    argv = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
-    return " ".join(["python", Path(sys.argv[0]).name or "score.py", *argv, "--resume"])
+    """Spell out, shell-quoted, the command that continues this run."""
+    words = [w for w in config.command or ("score.py", str(config.input)) if w not in ("--overwrite", "--resume")]
+    return shlex.join([*words, "--resume"])
 
 
 def finish_outputs(config: Config, code: int) -> int:
@@ -3331,11 +3765,18 @@ def guard_streams() -> Callable[[], None]:
     return restore
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, run, and map every expected failure to a one-line error."""
+def main(argv: list[str] | None = None, command: list[str] | None = None) -> int:
+    """Entry point: parse, run, and map every expected failure to a one-line error.
+
+    `command` is how the user started this run (program and arguments), for the
+    resume hint; by default it is read from the real command line.
+    """
     restore = guard_streams()
+    args = sys.argv[1:] if argv is None else list(argv)
+    if command is None:
+        command = [*invocation(sys.argv[0]), *args] if argv is None else [interpreter(), "score.py", *args]
     try:
-        config = parse_args(argv)
+        config = replace(parse_args(args), command=tuple(command))
         return asyncio.run(amain(config))
     except UsageError as exc:
         print(f"score.py: error: {exc}", file=sys.stderr)

@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+import score  # noqa: E402
+
+# Runs score.main in a child process with the command a user should type to resume: this script's own.
+RUNNER = "import json, sys; sys.path.insert(0, sys.argv[1]); import score; " \
+         "sys.exit(score.main(sys.argv[3:], command=json.loads(sys.argv[2])))"
 MODEL_ALIAS = "smollm2"
 CONTEXT = 1024          # small on purpose: long functions exercise the "cut to fit" path
 
@@ -50,7 +60,8 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path()), "--model_alias", MODEL_ALIAS,
          "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(CONTEXT),
          "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
-        stdout=out, stderr=subprocess.STDOUT, text=True)
+        stdout=out, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)            # Ctrl-C is for score.py; this script stops the servers itself
     out.close()
     return proc, f"http://127.0.0.1:{port}/v1"
 
@@ -112,23 +123,90 @@ def write_endpoints(path: Path, urls: list[str]) -> Path:
     return path
 
 
+def run_score(argv: list[str], command: list[str]) -> int:
+    """Run score.py in its own session, passing it our Ctrl-C / SIGTERM; return its exit code."""
+    child = subprocess.Popen([sys.executable, "-c", RUNNER, str(ROOT), json.dumps(command), *argv],
+                             start_new_session=True)
+    forward = lambda sig, frame: child.send_signal(sig)        # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def verdicts(output: Path) -> tuple[list[dict], list[dict]]:
+    """Split the checkpoint into the last scored record per id and the ids left without a score."""
+    last: dict = {}
+    for line in output.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("score") is not None or record["id"] not in last:
+                last[record["id"]] = record
+    scored = [r for r in last.values() if r.get("score") is not None]
+    return scored, [r for r in last.values() if r.get("score") is None]
+
+
+def explain(output: Path, code: int, rows: int) -> int:
+    """Say what the run showed; a finished run of all `rows` whose only gap is the planted empty row did its job."""
+    if code not in (0, 1) or not output.exists():
+        return code
+    scored, unscored = verdicts(output)
+    lines = []
+    if scored:
+        (top, count), = Counter(r["score"] for r in scored).most_common(1)
+        expected = [r["score_expected"] for r in scored if isinstance(r.get("score_expected"), (int, float))]
+        lines.append(f"What the verdicts are worth: SmolLM2-135M is a tiny model, so its integer scores say little "
+                     f"about the code ({count} of {len(scored)} functions got {top}). " + (
+                         f"The expected scores (score_expected, the score weighted by the model's token "
+                         f"probabilities) show what the integers hide: they range from {min(expected):.2f} to "
+                         f"{max(expected):.2f}." if expected else
+                         "These servers gave no token probabilities, so the records have no expected scores "
+                         "(score_expected) to show what the integers hide.")
+                     + " A real model (e.g. qwen2.5-coder:7b on Ollama) gives usable scores with the same commands.")
+    planted = [r for r in unscored if r.get("error_kind") == "empty"]
+    done = bool(planted) and len(planted) == len(unscored) and len(scored) + len(unscored) == rows
+    if done:
+        lines.append(f"The row without a score ({planted[0]['id']}) is blank on purpose, to show how a bad row is "
+                     f"recorded: that is expected. The demo did what it promised.")
+    print("\n" + "\n".join(textwrap.fill(line, 100) for line in lines))
+    return 0 if done else code
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Score examples/sample.jsonl on a local fleet of llama.cpp servers.")
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("score_args", nargs="*", help="extra arguments for score.py (after --)")
     args = parser.parse_args()
+    own = ["--servers", str(args.servers)] if args.servers != 2 else []
+    command = [score.interpreter(), sys.argv[0], *own, "--", *args.score_args]
     workdir = Path(tempfile.mkdtemp(prefix="score-try-"))
+    output = HERE / "sample.scores.jsonl"
     print(f"Starting {args.servers} llama_cpp.server processes (SmolLM2-135M, 1 thread each)...", flush=True)
-    with fleet(args.servers, workdir) as urls:
-        endpoints = write_endpoints(workdir / "endpoints.txt", urls)
-        output = HERE / "sample.scores.jsonl"
-        fresh = [] if "--resume" in args.score_args else ["--overwrite"]
-        command = [sys.executable, str(ROOT / "score.py"), str(HERE / "sample.jsonl"), "--endpoints", str(endpoints),
-                   "-o", str(output), "--model", MODEL_ALIAS, "--max-attempts", "5", *fresh, *args.score_args]
-        print("$ " + " ".join(command[1:]), flush=True)
-        code = subprocess.call(command)
-    print(f"\nResults: {output}  (servers' logs: {workdir})")
-    return code
+    code = None
+    try:
+        with fleet(args.servers, workdir) as urls:
+            endpoints = write_endpoints(workdir / "endpoints.txt", urls)
+            fresh = [] if "--resume" in args.score_args else ["--overwrite"]
+            argv = [str(HERE / "sample.jsonl"), "--endpoints", str(endpoints), "-o", str(output),
+                    "--model", MODEL_ALIAS, "--max-attempts", "5", *fresh, *args.score_args]
+            print("$ score.py " + " ".join(argv), flush=True)
+            code = run_score(argv, command)
+    except KeyboardInterrupt:
+        if code is None:
+            print("\nStopped before scoring started; the servers are stopped and nothing was written.",
+                  file=sys.stderr)
+            return 130
+    except ImportError as exc:
+        print(f"try_it: {exc}; install the demo's servers with: pip install -e '.[real]'", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"try_it: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nResults: {output}  (servers' logs: {workdir}; the servers are stopped)")
+    rows = sum(1 for line in (HERE / "sample.jsonl").read_text().splitlines() if line.strip())
+    return explain(output, code, rows)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
 import subprocess
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -151,6 +154,126 @@ def test_html_report_renders_in_headless_chromium(tmp_path, serve):
     assert "<svg" in dom and "All rows (60 scored" in dom
     for name in ("e0", "e1"):
         n = sum(r["endpoint"] == name for r in records)
-        assert f"{name}: {n} items" in dom
+        assert f"<td>{name}</td><td>{n}</td>" in dom
+    assert "qwen2.5-coder:7b" in dom and "prompt sha256" in dom and "nan" not in dom
     assert "http://" not in page.read_text().replace(a.url, "").replace(b.url, "").replace(
         "http://www.w3.org/2000/svg", "")                                  # nothing fetched at view time
+
+
+def fleet_checkpoint(path, endpoints: int = 44, per_endpoint: int = 60, gap: float = 3 * 3600.0):
+    """Write a checkpoint as a large fleet would leave it: expected scores, tokens, a duplicate, a long pause."""
+    lines, start = [], 1_790_000_000.0
+    for e in range(endpoints):
+        for i in range(per_endpoint):
+            n = e * per_endpoint + i
+            value = 3 if e == 7 else 6 + (i % 3 == 0)             # node-07 scores far lower
+            ts = start + n * 0.5 + (gap if n >= endpoints * per_endpoint // 2 else 0.0)
+            lines.append({"id": n, "score": value, "score_expected": value - 0.4 + (i % 5) / 10,
+                          "endpoint": f"node-{e:02d}", "output_tokens": 6, "ts": ts})
+    lines.append({"id": "dup", "score": 7, "endpoint": "node-00", "duplicate_of": 0, "ts": start})
+    lines.append({"id": "bad", "score": None, "error_kind": "empty", "error": "empty text"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return lines
+
+
+def test_report_of_a_large_fleet_fits_100_columns_and_names_the_notable_endpoints(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    fleet_checkpoint(checkpoint)
+    result = run_cli(data, "-o", checkpoint, "--report")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    fleet = [line.split() for line in lines if line.endswith("|")]            # one per endpoint, or "N others"
+    assert ["node-07"] == [r[0] for r in fleet if r[0] == "node-07"]          # the disagreeing one is named
+    named = [r[0] for r in fleet if r[0].startswith("node-")]
+    folded = [r for r in fleet if r[1] == "others"]
+    assert named and len(named) < score.FLEET_ROWS and len(folded) == 1
+    assert len(named) + int(folded[0][0]) == 44                               # every endpoint counted once
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 2 and all("node-07" in w for w in warnings)     # integer and expected scores
+    assert "share the most common score (6)" in result.stderr
+    assert "6.0 tokens per answer" in result.stderr
+    assert "no answers for 3h00m" in result.stderr
+
+
+def test_html_report_of_a_large_fleet_renders_every_endpoint_and_the_pause(tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    fleet_checkpoint(checkpoint, endpoints=120, per_endpoint=20)
+    page = tmp_path / "report.html"
+    assert run_cli(data, "-o", checkpoint, "--report", "--report-html", page).returncode == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert all(f"<td>node-{e:02d}</td>" for e in range(120)) and dom.count("<svg") > 120
+    assert "no answers for 3h00m" in dom                               # the pause is drawn as a gap
+    assert "took its verdict" in dom                                   # why the endpoints don't add up
+    assert "nan" not in dom and "Expected scores" in dom
+
+
+def fleet_stats(groups: dict[str, list[int]]) -> score.Stats:
+    stats = score.Stats()
+    for name, values in groups.items():
+        stats.per_endpoint[name] = Counter(values)
+    return stats
+
+
+def spread(mean_tenths: int, n: int = 100) -> list[int]:
+    """n scores around 5 (4, 5, 6 in turn) shifted so that their mean is mean_tenths / 10."""
+    base = [4 + i % 3 for i in range(n - n % 3)] + [5] * (n % 3)             # mean 5.0
+    moved = (mean_tenths - 50) * n // 10                                     # rows one point higher (lower)
+    return [v + (i < abs(moved)) * (1 if moved > 0 else -1) for i, v in enumerate(base)]
+
+
+def test_disagreement_warns_for_two_endpoints_five_against_five_point_nine():
+    a, b = spread(50), spread(59)
+    assert (sum(a) / 100, sum(b) / 100) == (5.0, 5.9)
+    warnings = score.disagreements(fleet_stats({"a": a, "b": b}))
+    assert len(warnings) == 1 and "a and b disagree" in warnings[0] and "5.00 vs 5.90" in warnings[0]
+
+
+def test_disagreement_names_only_the_outlier_among_several():
+    warnings = score.disagreements(fleet_stats({"gpu": spread(55), "mac1": spread(54), "mac2": spread(58),
+                                                "mac3": spread(42)}))
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: mac3 scores") and "lower" in warnings[0]
+
+
+@pytest.mark.parametrize("groups", [
+    {"a": spread(50, 5000), "b": spread(53, 5000)},                  # real but small: under half a point
+    {"a": [1, 10] * 30, "b": [1, 10] * 24 + [10] * 12},              # 0.9 apart, but on noise this wide it is chance
+    {"a": spread(50, 40), "b": spread(60, 40)},                      # too few items to judge
+])
+def test_disagreement_stays_quiet_on_small_gaps_noise_or_few_items(groups):
+    assert score.disagreements(fleet_stats(groups)) == []
+
+
+def test_disagreement_has_no_false_alarms_on_a_large_fleet_of_one_model():
+    generator = random.Random(7)
+    groups = {f"node-{i}": [generator.choice([3, 4, 5, 5, 6, 6, 7, 9]) for _ in range(80)] for i in range(60)}
+    assert score.disagreements(fleet_stats(groups)) == []
+
+
+def test_disagreement_compares_expected_scores_where_endpoints_have_them():
+    stats = fleet_stats({"a": spread(50), "b": spread(50)})       # the integers agree
+    for name, shift in (("a", 0.0), ("b", 0.8)):
+        stats.expected[name] = score.Moments()
+        for i in range(100):
+            stats.expected[name].add(4.5 + shift + (i % 5) / 5)
+    warnings = score.disagreements(stats)
+    assert len(warnings) == 1 and "on expected scores" in warnings[0]
+
+
+def test_html_endpoint_histograms_share_one_scale(tmp_path):
+    stats = fleet_stats({"sure": [5] * 60, "torn": [4, 6] * 30})
+    page = score.html_report(stats, tmp_path / "x.scores.jsonl")
+    heights = {}
+    for name in ("sure", "torn"):
+        row = page.split(f"<td>{name}</td>", 1)[1].split("</tr>", 1)[0]
+        heights[name] = max(float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)"', row))
+    assert heights["torn"] == pytest.approx(heights["sure"] / 2)       # half the share, half the height
+    assert "unknown (no sidecar)" in page and "nan" not in page
