@@ -1266,8 +1266,8 @@ async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | Non
     if entries is None and isinstance(document, dict) and field not in document:
         entries = []
     if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
-        raise EndpointFault(f"{path}: expected a list of models, got {sketch(entries if entries is not None else document)}",
-                            item_related=False)
+        got = sketch(entries if entries is not None else document)
+        raise EndpointFault(f"{path}: expected a list of model objects, got {got}", item_related=False)
     models: dict[str, str | None] = {}
     for entry in entries:
         name = next((entry[k] for k in name_keys if isinstance(entry.get(k), str) and entry[k]), None)
@@ -2780,7 +2780,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
     give_up = started + config.startup_timeout
     retry_at: dict[Endpoint, float] = {}
     ready_at: float | None = None
-    told, told_loading, next_left = False, False, started + 30.0
+    told, told_loading, next_left = False, False, started + 15.0
     while True:
         for e in endpoints:
             if e.state == "pending" and e not in tasks and time.monotonic() >= retry_at.get(e, 0.0):
@@ -2810,7 +2810,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
                  + "\n".join(f"  {e.name} ({e.url}): {e.detail}" for e in endpoints)
                  + first_run_hint(endpoints, config))
         if told and not answered and now >= next_left:
-            next_left += 30.0
+            next_left += 15.0
             warn(f"[{time.strftime('%H:%M:%S')}] still no endpoint answers; giving up in "
                  f"{format_duration(give_up - now)} (--startup-timeout)")
         loading = [e.name for e in tasks if e.state == "warming"]
