@@ -2804,10 +2804,10 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
             raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
                              + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer'}"
                                          for e in endpoints))
-        if not answered and not told and all(e in retry_at for e in endpoints):
+        if not answered and not told and (all(e in retry_at for e in endpoints) or now - started >= 10.0):
             told = True
             warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:\n"
-                 + "\n".join(f"  {e.name} ({e.url}): {e.detail}" for e in endpoints)
+                 + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer yet'}" for e in endpoints)
                  + first_run_hint(endpoints, config))
         if told and not answered and now >= next_left:
             next_left += 15.0
