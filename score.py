@@ -1049,7 +1049,6 @@ class Endpoint:
         self.server = ""
         self.digest: str | None = None
         self.checked = False
-        self.warm = False
         self.load_error: str | None = None        # the server's message when it last failed to load the model
         self.starting: asyncio.Task | None = None  # preflight's check-and-load, still running when dispatch began
         self.proven = False          # answered a scoring request since it last came up
@@ -1350,7 +1349,6 @@ async def load_model(endpoint: Endpoint, config: Config) -> None:
         endpoint.load_error = str(exc)
         raise
     endpoint.load_error = None
-    endpoint.warm = True
 
 
 async def start_endpoint(endpoint: Endpoint, config: Config) -> None:
