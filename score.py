@@ -1364,7 +1364,7 @@ def load_failures(endpoints: list[Endpoint]) -> str | None:
     live = [e for e in endpoints if e.state != "gone"]
     if not live or any(e.alive or not e.load_error for e in live):
         return None
-    return "no endpoint can load the model: " + "; ".join(f"{e.name}: {e.load_error}" for e in live)
+    return "no endpoint can serve: " + "; ".join(f"{e.name}: {e.load_error}" for e in live)
 
 
 def describe_transport(exc: Exception) -> str:
@@ -2223,7 +2223,7 @@ def preflight_table(endpoints: list[Endpoint]) -> str:
         if e.state == "gone":
             status = f"left out: {e.detail}"
         elif e.load_error:
-            status = f"{e.load_error} (will keep trying)"
+            status = e.load_error
         elif not e.checked:
             status = f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
         elif e.state == "warming":

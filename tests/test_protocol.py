@@ -122,7 +122,7 @@ def test_no_endpoint_can_load_the_model_stops_with_the_servers_message(tmp_path,
     table = result.stderr.split("stopped:")[0]
     assert OOM in table and "llama runner process has terminated" in table          # in the preflight table
     stopped = result.stderr.split("stopped:")[1]
-    assert "no endpoint can load the model" in stopped and OOM in stopped
+    assert "no endpoint can serve: e0: cannot load qwen2.5-coder:7b" in stopped and OOM in stopped
     assert "Traceback" not in result.stderr and a.chats == b.chats == 0
 
 
@@ -195,3 +195,23 @@ def test_quick_start_without_ollama_says_what_to_do_and_ctrl_c_saves_nothing(tmp
     text = "".join(lines)
     assert "nothing was scored" in text and "saved" not in text and "--resume" not in text
     assert "Traceback" not in text
+
+
+def test_model_that_stops_loading_mid_run_is_noted_and_ends_the_run_with_nothing_lost(tmp_path, serve):
+    server = serve(latency=0.05, slots=2)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--no-progress")
+    try:
+        wait_for(lambda: out.exists() and out.read_text().count("\n") >= 5, what="first records")
+        server.behaviour.load_error = OOM              # evicted, and there is no memory to load it again
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 1, stderr
+    assert f"e0 cannot load qwen2.5-coder:7b: HTTP 500: {OOM}; trying again in the background" in stderr
+    assert "stopped: no endpoint can serve" in stderr and "Traceback" not in stderr
+    records = read_records(out)
+    assert records and all(r["score"] == expected_score(TEXTS[r["id"]]) for r in records)   # no row charged
+    assert len({r["id"] for r in records}) == len(records)
