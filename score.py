@@ -136,6 +136,9 @@ BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
 PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
 POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
+PREFLIGHT_GRACE = 5.0       # once one endpoint is ready, seconds the others get to join the preflight table
+ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a few hundred)
+DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
 
 AUTO_MAX = 64               # ceiling for adaptive concurrency
 AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay
@@ -185,7 +188,7 @@ class Config:
     num_ctx: int
     temperature: float
     seed: int
-    keep_alive: str
+    keep_alive: int             # seconds, as Ollama reads a number: -1 forever, 0 unload after each request
     max_downtime: float | None
     startup_timeout: float
     allow_mixed_models: bool
@@ -280,6 +283,10 @@ class ContextOverflow(Exception):
 
 class EndpointGone(Exception):
     """The endpoint refuses us for good (auth, missing model): take it out."""
+
+
+class LoadFailed(EndpointFault):
+    """The server answers but cannot load the model (out of memory, runner crashed)."""
 
 
 class FormatRejected(Exception):
@@ -1417,7 +1424,8 @@ class Endpoint:
         self.server = ""
         self.digest: str | None = None
         self.checked = False
-        self.warm = False
+        self.load_error: str | None = None        # the server's message when it last failed to load the model
+        self.starting: asyncio.Task | None = None  # preflight's check-and-load, still running when dispatch began
         self.proven = False          # answered a scoring request since it last came up
         self.probe_pause = 1.0
         self.faults = 0
@@ -1534,23 +1542,65 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+async def exchange(endpoint: Endpoint, method: str, url: str | httpx.URL, body: Any, cap: int,
+                   timeout: Any = httpx.USE_CLIENT_DEFAULT) -> tuple[httpx.Response, bytes]:
+    """Send one request and read at most `cap` bytes of the answer; trouble on the wire is the endpoint's."""
+    chunks: list[bytes] = []
+    try:
+        async with endpoint.client.stream(method, url, json=body, timeout=timeout) as response:
+            size = 0
+            async for chunk in response.aiter_bytes():   # decoded: a gzip bomb counts at its real size
+                size += len(chunk)
+                if size > cap:
+                    raise EndpointFault(f"HTTP {response.status_code} with an answer larger than "
+                                        f"{cap // 1024:,} KiB", item_related=False)
+                chunks.append(chunk)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise EndpointFault(describe_transport(exc), connect=True, item_related=False) from None
+    except httpx.TransportError as exc:
+        raise EndpointFault(describe_transport(exc)) from None
+    except httpx.DecodingError as exc:
+        raise EndpointFault(f"an answer that cannot be decoded ({one_line(exc)[:80]})", item_related=False) from None
+    return response, b"".join(chunks)
+
+
+def readable(response: httpx.Response, data: bytes) -> httpx.Response:
+    """Rebuild a streamed answer as a plain response, for the error parsers."""
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=data, request=response.request)
+
+
+def sketch(value: Any) -> str:
+    """Describe an unexpected JSON value briefly: its type and the start of its text."""
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+    return kind if value is None else f"{kind} ({one_line(json.dumps(value))[:60]})"
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float, what: str):
+    """Bound a whole exchange by the clock: a server that trickles bytes resets every read timeout."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise EndpointFault(f"{what}: no complete answer within {format_duration(seconds)}",
+                            item_related=False) from None
+
+
 async def fetch_json(endpoint: Endpoint, path: str, timeout: float, method: str = "GET",
                      body: Any = None) -> Any:
     """GET (or POST) a JSON document for preflight/probes, classifying failures."""
-    try:
-        response = await endpoint.client.request(method, path, json=body, timeout=timeout)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise EndpointFault(describe_transport(exc), connect=True) from None
-    except httpx.TransportError as exc:
-        raise EndpointFault(describe_transport(exc)) from None
+    response, data = await exchange(endpoint, method, path, body, DOCUMENT_CAP, timeout)
     if response.status_code in (401, 403):
-        raise EndpointGone(f"refused: HTTP {response.status_code} {error_message(response)}")
+        raise EndpointGone(f"refused: HTTP {response.status_code} {error_message(readable(response, data))}")
     if response.status_code != 200:
-        raise EndpointFault(f"{path}: HTTP {response.status_code} {error_message(response)}")
+        raise EndpointFault(f"{path}: HTTP {response.status_code} {error_message(readable(response, data))}")
     try:
-        return response.json()
-    except ValueError:
-        return response.text
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return data.decode("utf-8", "replace")
 
 
 async def identify(endpoint: Endpoint, timeout: float) -> None:
@@ -1565,7 +1615,8 @@ async def identify(endpoint: Endpoint, timeout: float) -> None:
         if isinstance(banner, str) and "Ollama is running" in banner:
             endpoint.api = "ollama"
             version = await fetch_json(endpoint, "/api/version", timeout)
-            endpoint.server = f"ollama {version.get('version', '?')}" if isinstance(version, dict) else "ollama"
+            number = version.get("version") if isinstance(version, dict) else None
+            endpoint.server = f"ollama {number}" if isinstance(number, str) else "ollama"
             return
         if endpoint.api == "ollama":
             endpoint.server = "ollama?"
@@ -1581,12 +1632,23 @@ async def identify(endpoint: Endpoint, timeout: float) -> None:
 async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | None]:
     """Return the endpoint's models and their digests (Ollama) or None (OpenAI)."""
     if endpoint.api == "ollama":
-        tags = await fetch_json(endpoint, "/api/tags", timeout)
-        if not isinstance(tags, dict):
-            raise EndpointFault("/api/tags: not JSON")
-        return {m.get("name") or m.get("model"): m.get("digest") for m in tags.get("models") or []}
-    models = await fetch_json(endpoint, "/v1/models", timeout)
-    return {m.get("id"): None for m in (models or {}).get("data") or [] if isinstance(m, dict)}
+        path, field, name_keys, digest_key = "/api/tags", "models", ("name", "model"), "digest"
+    else:
+        path, field, name_keys, digest_key = "/v1/models", "data", ("id",), None
+    document = await fetch_json(endpoint, path, timeout)
+    entries = document.get(field) if isinstance(document, dict) else None
+    if entries is None and isinstance(document, dict) and field not in document:
+        entries = []
+    if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+        got = sketch(entries if entries is not None else document)
+        raise EndpointFault(f"{path}: expected a list of model objects, got {got}", item_related=False)
+    models: dict[str, str | None] = {}
+    for entry in entries:
+        name = next((entry[k] for k in name_keys if isinstance(entry.get(k), str) and entry[k]), None)
+        digest = entry.get(digest_key) if digest_key else None
+        if name:
+            models[name] = digest if isinstance(digest, str) else None
+    return models
 
 
 async def pull_model(endpoint: Endpoint, config: Config) -> None:
@@ -1612,12 +1674,14 @@ async def pull_model(endpoint: Endpoint, config: Config) -> None:
 
 async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
     """Preflight one endpoint: identify it and confirm its model (raises on trouble)."""
-    await identify(endpoint, PROBE_TIMEOUT)
-    models = await list_models(endpoint, PROBE_TIMEOUT)
+    async with deadline(PROBE_TIMEOUT, "identifying the server"):
+        await identify(endpoint, PROBE_TIMEOUT)
+        models = await list_models(endpoint, PROBE_TIMEOUT)
     found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
     if found is None and config.pull and endpoint.api == "ollama":
         await pull_model(endpoint, config)
-        models = await list_models(endpoint, PROBE_TIMEOUT)
+        async with deadline(PROBE_TIMEOUT, "listing models"):
+            models = await list_models(endpoint, PROBE_TIMEOUT)
         found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
     if found is None:
         have = ", ".join(sorted(str(n) for n in models)[:8]) or "none"
@@ -1633,7 +1697,49 @@ async def warm_up(endpoint: Endpoint, config: Config) -> None:
         return
     body = {"model": endpoint.model, "messages": [], "keep_alive": config.keep_alive,
             "options": ollama_options(config, config.temperature, config.seed)}
-    await fetch_json(endpoint, "/api/chat", config.timeout, method="POST", body=body)
+    response, data = await exchange(endpoint, "POST", endpoint.chat_url, body, DOCUMENT_CAP, config.timeout)
+    status = response.status_code
+    if status == 200:
+        return
+    message = f"HTTP {status}: {error_message(readable(response, data))}"
+    if status in (401, 403):
+        raise EndpointGone(f"refused: {message}")
+    if status == 404:
+        raise EndpointGone(f"model {endpoint.model} not found: {message}")
+    if status == 400:               # the same request would be refused again
+        raise EndpointGone(f"the server refuses to load {endpoint.model}: {message}")
+    if status >= 500 and status != 503:
+        raise LoadFailed(f"cannot load {endpoint.model}: {message}")
+    raise EndpointFault(message, retry_after=retry_after(response))
+
+
+async def load_model(endpoint: Endpoint, config: Config) -> None:
+    """Warm an Ollama endpoint up within --timeout by the clock, and remember the outcome."""
+    if endpoint.api != "ollama":
+        return
+    try:
+        async with deadline(config.timeout, "loading the model"):
+            await warm_up(endpoint, config)
+    except LoadFailed as exc:
+        endpoint.load_error = str(exc)
+        raise
+    endpoint.load_error = None
+
+
+async def start_endpoint(endpoint: Endpoint, config: Config) -> None:
+    """Check an endpoint and load its model: what preflight waits for."""
+    await check_endpoint(endpoint, config)
+    endpoint.state = "warming"
+    await load_model(endpoint, config)
+    endpoint.state = "ready"
+
+
+def load_failures(endpoints: list[Endpoint]) -> str | None:
+    """Say why nothing can serve when every endpoint still in the run has failed to load the model."""
+    live = [e for e in endpoints if e.state != "gone"]
+    if not live or any(e.alive or not e.load_error for e in live):
+        return None
+    return "no endpoint can serve: " + "; ".join(f"{e.name}: {e.load_error}" for e in live)
 
 
 def describe_transport(exc: Exception) -> str:
@@ -1753,6 +1859,51 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
     return ItemFault(message, kind="rejected")
 
 
+async def post_chat(endpoint: Endpoint, url: httpx.URL, body: dict[str, Any]) -> dict[str, Any]:
+    """POST one scoring request; return the answer's JSON object, or raise whose fault it is."""
+    response, raw = await exchange(endpoint, "POST", url, body, ANSWER_CAP)
+    if response.status_code != 200:
+        raise classify(endpoint, readable(response, raw))
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        text = raw.decode("utf-8", "replace")
+        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(text)[:120]!r}") from None
+    if not isinstance(data, dict):
+        raise EndpointFault("HTTP 200 with an unexpected body")
+    if data.get("error") and "message" not in data and "choices" not in data:   # LM Studio does this
+        raise EndpointFault(f"HTTP 200 carrying an error: {error_message(readable(response, raw))}")
+    return data
+
+
+def token_count(value: Any, name: str) -> int | None:
+    """Validate a token count from an answer (absent is fine, nonsense is the endpoint's fault)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None or (type(value) is int and value >= 0):
+        return value
+    raise EndpointFault(f"HTTP 200 whose {name} is {sketch(value)}, not a count", item_related=False)
+
+
+def answer_fields(api: str, data: dict[str, Any]) -> tuple[str, int | None, int | None]:
+    """Pull (content, prompt tokens, output tokens) out of a chat answer; an odd shape is the endpoint's fault."""
+    if api == "ollama":
+        message, usage, keys = data.get("message"), data, ("prompt_eval_count", "eval_count")
+    else:
+        choices = data.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+            raise EndpointFault(f"HTTP 200 whose choices are {sketch(choices)}", item_related=False)
+        message, usage, keys = choices[0].get("message"), data.get("usage") or {}, ("prompt_tokens", "completion_tokens")
+        if not isinstance(usage, dict):
+            raise EndpointFault(f"HTTP 200 whose usage is {sketch(usage)}", item_related=False)
+    if not isinstance(message, dict):
+        raise EndpointFault(f"HTTP 200 whose message is {sketch(message)}", item_related=False)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise EndpointFault(f"HTTP 200 whose message content is {sketch(content)}", item_related=False)
+    return content or "", token_count(usage.get(keys[0]), keys[0]), token_count(usage.get(keys[1]), keys[1])
+
+
 async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
                          temperature: float, seed: int) -> tuple[str, int | None, int | None]:
     """POST one scoring request; return (content, prompt tokens, output tokens) or raise."""
@@ -1769,29 +1920,8 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
             fmt = {"type": "json_object", "schema": SCORE_SCHEMA}
         body = {"model": endpoint.model, "messages": messages, "temperature": temperature, "seed": seed,
                 "max_tokens": NUM_PREDICT, "stream": False, "response_format": fmt}
-    try:
-        response = await endpoint.client.post(url, json=body)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise EndpointFault(describe_transport(exc), connect=True, item_related=False) from None
-    except httpx.TransportError as exc:
-        raise EndpointFault(describe_transport(exc)) from None
-    if response.status_code != 200:
-        raise classify(endpoint, response)
-    try:
-        data = response.json()
-    except ValueError:
-        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(response.text)[:120]!r}") from None
-    if not isinstance(data, dict):
-        raise EndpointFault("HTTP 200 with an unexpected body")
-    if data.get("error") and "message" not in data and "choices" not in data:
-        raise EndpointFault(f"HTTP 200 carrying an error: {error_message(response)}")  # LM Studio does this
-    if endpoint.api == "ollama":
-        content = (data.get("message") or {}).get("content")
-        return content or "", data.get("prompt_eval_count"), data.get("eval_count")
-    choices = data.get("choices") or [{}]
-    content = (choices[0].get("message") or {}).get("content")
-    usage = data.get("usage") or {}
-    return content or "", usage.get("prompt_tokens"), usage.get("completion_tokens")
+    data = await post_chat(endpoint, url, body)
+    return answer_fields(endpoint.api, data)
 
 
 async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
@@ -1886,6 +2016,7 @@ class Run:
         self.tg: asyncio.TaskGroup | None = None
         self.all_down_since: float | None = None
         self.last_answer = time.monotonic()      # the last good answer from any endpoint
+        self.supervisors: list[asyncio.Task] = []
 
     @property
     def finished(self) -> bool:
@@ -1897,6 +2028,8 @@ class Run:
             self.done.set()
             for endpoint in self.endpoints:
                 endpoint.trouble.set()
+            for task in self.supervisors:    # a probe or model load still under way must not hold the end
+                task.cancel()
         self.changed.notify()
 
     async def run(self) -> None:
@@ -1906,7 +2039,7 @@ class Run:
             tg.create_task(self.produce())
             tg.create_task(self.watch())
             for endpoint in self.endpoints:
-                tg.create_task(self.supervise(endpoint))
+                self.supervisors.append(tg.create_task(self.supervise(endpoint)))
                 tg.create_task(self.drive(endpoint))
 
     # ── the producer
@@ -2247,6 +2380,8 @@ class Run:
                 self.retire(endpoint, str(exc))
                 return
             except EndpointFault as exc:
+                if isinstance(exc, LoadFailed) and endpoint.detail != str(exc):
+                    self.progress.note(f"{endpoint.name} {exc}; trying again in the background")
                 endpoint.state = "down" if endpoint.checked else "pending"
                 endpoint.detail = str(exc)
                 endpoint.probe_pause = min(PROBE_CAP, endpoint.probe_pause * 2)
@@ -2264,17 +2399,26 @@ class Run:
             self.changed.notify()
 
     async def bring_up(self, endpoint: Endpoint) -> None:
-        """Check (first time) or probe (after trouble) an endpoint, then load its model."""
+        """Check (first time) or probe (after trouble) an endpoint, then load its model.
+
+        Loading again after trouble is cheap when the model is still loaded, and
+        catches a server that answers probes but can no longer load it.
+        """
+        if endpoint.starting is not None:          # preflight's check-and-load, still under way
+            starting, endpoint.starting = endpoint.starting, None
+            await starting
+            self.check_digest(endpoint)
+            return
         if not endpoint.checked:
             await check_endpoint(endpoint, self.config)
             self.check_digest(endpoint)
         else:
-            await fetch_json(endpoint, "/" if endpoint.api == "ollama" else "/v1/models", PROBE_TIMEOUT)
-        if endpoint.api == "ollama" and not endpoint.warm:
+            async with deadline(PROBE_TIMEOUT, "probe"):
+                await fetch_json(endpoint, "/" if endpoint.api == "ollama" else "/v1/models", PROBE_TIMEOUT)
+        if endpoint.api == "ollama":
             endpoint.state = "warming"
             self.changed.notify()
-            await warm_up(endpoint, self.config)
-            endpoint.warm = True
+            await load_model(endpoint, self.config)
 
     def check_digest(self, endpoint: Endpoint) -> None:
         """Retire a late-joining endpoint whose model build differs from the fleet's."""
@@ -2301,6 +2445,8 @@ class Run:
             if not live:
                 raise StopRun("every endpoint has been taken out: "
                               + "; ".join(f"{e.name}: {e.detail}" for e in self.endpoints))
+            if (reason := load_failures(self.endpoints)) and self.config.max_downtime is None:
+                raise StopRun(f"{reason} (--max-downtime waits for one to recover)")
             if any(e.alive for e in live):
                 if self.all_down_since is not None:
                     self.progress.note("an endpoint is back; resuming")
@@ -2507,8 +2653,14 @@ def preflight_table(endpoints: list[Endpoint]) -> str:
     for e in endpoints:
         if e.state == "gone":
             status = f"left out: {e.detail}"
+        elif e.load_error:
+            status = e.load_error
         elif not e.checked:
-            status = f"not answering: {e.detail} (will keep trying)"
+            status = f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
+        elif e.state == "warming":
+            status = "loading the model (continues in the background)"
+        elif e.state == "down":
+            status = f"down: {e.detail} (will keep trying)"
         else:
             status = "ok"
         rows.append([e.name, e.url, e.api, e.server or "-", e.model, (e.digest or "-")[:12], status])
@@ -3375,6 +3527,17 @@ def parse_duration(text: str) -> float:
     return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
 
 
+def keep_alive_arg(text: str) -> int:
+    """Parse --keep-alive into whole seconds; any negative value means keep the model loaded for good."""
+    if re.fullmatch(r"\s*-\s*\d+(?:\.\d+)?\s*[smhd]?\s*", text):
+        return -1
+    try:
+        return round(parse_duration(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90, 15m, 2h, 1d; -1 keeps the model "
+                                         "loaded, 0 unloads it after each request)") from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -3428,8 +3591,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--check", action="store_true", help="run the preflight, print the first prompt, and exit")
     add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
         help=f"exit 2 if no endpoint has answered at all within this time ({DURATION_HELP}; default 300s)")
-    add("--keep-alive", default="30m", metavar="DURATION",
-        help="how long Ollama keeps the model loaded (Ollama's syntax: 30m, 2h, -1 = forever; default 30m)")
+    add("--keep-alive", type=keep_alive_arg, default=1800, metavar="DURATION",
+        help=f"how long Ollama keeps the model loaded after a request ({DURATION_HELP}; -1 forever, 0 unload; "
+             "default 30m)")
     add = groups["run"].add_argument
     add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
         help="requests in flight per endpoint unless its line says (default auto: adaptive)")
@@ -3495,46 +3659,112 @@ def parse_args(argv: list[str] | None) -> Config:
         report=args.report, report_html=args.report_html)
 
 
-async def preflight(endpoints: list[Endpoint], config: Config) -> None:
-    """Check every endpoint in parallel; wait (bounded) if none answers; refuse mixed builds."""
-    async def check(endpoint: Endpoint) -> None:
-        try:
-            await check_endpoint(endpoint, config)
-        except EndpointGone as exc:
-            endpoint.state, endpoint.detail = "gone", str(exc)
-        except EndpointFault as exc:
-            endpoint.detail = str(exc)
+def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
+    """Record what preflight's check-and-load of one endpoint came to."""
+    exc = task.exception()
+    if exc is None:
+        return
+    if isinstance(exc, EndpointGone):
+        endpoint.state, endpoint.detail = "gone", str(exc)
+    elif isinstance(exc, EndpointFault):
+        endpoint.detail = str(exc)
+        endpoint.state = "down" if endpoint.checked else "pending"
+        if endpoint.checked:
+            endpoint.down_since = time.monotonic()
+    else:
+        raise exc
 
-    deadline = time.monotonic() + config.startup_timeout
-    pending = list(endpoints)
-    said = False
+
+def first_run_hint(endpoints: list[Endpoint], config: Config) -> str:
+    """Say what to do when the default local Ollama is not there and no endpoints file was given."""
+    if len(endpoints) != 1 or endpoints[0].spec.line != 0 or "refused" not in endpoints[0].detail:
+        return ""
+    return (f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine, and no endpoints "
+            "file was given. To go on, either\n"
+            f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;\n"
+            "  - or list your machines in endpoints.txt, one URL per line, and pass --endpoints endpoints.txt;\n"
+            "  - or try score.py without Ollama: python examples/try_it.py\n"
+            "Ctrl-C stops the wait; nothing has been scored.")
+
+
+async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[Endpoint, asyncio.Task]) -> None:
+    """Check and load every endpoint until one is ready (the rest get a grace) or each has answered."""
+    started = time.monotonic()
+    give_up = started + config.startup_timeout
+    retry_at: dict[Endpoint, float] = {}
+    ready_at: float | None = None
+    told, told_loading, next_left = False, False, started + 15.0
     while True:
-        await asyncio.gather(*(check(e) for e in pending))
-        pending = [e for e in endpoints if e.state == "pending" and not e.checked]
-        if len(pending) < len(endpoints):
-            break                                   # something answered
-        if time.monotonic() >= deadline:
+        for e in endpoints:
+            if e.state == "pending" and e not in tasks and time.monotonic() >= retry_at.get(e, 0.0):
+                tasks[e] = asyncio.create_task(start_endpoint(e, config))
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=1.0)
+        else:
+            await asyncio.sleep(1.0)
+        now = time.monotonic()
+        for e, task in list(tasks.items()):
+            if task.done():
+                del tasks[e]
+                settle_start(e, task)
+                retry_at[e] = now + 5.0
+        if ready_at is None and any(e.state == "ready" for e in endpoints):
+            ready_at = now
+        answered = any(e.checked or e.state == "gone" for e in endpoints)
+        if (ready_at is not None and (not tasks or now - ready_at >= PREFLIGHT_GRACE)) or (answered and not tasks):
+            return
+        if not answered and now >= give_up:
             raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
-                             + "\n".join(f"  {e.name} ({e.url}): {e.detail}" for e in endpoints))
-        if not said:
-            warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:")
-            for e in endpoints:
-                warn(f"  {e.name} ({e.url}): {e.detail}")
-            said = True
-        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-    warn(preflight_table(endpoints))
-    builds: dict[str, dict[str, str]] = {}
-    for e in endpoints:
-        if e.digest:
-            builds.setdefault(e.model, {})[e.name] = e.digest
-    mixed = {model: names for model, names in builds.items() if len(set(names.values())) > 1}
-    if mixed and not config.allow_mixed_models:
-        rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items() for n, d in names.items()]
-        raise UsageError("the same model name is a different build on different endpoints, so their scores "
-                         "would not be comparable:\n" + table(rows) +
-                         "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
-    if not any(e.checked for e in endpoints) and not pending:
-        raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
+                             + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer'}"
+                                         for e in endpoints))
+        if not answered and not told and (all(e in retry_at for e in endpoints) or now - started >= 10.0):
+            told = True
+            warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:\n"
+                 + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer yet'}" for e in endpoints)
+                 + first_run_hint(endpoints, config))
+        if told and not answered and now >= next_left:
+            next_left += 15.0
+            warn(f"[{time.strftime('%H:%M:%S')}] still no endpoint answers; giving up in "
+                 f"{format_duration(give_up - now)} (--startup-timeout)")
+        loading = [e.name for e in tasks if e.state == "warming"]
+        if loading and not told_loading and ready_at is None and now - started >= 3.0:
+            told_loading = True
+            warn(f"Loading the model on {', '.join(loading)} (a cold start can take minutes)")
+
+
+async def preflight(endpoints: list[Endpoint], config: Config) -> None:
+    """Check every endpoint and load its model in parallel; refuse mixed builds; start on what is ready.
+
+    Endpoints still checking or loading when dispatch begins keep their task
+    (endpoint.starting), which the run's supervisor takes over.
+    """
+    tasks: dict[Endpoint, asyncio.Task] = {}
+    handed = False
+    try:
+        await wait_for_fleet(endpoints, config, tasks)
+        warn(preflight_table(endpoints))
+        builds: dict[str, dict[str, str]] = {}
+        for e in endpoints:
+            if e.digest:
+                builds.setdefault(e.model, {})[e.name] = e.digest
+        mixed = {model: names for model, names in builds.items() if len(set(names.values())) > 1}
+        if mixed and not config.allow_mixed_models:
+            rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items()
+                                                       for n, d in names.items()]
+            raise UsageError("the same model name is a different build on different endpoints, so their scores "
+                             "would not be comparable:\n" + table(rows) +
+                             "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
+        if not any(e.checked for e in endpoints) and all(e.state == "gone" for e in endpoints):
+            raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
+        if (reason := load_failures(endpoints)) and config.max_downtime is None:
+            raise StopRun(f"{reason} (free memory or pick a smaller model; --max-downtime waits for one to recover)")
+        for endpoint, task in tasks.items():
+            endpoint.starting = task
+        handed = True
+    finally:
+        if not handed:
+            for task in tasks.values():
+                task.cancel()
 
 
 def path_key(path: Path) -> tuple:
@@ -3632,10 +3862,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         async with contextlib.AsyncExitStack() as stack:
             for endpoint in endpoints:
                 endpoint.client = await stack.enter_async_context(make_client(endpoint, config))
+            stack.callback(stop_starting, endpoints)
             await preflight(endpoints, config)
             for endpoint in endpoints:
-                if endpoint.checked:
-                    endpoint.state = "warming"     # supervise() loads the model, then dispatch starts
                 if endpoint.digest:
                     meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
                                                         "digest": endpoint.digest}
@@ -3656,6 +3885,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
             raise
         main_task.uncancel()
         code = EXIT_SIGNAL[received[0]]
+    except StopRun as problem:                # from preflight: nothing was sent
+        warn(f"score.py: stopped: {problem}")
+        return problem.code
     except ExceptionGroup as group:
         expected, rest = group.split((StopRun, UsageError))
         if rest is not None or expected is None:
@@ -3675,6 +3907,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
             loop.remove_signal_handler(sig)
     if run is not None:
         warn(summary(run, time.monotonic() - started))
+    if received and run is None:
+        warn("Interrupted before scoring began: nothing was scored in this run.")
+        return code
     if received:
         warn(f"Interrupted. Every finished row is saved in {config.output}; continue with:\n"
              f"  {resume_command(config)}")
@@ -3683,6 +3918,13 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         warn(f"Nothing new was written: {config.output} is left as it was.")
         return code
     return finish_outputs(config, code)
+
+
+def stop_starting(endpoints: list[Endpoint]) -> None:
+    """Cancel check-and-load tasks the run never took over (--check, or an early stop)."""
+    for endpoint in endpoints:
+        if endpoint.starting is not None:
+            endpoint.starting.cancel()
 
 
 def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.Task) -> list[int]:

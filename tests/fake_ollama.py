@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import hashlib
 import json
 import random
@@ -73,7 +74,55 @@ class Behaviour:
     api_key: str | None = None            # demand "Authorization: Bearer <key>" (401 otherwise)
     error_200: str | None = None          # LM Studio: answer chats 200 {"error": this}
     nested_errors: bool = True            # OpenAI mode: {"error": {"message"}} or flat {"object": "error"}
+    shape: str | None = None              # a 200 of an unexpected shape: one of SHAPES
+    gzip_broken: bool = False             # answer chats with Content-Encoding: gzip and a corrupt body
+    huge_body: int = 0                    # pad each chat answer (valid JSON) to at least this many bytes
+    load_error: str | None = None         # the model cannot load: every chat, and the load, get 500 {"error": this}
+    trickle: tuple[str, ...] = ()         # "root" (GET /) and/or "load" (empty chat): one byte at a time, forever
     seed: int = 0
+
+
+SHAPES = {
+    # Ollama chat answers
+    "content_list": lambda a: {**a, "message": {"role": "assistant", "content": [{"type": "text", "text": "7"}]}},
+    "content_number": lambda a: {**a, "message": {"role": "assistant", "content": 7}},
+    "message_string": lambda a: {**a, "message": a["message"]["content"]},
+    "eval_count_text": lambda a: {**a, "prompt_eval_count": "many"},
+    # OpenAI-compatible chat answers
+    "choices_null": lambda a: {**a, "choices": [None]},
+    "usage_text": lambda a: {**a, "usage": "n/a"},
+}
+
+
+def go_duration_error(text: str) -> str | None:
+    """Return the error Go's time.ParseDuration gives for text (None if it parses), as Ollama reports it."""
+    if text in ("0", "+0", "-0"):
+        return None
+    rest = text.lstrip("+-")
+    if not rest:
+        return f'time: invalid duration "{text}"'
+    while rest:
+        number = re.match(r"(\d*)(\.\d*)?", rest)
+        if not (number.group(1) or (number.group(2) or "")[1:]):
+            return f'time: invalid duration "{text}"'
+        rest = rest[number.end():]
+        unit = re.match(r"[^\d.]*", rest).group(0)
+        if not unit:
+            return f'time: missing unit in duration "{text}"'
+        if unit not in ("ns", "us", "\u00b5s", "\u03bcs", "ms", "s", "m", "h"):
+            return f'time: unknown unit "{unit}" in duration "{text}"'
+        rest = rest[len(unit):]
+    return None
+
+
+def keep_alive_error(body: dict) -> str | None:
+    """Ollama's api.Duration: a number of seconds, or a Go duration string; anything else is a 400."""
+    value = body.get("keep_alive") if isinstance(body, dict) else None
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return None
+    if isinstance(value, str):
+        return go_duration_error(value)
+    return f"Unsupported type: '{type(value).__name__}'"
 
 
 class FakeOllama:
@@ -185,10 +234,11 @@ class FakeOllama:
                     reply = await self._route(method, path, body, reader, writer)
                 if reply is None:          # connection dropped on purpose
                     return
-                status, payload, ctype = reply
+                status, payload, ctype, *extra = reply
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                more = "".join(f"{k}: {v}\r\n" for k, v in (extra[0] if extra else {}).items())
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                             f"Connection: keep-alive\r\n\r\n".encode() + data)
+                             f"{more}Connection: keep-alive\r\n\r\n".encode() + data)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
@@ -200,10 +250,14 @@ class FakeOllama:
         b = self.behaviour
         if b.api == "ollama":
             if path == "/" and method in ("GET", "HEAD"):
+                if "root" in b.trickle:
+                    return await self._trickle(writer, reader)
                 return 200, b"Ollama is running", "text/plain"
             if path == "/api/version":
                 return 200, {"version": "0.5.1"}, "application/json"
             if path == "/api/tags":
+                if b.shape == "tags_strings":
+                    return 200, {"models": list(b.models)}, "application/json"
                 return 200, {"models": [{"name": n, "model": n, "digest": d, "size": 4_683_087_332,
                                          "details": {"format": "gguf", "quantization_level": "Q4_K_M"}}
                                         for n, d in b.models.items()]}, "application/json"
@@ -214,6 +268,10 @@ class FakeOllama:
                          {"status": "success"}]
                 return 200, "\n".join(json.dumps(x) for x in lines).encode() + b"\n", "application/x-ndjson"
             if path == "/api/chat" and method == "POST":
+                if problem := keep_alive_error(body):
+                    return 400, {"error": problem}, "application/json"
+                if "load" in b.trickle and not (body or {}).get("messages"):
+                    return await self._trickle(writer, reader)
                 return await self._chat(body, reader, openai=False)
         else:
             if path == "/v1/models":
@@ -236,6 +294,8 @@ class FakeOllama:
                 return 404, {"error": {"message": f"The model `{model}` does not exist.", "type": "not_found_error"}}, \
                     "application/json"
             return 404, {"error": f"model '{model}' not found"}, "application/json"
+        if b.load_error:
+            return 500, {"error": b.load_error}, "application/json"
         messages = body.get("messages") or []
         if not messages:                                   # Ollama: an empty chat loads the model
             await self._load()
@@ -296,15 +356,40 @@ class FakeOllama:
             content = "Sure! Here is my rating: great code"
         self.answered += 1
         if openai:
-            return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": model,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                      "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 12,
-                                   "total_tokens": len(prompt) // 4 + 12}}, "application/json"
-        return 200, {"model": model, "created_at": "2024-12-06T00:48:09.983619Z",
-                     "message": {"role": "assistant", "content": content}, "done_reason": "stop", "done": True,
-                     "total_duration": int(work * 1e9), "prompt_eval_count": len(prompt) // 4,
-                     "eval_count": 12}, "application/json"
+            answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": model,
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                   "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 12,
+                                "total_tokens": len(prompt) // 4 + 12}}
+        else:
+            answer = {"model": model, "created_at": "2024-12-06T00:48:09.983619Z",
+                      "message": {"role": "assistant", "content": content}, "done_reason": "stop", "done": True,
+                      "total_duration": int(work * 1e9), "prompt_eval_count": len(prompt) // 4, "eval_count": 12}
+        return self._encode(SHAPES[b.shape](answer) if b.shape in SHAPES else answer)
+
+    def _encode(self, answer: dict):
+        """Serialize a 200 answer, damaged or bloated as the behaviour asks."""
+        b = self.behaviour
+        data = json.dumps(answer).encode()
+        if b.huge_body:
+            data += b" " * max(0, b.huge_body - len(data))        # still valid JSON
+        if b.gzip_broken:
+            return 200, gzip.compress(data)[:12] + b"\x00not gzip at all", "application/json", \
+                {"Content-Encoding": "gzip"}
+        return 200, data, "application/json"
+
+    async def _trickle(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader):
+        """Promise a long answer and send it one byte at a time until the client leaves."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000000000\r\n\r\n")
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            while not gone.done():
+                writer.write(b"O")
+                await writer.drain()
+                await asyncio.wait([gone], timeout=0.2)
+        finally:
+            gone.cancel()
+        return None
 
     async def _load(self) -> None:
         if not self.loaded:

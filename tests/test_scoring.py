@@ -44,7 +44,7 @@ def test_request_shape_follows_ollama_api(tmp_path, serve):
     bodies = server.chat_bodies()
     assert len(bodies) == 12
     for body in bodies:
-        assert body["stream"] is False and body["keep_alive"] == "1h" and body["model"] == "qwen2.5-coder:7b"
+        assert body["stream"] is False and body["keep_alive"] == 3600 and body["model"] == "qwen2.5-coder:7b"
         assert body["format"]["properties"]["score"]["type"] == "integer"
         assert body["options"]["num_ctx"] == 4096 and body["options"]["temperature"] == 0
         assert body["messages"][0]["role"] == "user"
