@@ -1745,7 +1745,8 @@ def compare_calibrations(results: dict[str, dict[str, Any]]) -> None:
     if len(measured) < 2 or len(measures) > 1:
         return                    # nothing to compare, or scales that do not compare
     for name, result in measured.items():
-        others = [r for n, r in measured.items() if n != name]
+        # three or more: the fleet's median resists one odd endpoint; two: each is compared with the other
+        others = list(measured.values()) if len(measured) > 2 else [r for n, r in measured.items() if n != name]
         drift = max(abs(result["good_mean"] - statistics.median(r["good_mean"] for r in others)),
                     abs(result["poor_mean"] - statistics.median(r["poor_mean"] for r in others)))
         result["drift"] = round(drift, 3)
