@@ -1466,7 +1466,7 @@ def parse_answer(content: str) -> tuple[int, str]:
 
 
 SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
-SCORE_TAIL = re.compile(r"[\s,}]*")                       # what may follow the score's digits in one token
+SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the score's digits in one token
 ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
 
 
@@ -1516,7 +1516,7 @@ def ten_share(entries: list[dict[str, Any]], index: int, prefix: str, mass: dict
     if taken and index + 1 < len(entries):
         ten = one = 0.0
         for token, p in alternatives(entries[index + 1]).items():
-            if re.fullmatch(r"0[\s,}]*", token):
+            if token[:1] == "0" and SCORE_TAIL.fullmatch(token[1:]):
                 ten += p
             elif token and SCORE_TAIL.fullmatch(token):
                 one += p
