@@ -1692,30 +1692,35 @@ async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
                   time.monotonic() - started, truncated, seed, temperature, expected)
 
 
-def wants_calibration(config: Config, info: InputInfo, resume: ResumeState, first: list[Item]) -> bool:
+def wants_calibration(config: Config, info: InputInfo, resume: ResumeState) -> bool:
     """Calibrate when asked, for --check, and for jobs of CALIBRATE_MIN_ROWS rows or more."""
     if config.calibration is not None:
         return config.calibration
     if config.check or config.require_calibration:
         return True
     if info.total is not None:
-        left = info.total - len(resume.scored) - len(resume.permanent)
-    else:                         # JSONL is not counted yet: a full first chunk may be a big job
-        left = len(first) if len(first) < READ_CHUNK else CALIBRATE_MIN_ROWS
-    return left >= CALIBRATE_MIN_ROWS
+        return info.total - len(resume.scored) - len(resume.permanent) >= CALIBRATE_MIN_ROWS
+    # JSONL is counted only later, in the background: judge by size (a function is ~1 kB of JSON)
+    return sum(f.stat().st_size for f in info.files) >= CALIBRATE_MIN_ROWS * 1000
 
 
 async def calibrate_endpoint(endpoint: Endpoint, config: Config) -> dict[str, Any]:
     """Score the built-in good and poor samples on one endpoint and summarise how far apart they land."""
     fields = {name: "" for name in template_fields(config.prompt)}
-    limit = asyncio.Semaphore(CALIBRATION_PARALLEL)
+    fixed = not endpoint.limiter.auto        # a pinned concurrency is the machine owner's word
+    limit = asyncio.Semaphore(min(CALIBRATION_PARALLEL, endpoint.limiter.limit) if fixed else CALIBRATION_PARALLEL)
 
     async def one(text: str) -> Answer:
         async with limit:
             return await score_item(endpoint, Item(id="calibration", key=0, text=text, fields=fields), config)
 
     samples = CALIBRATION_GOOD + CALIBRATION_POOR
-    results = await asyncio.gather(*(one(text) for text in samples), return_exceptions=True)
+    try:
+        async with asyncio.timeout(config.timeout):     # the budget of one request, model load included
+            results = await asyncio.gather(*(one(text) for text in samples), return_exceptions=True)
+    except TimeoutError:
+        return {"verdict": "failed", "detail": f"no answers within {config.timeout:g} s (--timeout)",
+                "probabilities": endpoint.gave_probabilities}
     for result in results:
         if isinstance(result, BaseException) and not isinstance(
                 result, (EndpointFault, ItemFault, ContextOverflow, EndpointGone)):
@@ -3088,7 +3093,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
             for endpoint in endpoints:
                 endpoint.client = await stack.enter_async_context(make_client(endpoint, config))
             await preflight(endpoints, config)
-            if wants_calibration(config, info, resume, first):
+            if wants_calibration(config, info, resume):
                 meta.setdefault("calibration", {}).update(await calibrate(endpoints, config))
             for endpoint in endpoints:
                 if endpoint.checked:

@@ -187,10 +187,12 @@ def test_top_needs_a_count_or_percentage_and_export(tmp_path, bad):
 
 
 def test_calibration_runs_on_every_endpoint_and_lands_in_the_sidecar(tmp_path, serve):
-    good, other = serve(verdict="docs"), serve(verdict="docs", api="openai")
+    good, other = serve(verdict="docs", latency=0.05), serve(verdict="docs", api="openai", latency=0.05)
     other.behaviour.models = {"qwen2.5-coder:7b": ""}
     data = write_jsonl(tmp_path / "fns.jsonl", rows(5))
-    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [good, other]), "--calibrate")
+    endpoints = write_endpoints(tmp_path / "e.txt", [good, other], extra=[])
+    endpoints.write_text(endpoints.read_text().replace("name=e1", "name=e1 concurrency=1"))
+    result = run_cli(data, "--endpoints", endpoints, "--calibrate")
     assert result.returncode == 0, result.stderr
     assert len(read_records(tmp_path / "fns.scores.jsonl")) == 5         # calibration is never written
     samples = len(score.CALIBRATION_GOOD) + len(score.CALIBRATION_POOR)
@@ -203,6 +205,7 @@ def test_calibration_runs_on_every_endpoint_and_lands_in_the_sidecar(tmp_path, s
         assert c["poor_mean"] == pytest.approx(expected_mean(2), abs=1e-3)
         assert len(c["good"]) == len(score.CALIBRATION_GOOD)
     assert "separation" in result.stderr and "WARNING" not in result.stderr
+    assert other.active_max == 1 and good.active_max > 1           # a pinned concurrency holds for calibration
 
 
 def test_a_model_that_cannot_tell_good_from_poor_is_flagged_and_can_stop_the_run(tmp_path, serve):
@@ -242,3 +245,17 @@ def test_an_endpoint_far_from_the_fleet_is_marked_unlike_the_others():
     score.compare_calibrations(results)
     assert [results[n]["verdict"] for n in "abc"] == ["ok", "ok", "unlike the others"]
     assert any("c scores the calibration set very differently" in line for line in score.calibration_warnings(results))
+
+
+def test_calibration_runs_by_default_only_for_big_jobs(tmp_path, serve):
+    server = serve(verdict="docs")
+    samples = len(score.CALIBRATION_GOOD) + len(score.CALIBRATION_POOR)
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    big = write_parquet(tmp_path / "big.parquet", rows(score.CALIBRATE_MIN_ROWS))
+    result = run_cli(big, "--endpoints", endpoints, "--limit", "5")
+    assert result.returncode == 0, result.stderr
+    assert len(server.chat_bodies()) == 5 + samples and "separation" in result.stderr
+    small = write_jsonl(tmp_path / "small.jsonl", rows(300))
+    result = run_cli(small, "--endpoints", endpoints, "--limit", "5")
+    assert result.returncode == 0, result.stderr
+    assert len(server.chat_bodies()) == 5 + samples + 5 and "separation" not in result.stderr
