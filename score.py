@@ -1657,9 +1657,13 @@ async def request_with_fallbacks(endpoint: Endpoint, config: Config, prompt: str
                                  temperature: float, seed: int) -> tuple[str, int | None, int | None, list | None]:
     """Send a scoring request, dropping what the server refuses (once per endpoint, remembered)."""
     while True:
-        asked = endpoint.logprobs
+        asked, form = endpoint.logprobs, endpoint.response_format
         try:
             return await request_answer(endpoint, config, prompt, temperature, seed)
+        except (EndpointFault, ItemFault):
+            if (asked, form) == (endpoint.logprobs, endpoint.response_format):
+                raise
+            # a concurrent request learned meanwhile that the server refuses what this one carried
         except FormatRejected:
             if endpoint.response_format == "json_schema":     # concurrent requests learn it once
                 warn(f"{endpoint.name}: the server does not take response_format json_schema; "
@@ -1728,7 +1732,7 @@ async def calibrate_endpoint(endpoint: Endpoint, config: Config) -> dict[str, An
     answers = [r if isinstance(r, Answer) else None for r in results]
     good, poor = answers[:len(CALIBRATION_GOOD)], answers[len(CALIBRATION_GOOD):]
     if sum(a is not None for a in good) < 2 or sum(a is not None for a in poor) < 2:
-        problem = next((one_line(r) for r in results if isinstance(r, BaseException)), "too few answers")
+        problem = next((one_line(r)[:120] for r in results if isinstance(r, BaseException)), "too few answers")
         return {"verdict": "failed", "detail": problem, "probabilities": endpoint.gave_probabilities}
     expected = all(a.score_expected is not None for a in answers if a is not None)
 

@@ -259,3 +259,14 @@ def test_calibration_runs_by_default_only_for_big_jobs(tmp_path, serve):
     result = run_cli(small, "--endpoints", endpoints, "--limit", "5")
     assert result.returncode == 0, result.stderr
     assert len(server.chat_bodies()) == 5 + samples + 5 and "separation" not in result.stderr
+
+
+def test_requests_in_flight_when_a_fallback_is_learned_are_resent_not_failed(tmp_path, serve):
+    server = serve(api="openai", reject_json_schema=True, logprobs="reject", verdict="docs", latency=0.05)
+    server.behaviour.models = {"qwen2.5-coder:7b": ""}
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--check")
+    assert result.returncode == 0, result.stderr
+    line = [line for line in result.stderr.splitlines() if line.startswith("e0 ")][-1]      # the calibration line
+    assert line.split()[1:5] == ["no", "8.00", "2.00", "6.00"] and "ok" in line, result.stderr
+    assert result.stderr.count("json_schema") == 1 and result.stderr.count("refuses token probabilities") == 1
