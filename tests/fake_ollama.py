@@ -157,6 +157,7 @@ class Behaviour:
                                           # otherwise; "flat": 5 for everything (a model that cannot tell)
     reason_first: bool = False            # write the reason before the score in the JSON object
     per_token: float = 0.0                # extra seconds of work per generated token
+    queued_rejections: bool = False       # llama-cpp-python: requests wait their turn (slots) even to be rejected
     full_tokens: int = 12                 # generated tokens per answer for each reason mode
     short_tokens: int = 9
     none_tokens: int = 6
@@ -331,6 +332,8 @@ class FakeOllama:
                 "application/json"
         prompt = messages[-1].get("content", "")
         code = code_of(prompt)
+        if b.queued_rejections and not await self._serve(b.latency, reader):
+            return None
         if body.get("logprobs") and b.logprobs == "reject":
             message = "Requested top_logprobs of 20 but logprobs are not supported by this server"
             if openai:

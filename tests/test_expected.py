@@ -262,7 +262,8 @@ def test_calibration_runs_by_default_only_for_big_jobs(tmp_path, serve):
 
 
 def test_requests_in_flight_when_a_fallback_is_learned_are_resent_not_failed(tmp_path, serve):
-    server = serve(api="openai", reject_json_schema=True, logprobs="reject", verdict="docs", latency=0.05)
+    server = serve(api="openai", reject_json_schema=True, logprobs="reject", verdict="docs", latency=0.05, slots=1,
+                   queued_rejections=True)
     server.behaviour.models = {"qwen2.5-coder:7b": ""}
     data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--check")
