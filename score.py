@@ -23,9 +23,11 @@ Input:
     first of code, function, content, text).
 
 Output (<input>.scores.jsonl unless -o): one JSON object per finished row, e.g.
-    {"id": "fn-17", "score": 7, "reason": "...", "model": "qwen2.5-coder:7b", ...,
+    {"id": "fn-17", "score": 7, "reason": "...", "score_expected": 6.62, "model": "qwen2.5-coder:7b", ...,
      "error": null, "error_kind": null}
-    Consumers take the last record with a non-null score per id.
+    Consumers take the last record with a non-null score per id. score_expected is the
+    probability-weighted score from the model's token probabilities (null where the server
+    gives none); rank by it, since integer scores tie.
 
 Resuming: --resume skips every id that has a score or a permanent error (empty text,
 malformed line), repairs a torn final line, and retries rows whose attempts ran out.
