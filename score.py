@@ -25,9 +25,11 @@ Input:
     Unicode, a repeated id) get error records; an input cut short is scored as far as it reads.
 
 Output (<input>.scores.jsonl unless -o): one JSON object per finished row, e.g.
-    {"id": "fn-17", "score": 7, "reason": "...", "model": "qwen2.5-coder:7b", ...,
+    {"id": "fn-17", "score": 7, "reason": "...", "score_expected": 6.62, "model": "qwen2.5-coder:7b", ...,
      "error": null, "error_kind": null}
-    Consumers take the last record with a non-null score per id.
+    Consumers take the last record with a non-null score per id. score_expected is the
+    probability-weighted score from the model's token probabilities (null where the server
+    gives none); rank by it, since integer scores tie.
 
 Resuming: --resume skips every id that has a score or a permanent error (empty text,
 malformed line), repairs a torn final line, and retries rows whose attempts ran out.
@@ -122,6 +124,125 @@ Answer with JSON only: {{"score": <integer 1-10>, "reason": "<one short sentence
 ```
 """
 
+REASON_MODES = ("full", "short", "none")
+SHORT_REASON_CHARS = 60     # --reason short: the schema caps the clause at this many characters
+ANSWER_LINES = {
+    "full": 'Answer with JSON only: {{"score": <integer 1-10>, "reason": "<one short sentence>"}}',
+    "short": 'Answer with JSON only: {{"score": <integer 1-10>, "reason": "<a few words>"}}',
+    "none": 'Answer with JSON only: {{"score": <integer 1-10>}}',
+}
+TOP_LOGPROBS = 20           # alternatives asked for at each generated token (Ollama's maximum)
+
+
+def score_schema(reason: str) -> dict[str, Any]:
+    """Return the answer schema for a --reason mode (full is SCORE_SCHEMA itself)."""
+    if reason == "none":
+        return {"type": "object", "properties": {"score": SCORE_SCHEMA["properties"]["score"]}, "required": ["score"]}
+    if reason == "short":
+        properties = {**SCORE_SCHEMA["properties"], "reason": {"type": "string", "maxLength": SHORT_REASON_CHARS}}
+        return {**SCORE_SCHEMA, "properties": properties}
+    return SCORE_SCHEMA
+
+
+def prompt_for(prompt: str, reason: str) -> str:
+    """Ask the built-in prompt for the answer shape of a --reason mode; a custom prompt is left as written."""
+    return prompt.replace(ANSWER_LINES["full"], ANSWER_LINES[reason]) if prompt == DEFAULT_PROMPT else prompt
+
+
+CALIBRATE_MIN_ROWS = 1000   # jobs this big are calibrated at preflight unless told otherwise
+CALIBRATION_GAP = 1.0       # good samples must outscore poor ones by this much
+CALIBRATION_DRIFT = 2.0     # an endpoint whose means differ from the rest of the fleet's by more is suspect
+CALIBRATION_PARALLEL = 4    # calibration requests in flight per endpoint
+
+# Clearly good and clearly poor functions, varied in size and style, that every endpoint scores at
+# preflight: a model (or a machine serving another build) that cannot tell them apart shows up
+# before it spends days scoring. They are never written to the checkpoint.
+CALIBRATION_GOOD = (
+    '''def clamp(value: float, low: float, high: float) -> float:
+    """Return value limited to the closed interval [low, high]."""
+    if low > high:
+        raise ValueError(f"empty interval: {low} > {high}")
+    return max(low, min(value, high))
+''',
+    '''def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Yield successive lists of at most `size` items from `items`.
+
+    >>> list(chunked(range(5), 2))
+    [[0, 1], [2, 3], [4]]
+    """
+    if size < 1:
+        raise ValueError("size must be at least 1")
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+''',
+    '''/**
+ * Delay calls to `fn` until `wait` milliseconds have passed without a new call.
+ * @param {Function} fn  the function to call
+ * @param {number} wait  the quiet period in milliseconds
+ * @returns {Function} the debounced function
+ */
+function debounce(fn, wait) {
+  let timer = null;
+  return function (...args) {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn.apply(this, args), wait);
+  };
+}
+''',
+    '''    def get(self, key: str, default: V | None = None) -> V | None:
+        """Return the cached value for key and mark it most recently used."""
+        try:
+            value = self._entries.pop(key)
+        except KeyError:
+            self.misses += 1
+            return default
+        self._entries[key] = value      # re-insert: dicts keep insertion order
+        self.hits += 1
+        return value
+''',
+)
+CALIBRATION_POOR = (
+    '''def f(a,b,c,d):
+  x=a
+  if b==1: x=x+1
+  if b==1: x=x+1
+  if c: x=x
+  return x;d
+''',
+    '''def proc(l=[]):
+    global cnt
+    try:
+        for i in range(len(l)):
+            if l[i] != None:
+                cnt = cnt + 1
+                l[i] = l[i]
+    except:
+        pass
+    return l
+''',
+    '''function doIt(a){var b=a;var c=0;for(var i=0;i<b.length;i++){c=c+b[i]*1;};return c;c=0;}
+''',
+    '''def calc(x):
+    # TODO fix
+    y = 0
+    if x == 1:
+        y = 1
+    if x == 2:
+        y = 2
+    if x == 3:
+        y = 3
+    #if x == 4:
+    #    y = 4
+    return y
+''',
+)
+
 NUM_PREDICT = 256           # answer budget; a score and one sentence fit easily
 CHARS_PER_TOKEN = 2.5       # conservative for code: cut more rather than overflow
 CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own markup
@@ -202,6 +323,10 @@ class Config:
     report: bool
     report_html: Path | None
     command: tuple[str, ...] = ()    # this run as the user typed it, for the resume hint
+    reason: str = "full"                     # full, short or none: how much of a reason to ask for
+    top: tuple[float, bool] | None = None    # --top: (N, False) rows or (P, True) percent of scored rows
+    calibration: bool | None = None          # None: calibrate jobs of CALIBRATE_MIN_ROWS or more
+    require_calibration: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -233,13 +358,14 @@ class Answer:
     """A validated answer from one request."""
 
     score: int
-    reason: str
+    reason: str | None
     prompt_tokens: int | None
     output_tokens: int | None
     latency: float
     truncated: bool
     seed: int
     temperature: float
+    score_expected: float | None = None      # Σ k·p(k) from the token probabilities, when the server gave them
 
 
 # ── Errors ──────────────────────────────────────────────────────────────────────
@@ -291,6 +417,10 @@ class LoadFailed(EndpointFault):
 
 class FormatRejected(Exception):
     """An OpenAI-compatible server rejected json_schema response_format."""
+
+
+class LogprobsRejected(Exception):
+    """A server refused the logprobs/top_logprobs request fields."""
 
 
 class StopRun(Exception):
@@ -1196,7 +1326,7 @@ def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
     return {
         "model": config.model,
         "prompt_sha256": hashlib.sha256(config.prompt.encode()).hexdigest(),
-        "schema_sha256": hashlib.sha256(json.dumps(SCORE_SCHEMA, sort_keys=True).encode()).hexdigest(),
+        "schema_sha256": hashlib.sha256(json.dumps(score_schema(config.reason), sort_keys=True).encode()).hexdigest(),
         "input": str(config.input.resolve()),
         "id_column": info.id_column,
         "text_column": info.text_column,
@@ -1433,6 +1563,9 @@ class Endpoint:
         self.down_since: float | None = None
         self.ctx_tokens = config.num_ctx
         self.response_format = "json_schema"
+        self.logprobs = True                        # ask for token probabilities until the server refuses them
+        self.gave_probabilities = False
+        self.expected = 0                           # answers that carried an expected score
         self.inflight: dict[Item, float] = {}       # item → start time
         self._chat_url: httpx.URL | None = None
         self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
@@ -1815,6 +1948,104 @@ def parse_answer(content: str) -> tuple[int, str]:
     return score, reason if isinstance(reason, str) else json.dumps(reason)
 
 
+SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
+SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the score's digits in one token
+ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
+
+
+def token_entries(api: str, data: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Return an answer's per-token probability entries (Ollama or OpenAI shape), or None."""
+    if api == "ollama":
+        entries = data.get("logprobs")
+    else:
+        choice = (data.get("choices") or [{}])[0]
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(entries, list) or not entries:
+        return None
+    if not all(isinstance(e, dict) and isinstance(e.get("token"), str) for e in entries):
+        return None
+    return entries
+
+
+def alternatives(entry: dict[str, Any]) -> dict[str, float]:
+    """Return {token text: probability} at one position: the model's top alternatives and its pick."""
+    out: dict[str, float] = {}
+    for alt in entry.get("top_logprobs") if isinstance(entry.get("top_logprobs"), list) else []:
+        logprob = alt.get("logprob") if isinstance(alt, dict) else None
+        if isinstance(alt, dict) and isinstance(alt.get("token"), str) and isinstance(logprob, (int, float)) \
+                and not math.isnan(logprob):
+            out[alt["token"]] = out.get(alt["token"], 0.0) + math.exp(min(0.0, logprob))
+    logprob = entry.get("logprob")
+    if out and entry["token"] not in out and isinstance(logprob, (int, float)) and not math.isnan(logprob):
+        out[entry["token"]] = math.exp(min(0.0, logprob))
+    return out
+
+
+def read_digits(token: str, prefix: str) -> tuple[int, bool] | None:
+    """Read a token at the score's first position as (score, complete), or None if the grammar forbids it."""
+    if not token.startswith(prefix):
+        return None
+    found = re.fullmatch(r"([1-9]\d?)(.*)", token[len(prefix):], re.S)
+    if not found or not SCORE_TAIL.fullmatch(found.group(2)) or int(found.group(1)) > 10:
+        return None
+    value = int(found.group(1))
+    return value, not (value == 1 and not found.group(2))     # a bare "1" may be the start of 10
+
+
+def ten_share(entries: list[dict[str, Any]], index: int, prefix: str, mass: dict[int, float], score: int) -> float:
+    """Return how much of a bare "1" at entries[index] means 10 rather than 1."""
+    taken = entries[index]["token"][len(prefix):] == "1"
+    if taken and index + 1 < len(entries):
+        ten = one = 0.0
+        for token, p in alternatives(entries[index + 1]).items():
+            if token[:1] == "0" and SCORE_TAIL.fullmatch(token[1:]):
+                ten += p
+            elif token and SCORE_TAIL.fullmatch(token):
+                one += p
+        if ten + one > 0:
+            return ten / (ten + one)
+    if taken or not mass:
+        return 1.0 if score == 10 else 0.0
+    centre = sum(k * p for k, p in mass.items()) / sum(mass.values())
+    return 1.0 if centre >= ONE_OR_TEN else 0.0
+
+
+def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | None:
+    """Return Σ k·p(k) over the scores 1..10 the model could have written, or None if unreadable."""
+    if not entries:
+        return None
+    text, starts = "", []
+    for entry in entries:
+        starts.append(len(text))
+        text += entry["token"]
+    found = SCORE_KEY.search(text)
+    if not found or int(re.match(r"\d+", text[found.end():]).group()) != score:
+        return None
+    at = found.end()
+    index = bisect.bisect_right(starts, at) - 1
+    prefix = text[starts[index]:at]
+    mass: dict[int, float] = {}
+    ones = 0.0
+    for token, p in alternatives(entries[index]).items():
+        reading = read_digits(token, prefix)
+        if reading is None:
+            continue                      # forbidden by the grammar: dropped, the rest renormalized
+        value, complete = reading
+        if complete:
+            mass[value] = mass.get(value, 0.0) + p
+        else:
+            ones += p
+    if ones:
+        share = ten_share(entries, index, prefix, mass, score)
+        mass[10] = mass.get(10, 0.0) + ones * share
+        mass[1] = mass.get(1, 0.0) + ones * (1 - share)
+    total = sum(mass.values())
+    if not total > 0:
+        return None
+    return round(sum(k * p for k, p in mass.items()) / total, 3)
+
+
 CONTEXT_PATTERNS = (
     re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"),
     re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S),
@@ -1845,6 +2076,8 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
     message = f"HTTP {status}: {error_message(response)}"
     if overflow := context_overflow(status, response, message):
         return overflow
+    if status in (400, 422, 500) and "logprob" in message.lower():      # only sent when asked for
+        return LogprobsRejected(message)
     if endpoint.api == "openai" and endpoint.response_format == "json_schema" and status in (400, 422, 500) \
             and re.search(r"response_format|json_schema|literal_error|schema", message, re.I):
         return FormatRejected(message)
@@ -1905,23 +2138,52 @@ def answer_fields(api: str, data: dict[str, Any]) -> tuple[str, int | None, int 
 
 
 async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
-                         temperature: float, seed: int) -> tuple[str, int | None, int | None]:
-    """POST one scoring request; return (content, prompt tokens, output tokens) or raise."""
+                         temperature: float, seed: int) -> tuple[str, int | None, int | None, list | None]:
+    """POST one scoring request; return (content, prompt tokens, output tokens, token probabilities) or raise."""
     messages = [{"role": "user", "content": prompt}]
+    schema = score_schema(config.reason)
     if endpoint.api == "ollama":
         url = endpoint.chat_url
-        body = {"model": endpoint.model, "messages": messages, "stream": False, "format": SCORE_SCHEMA,
+        body = {"model": endpoint.model, "messages": messages, "stream": False, "format": schema,
                 "options": ollama_options(config, temperature, seed), "keep_alive": config.keep_alive}
     else:
         url = endpoint.chat_url
         if endpoint.response_format == "json_schema":
-            fmt = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
+            fmt = {"type": "json_schema", "json_schema": {"name": "score", "schema": schema}}
         else:
-            fmt = {"type": "json_object", "schema": SCORE_SCHEMA}
+            fmt = {"type": "json_object", "schema": schema}
         body = {"model": endpoint.model, "messages": messages, "temperature": temperature, "seed": seed,
                 "max_tokens": NUM_PREDICT, "stream": False, "response_format": fmt}
+    if endpoint.logprobs:
+        body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
     data = await post_chat(endpoint, url, body)
-    return answer_fields(endpoint.api, data)
+    content, prompt_tokens, output_tokens = answer_fields(endpoint.api, data)    # validates the shape first
+    return content, prompt_tokens, output_tokens, token_entries(endpoint.api, data)
+
+
+async def request_with_fallbacks(endpoint: Endpoint, config: Config, prompt: str,
+                                 temperature: float, seed: int) -> tuple[str, int | None, int | None, list | None]:
+    """Send a scoring request, dropping what the server refuses (once per endpoint, remembered)."""
+    while True:
+        asked, form = endpoint.logprobs, endpoint.response_format
+        try:
+            return await request_answer(endpoint, config, prompt, temperature, seed)
+        except (EndpointFault, ItemFault):
+            if (asked, form) == (endpoint.logprobs, endpoint.response_format):
+                raise
+            # a concurrent request learned meanwhile that the server refuses what this one carried
+        except FormatRejected:
+            if endpoint.response_format == "json_schema":     # concurrent requests learn it once
+                warn(f"{endpoint.name}: the server does not take response_format json_schema; "
+                     "sending the schema as json_object from now on")
+            endpoint.response_format = "json_object"
+        except LogprobsRejected as exc:
+            if not asked:
+                raise ItemFault(str(exc), kind="rejected") from None
+            if endpoint.logprobs:
+                warn(f"{endpoint.name}: the server refuses token probabilities (logprobs); "
+                     "its rows get score_expected null")
+            endpoint.logprobs = False
 
 
 async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
@@ -1931,17 +2193,128 @@ async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
     started = time.monotonic()
     try:
         async with asyncio.timeout(config.timeout):
-            try:
-                content, p_tokens, o_tokens = await request_answer(endpoint, config, prompt, temperature, seed)
-            except FormatRejected as exc:
-                endpoint.response_format = "json_object"       # remembered for the endpoint
-                warn(f"{endpoint.name}: server rejected response_format json_schema ({str(exc)[:90]}...); "
-                     "using json_object from now on")
-                content, p_tokens, o_tokens = await request_answer(endpoint, config, prompt, temperature, seed)
+            content, p_tokens, o_tokens, entries = await request_with_fallbacks(
+                endpoint, config, prompt, temperature, seed)
     except TimeoutError:
         raise EndpointFault(f"no answer within {config.timeout:g} s (--timeout)", overload=True) from None
     score, reason = parse_answer(content)
-    return Answer(score, reason, p_tokens, o_tokens, time.monotonic() - started, truncated, seed, temperature)
+    expected = expected_score(entries, score)
+    endpoint.gave_probabilities = endpoint.gave_probabilities or expected is not None
+    return Answer(score, None if config.reason == "none" else reason, p_tokens, o_tokens,
+                  time.monotonic() - started, truncated, seed, temperature, expected)
+
+
+def wants_calibration(config: Config, info: InputInfo, resume: ResumeState) -> bool:
+    """Calibrate when asked, for --check, and for jobs of CALIBRATE_MIN_ROWS rows or more."""
+    if config.calibration is not None:
+        return config.calibration
+    if config.check or config.require_calibration:
+        return True
+    if info.total is not None:
+        return info.total - len(resume.scored) - len(resume.permanent) >= CALIBRATE_MIN_ROWS
+    # JSONL is counted only later, in the background: judge by size (a function is ~1 kB of JSON)
+    return sum(f.stat().st_size for f in info.files) >= CALIBRATE_MIN_ROWS * 1000
+
+
+async def calibrate_endpoint(endpoint: Endpoint, config: Config) -> dict[str, Any]:
+    """Score the built-in good and poor samples on one endpoint and summarise how far apart they land."""
+    fields = {name: "" for name in template_fields(config.prompt)}
+    fixed = not endpoint.limiter.auto        # a pinned concurrency is the machine owner's word
+    limit = asyncio.Semaphore(min(CALIBRATION_PARALLEL, endpoint.limiter.limit) if fixed else CALIBRATION_PARALLEL)
+
+    async def one(text: str) -> Answer:
+        async with limit:
+            return await score_item(endpoint, Item(id="calibration", key=0, text=text, fields=fields), config)
+
+    samples = CALIBRATION_GOOD + CALIBRATION_POOR
+    try:
+        async with asyncio.timeout(config.timeout):     # the budget of one request, model load included
+            results = await asyncio.gather(*(one(text) for text in samples), return_exceptions=True)
+    except TimeoutError:
+        return {"verdict": "failed", "detail": f"no answers within {config.timeout:g} s (--timeout)",
+                "probabilities": endpoint.gave_probabilities}
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(
+                result, (EndpointFault, ItemFault, ContextOverflow, EndpointGone)):
+            raise result
+    answers = [r if isinstance(r, Answer) else None for r in results]
+    good, poor = answers[:len(CALIBRATION_GOOD)], answers[len(CALIBRATION_GOOD):]
+    if sum(a is not None for a in good) < 2 or sum(a is not None for a in poor) < 2:
+        problem = next((one_line(r)[:120] for r in results if isinstance(r, BaseException)), "too few answers")
+        return {"verdict": "failed", "detail": problem, "probabilities": endpoint.gave_probabilities}
+    expected = all(a.score_expected is not None for a in answers if a is not None)
+
+    def values(side: list[Answer | None]) -> list[float]:
+        return [a.score_expected if expected else float(a.score) for a in side if a is not None]
+
+    good_mean, poor_mean = statistics.fmean(values(good)), statistics.fmean(values(poor))
+    separation = good_mean - poor_mean
+    return {"measure": "score_expected" if expected else "score", "probabilities": endpoint.gave_probabilities,
+            "good": values(good), "poor": values(poor), "good_mean": round(good_mean, 3),
+            "poor_mean": round(poor_mean, 3), "separation": round(separation, 3),
+            "verdict": "ok" if separation >= CALIBRATION_GAP else "no separation"}
+
+
+def compare_calibrations(results: dict[str, dict[str, Any]]) -> None:
+    """Mark endpoints whose calibration means sit far from the rest of the fleet's."""
+    measured = {name: r for name, r in results.items() if "good_mean" in r}
+    measures = {r["measure"] for r in measured.values()}
+    if len(measured) < 2 or len(measures) > 1:
+        return                    # nothing to compare, or scales that do not compare
+    for name, result in measured.items():
+        # three or more: the fleet's median resists one odd endpoint; two: each is compared with the other
+        others = list(measured.values()) if len(measured) > 2 else [r for n, r in measured.items() if n != name]
+        drift = max(abs(result["good_mean"] - statistics.median(r["good_mean"] for r in others)),
+                    abs(result["poor_mean"] - statistics.median(r["poor_mean"] for r in others)))
+        result["drift"] = round(drift, 3)
+        if drift > CALIBRATION_DRIFT and result["verdict"] == "ok":
+            result["verdict"] = "unlike the others"
+
+
+def calibration_table(endpoints: list[Endpoint], results: dict[str, dict[str, Any]]) -> str:
+    """Render one line per endpoint: probabilities, good mean, poor mean, separation, verdict."""
+    rows = [["endpoint", "probabilities", "good", "poor", "separation", "calibration"]]
+    for e in endpoints:
+        r = results.get(e.name)
+        if r is None:
+            continue
+        numbers = [f"{r[k]:.2f}" for k in ("good_mean", "poor_mean", "separation")] if "good_mean" in r else ["-"] * 3
+        verdict = r["verdict"] + (f" ({r['detail']})" if r.get("detail") else "") + \
+            (" (integer scores)" if r.get("measure") == "score" else "")
+        rows.append([e.name, "yes" if r.get("probabilities") else "no", *numbers, verdict])
+    return table(rows, right={2, 3, 4})
+
+
+def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Say loudly what a failed calibration means for the scores."""
+    lines = []
+    for name, r in results.items():
+        if r["verdict"] == "no separation":
+            lines.append(f"WARNING: {name} scores clearly poor functions about as high as clearly good ones "
+                         f"(separation {r['separation']:.2f} < {CALIBRATION_GAP:g}): its scores would rank your "
+                         "data close to randomly. Check the model, the prompt and the server's chat template.")
+        elif r["verdict"] == "unlike the others":
+            lines.append(f"WARNING: {name} scores the calibration set very differently from the other endpoints "
+                         f"(means differ by {r['drift']:.2f}): it is probably another model, quantization or "
+                         "template, and mixing its scores with theirs would skew the ranking.")
+        elif r["verdict"] == "failed":
+            lines.append(f"WARNING: {name} could not be calibrated: {r['detail']}")
+    return lines
+
+
+async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict[str, Any]]:
+    """Calibrate every checked endpoint in parallel; print the table and warnings; enforce --require-calibration."""
+    checked = [e for e in endpoints if e.checked and e.state != "gone"]
+    found = await asyncio.gather(*(calibrate_endpoint(e, config) for e in checked))
+    results = {e.name: r for e, r in zip(checked, found)}
+    compare_calibrations(results)
+    warn(calibration_table(endpoints, results))
+    for line in calibration_warnings(results):
+        warn(line)
+    failed = [name for name, r in results.items() if r["verdict"] != "ok"]
+    if config.require_calibration and failed:
+        raise UsageError(f"calibration failed on {', '.join(failed)} (--require-calibration); nothing was scored")
+    return results
 
 
 # ── Scheduling ──────────────────────────────────────────────────────────────────
@@ -2491,7 +2864,7 @@ def done_filter(resume: ResumeState, tally: Tally) -> Callable[[int], bool]:
 
 
 def base_record(item: Item) -> dict[str, Any]:
-    return {"id": item.id, "score": None, "reason": None, "model": None, "model_digest": None,
+    return {"id": item.id, "score": None, "reason": None, "score_expected": None, "model": None, "model_digest": None,
             "endpoint": None, "attempts": item.attempts, "latency_s": None, "prompt_tokens": None,
             "output_tokens": None, "truncated": False, "temperature": None, "seed": None,
             "hash": format_digest(item.digest) if item.digest else None, "duplicate_of": None,
@@ -2500,13 +2873,14 @@ def base_record(item: Item) -> dict[str, Any]:
 
 def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, Any]:
     record = base_record(item)
-    record.update(score=answer.score, reason=answer.reason, model=endpoint.model,
+    record.update(score=answer.score, reason=answer.reason, score_expected=answer.score_expected, model=endpoint.model,
                   model_digest=endpoint.digest[:12] if endpoint.digest else None, endpoint=endpoint.name,
                   attempts=item.attempts + 1, latency_s=round(answer.latency, 3),
                   prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
                   truncated=answer.truncated, temperature=answer.temperature, seed=answer.seed)
     endpoint.prompt_tokens += answer.prompt_tokens or 0
     endpoint.output_tokens += answer.output_tokens or 0
+    endpoint.expected += answer.score_expected is not None
     return record
 
 
@@ -2753,6 +3127,20 @@ def stop_line(run: Run) -> str:
             f"--resume continues with them.")
 
 
+def answer_line(run: Run) -> str:
+    """Say how many tokens an answer cost and how many rows got an expected score."""
+    answered = sum(e.done for e in run.endpoints)
+    if not answered:
+        return ""
+    tokens = sum(e.output_tokens for e in run.endpoints)
+    expected = sum(e.expected for e in run.endpoints)
+    without = [e.name for e in run.endpoints if e.done and not e.expected]
+    return (f"Generated {tokens / answered:.1f} tokens per answer (--reason {run.config.reason}); "
+            f"{expected:,} of {answered:,} answers carry score_expected"
+            + (f" (no token probabilities from {', '.join(without[:3])}"
+               + (f" and {len(without) - 3} more" if len(without) > 3 else "") + ")" if without else "") + ".")
+
+
 def summary(run: Run, elapsed: float) -> str:
     """Render the end-of-run report: totals, what is missing and why, and per-endpoint figures."""
     t = run.tally
@@ -2760,6 +3148,8 @@ def summary(run: Run, elapsed: float) -> str:
              + (f"; {t.duplicates:,} {'was a duplicate' if t.duplicates == 1 else 'were duplicates'} (scored once)"
                 if t.duplicates else "")
              + (f"; {t.truncated:,} truncated to fit the context" if t.truncated else "") + "."]
+    if line := answer_line(run):
+        lines.append(line)
     if t.skipped:
         lines.append(f"Already finished before this run: {plural(t.skipped, 'row')}.")
     if not run.finished:
@@ -2768,10 +3158,6 @@ def summary(run: Run, elapsed: float) -> str:
         lines.append(f"Re-sent {plural(t.requeued, 'request')} after endpoint trouble or a bad answer.")
     if t.hedges:
         lines.append(f"Raced {plural(t.hedges, 'slow tail request')} on faster endpoints; {t.hedges_won} won.")
-    done = sum(e.done for e in run.endpoints)
-    generated = sum(e.output_tokens for e in run.endpoints)
-    if done and generated:
-        lines.append(f"Generated {generated / done:.1f} tokens per answer on average ({generated:,} in all).")
     missing = dict(t.errors)
     if t.skipped_permanent:
         missing["earlier permanent errors"] = t.skipped_permanent
@@ -2797,7 +3183,8 @@ DISAGREE_POINTS = 0.5       # an endpoint whose mean score differs from the rest
 DISAGREE_MIN_ITEMS = 50     # on at least this many items on each side
 DISAGREE_ALPHA = 0.01       # and beyond chance (family-wise, across the fleet) gets a warning
 GAP_SECONDS = 120.0         # no answer from any endpoint for this long (and 20× the usual pace) is a gap
-EXPORT_COLUMNS = ("score", "reason", "model", "endpoint", "error")
+EXPORT_COLUMNS = ("score", "score_expected", "reason", "model", "endpoint", "error")
+NUMERIC_COLUMNS = {"score": pa.int64(), "score_expected": pa.float64()}
 
 
 @dataclass(slots=True)
@@ -3330,7 +3717,9 @@ def answer_table(path: Path) -> pa.Table:
         if columns["key"]:
             chunks.append(pa.table({
                 "key": pa.array(columns["key"], pa.int64()), "rank": pa.array(columns["rank"], pa.int64()),
-                "score": pa.array(columns["score"], pa.int64()), "reason": pa.array(columns["reason"], pa.string()),
+                "score": pa.array(columns["score"], pa.int64()),
+                "score_expected": pa.array(columns["score_expected"], pa.float64()),
+                "reason": pa.array(columns["reason"], pa.string()),
                 "model": pa.array(columns["model"], pa.string()),
                 "endpoint": pa.array(columns["endpoint"], pa.string()),
                 "error": pa.array(columns["error"], pa.string())}))
@@ -3346,13 +3735,13 @@ def answer_table(path: Path) -> pa.Table:
         columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
         for name in EXPORT_COLUMNS:
             value = record.get(name)
-            columns[name].append(value if name == "score" or value is None else str(value))
+            columns[name].append(value if name in NUMERIC_COLUMNS or value is None else str(value))
         if len(columns["key"]) >= 65536:
             flush()
     flush()
     if not chunks:
-        return pa.table({"key": pa.array([], pa.int64()), **{n: pa.array([], pa.int64() if n == "score" else
-                                                                         pa.string()) for n in EXPORT_COLUMNS}})
+        return pa.table({"key": pa.array([], pa.int64()), **{n: pa.array([], NUMERIC_COLUMNS.get(n, pa.string()))
+                                                              for n in EXPORT_COLUMNS}})
     answers = pa.concat_tables(chunks)
     best = answers.group_by("key").aggregate([("rank", "max")])
     return answers.join(best, keys=["key", "rank"], right_keys=["key", "rank_max"], join_type="inner") \
@@ -3458,12 +3847,25 @@ def blank_repeats(table: pa.Table, repeated: pa.Array) -> pa.Table:
     return table
 
 
+def top_keys(answers: pa.Table, top: tuple[float, bool]) -> pa.Array:
+    """Return the id keys of the best scored rows: by score_expected (else score), ties by score, then key."""
+    scored = answers.filter(pc.is_valid(answers.column("score")))
+    rank = pc.coalesce(scored.column("score_expected"), pc.cast(scored.column("score"), pa.float64()))
+    scored = scored.append_column("rank_value", rank)
+    value, percent = top
+    count = math.ceil(scored.num_rows * value / 100) if percent else int(value)
+    order = pc.sort_indices(scored, sort_keys=[("rank_value", "descending"), ("score", "descending"),
+                                               ("key", "ascending")])
+    return scored.column("key").take(order[:count]).combine_chunks()
+
+
 def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog | None = None) -> tuple[int, int]:
     """Write the input with the score columns appended, joined by id; return (rows written, scored)."""
     clash = [c for c in EXPORT_COLUMNS if c in info.columns]
     if clash:
         raise UsageError(f"{config.input} already has column(s) {', '.join(clash)}; export would overwrite them")
     answers = answer_table(config.output)
+    keep = top_keys(answers, config.top) if config.top else None     # a threshold needs every row first
     temp = target.with_name(target.name + ".tmp")
     writer = None
     written = scored = 0
@@ -3475,6 +3877,8 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog 
             for name in EXPORT_COLUMNS:
                 table = table.append_column(name, picked.column(name).combine_chunks())
             table = blank_repeats(table, repeated)
+            if keep is not None:
+                table = table.filter(pc.and_(pc.is_in(keys, value_set=keep), pc.is_valid(table.column("score"))))
             if config.min_score is not None:
                 table = table.filter(pc.fill_null(pc.greater_equal(table.column("score"), config.min_score), False))
             if writer is None:
@@ -3510,7 +3914,8 @@ def write_reports(config: Config) -> int:
         log = InputLog(config.input, warn)
         written, scored = export_parquet(config, info, config.export, log)
         warn(f"Exported {written:,} rows ({scored:,} scored) to {config.export}"
-             + (f" (--min-score {config.min_score})" if config.min_score is not None else ""))
+             + (f" (--min-score {config.min_score})" if config.min_score is not None else "")
+             + (f" (--top {config.top[0]:g}{'%' if config.top[1] else ''})" if config.top else ""))
         if log.unreadable:
             return EXIT_INCOMPLETE
     return EXIT_OK
@@ -3550,6 +3955,16 @@ def positive_int(text: str) -> int:
 
 def concurrency_arg(text: str) -> int | None:
     return None if text == "auto" else positive_int(text)
+
+
+def top_arg(text: str) -> tuple[float, bool]:
+    """Parse --top N (rows) or P% (percent of scored rows)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", text)
+    if found:
+        value, percent = float(found.group(1)), bool(found.group(2))
+        if (percent and 0 < value <= 100) or (not percent and value >= 1 and value.is_integer()):
+            return value, percent
+    raise argparse.ArgumentTypeError(f"expected a row count or a percentage like 20%, got {text!r}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -3620,6 +4035,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--report-html", type=Path, metavar="PATH", help="also write the report as a self-contained HTML page")
     add("--export", type=Path, metavar="PATH.parquet", help="write the input with score columns added, at the end")
     add("--min-score", type=int, metavar="N", help="with --export: keep only rows scoring at least N")
+    add("--top", type=top_arg, metavar="N|P%",
+        help="with --export: keep only the best N rows (or P%% of scored rows) by score_expected, else score")
+    groups["run"].add_argument(
+        "--reason", choices=REASON_MODES, default="full",
+        help="full: a one-sentence reason (default); short: a few words; none: the score alone (fastest)")
+    add = groups["fleet"].add_argument
+    calibration = groups["fleet"].add_mutually_exclusive_group()
+    calibration.add_argument("--calibrate", dest="calibration", action="store_true", default=None,
+                             help=f"always score the built-in calibration set at preflight (default: for jobs "
+                                  f"of {CALIBRATE_MIN_ROWS:,}+ rows, and with --check)")
+    calibration.add_argument("--no-calibration", dest="calibration", action="store_false",
+                             help="skip the calibration at preflight")
+    add("--require-calibration", action="store_true",
+        help="exit 2 before scoring if an endpoint fails the calibration")
     return parser
 
 
@@ -3646,6 +4075,11 @@ def parse_args(argv: list[str] | None) -> Config:
             raise UsageError(f"{args.prompt_file}: cannot read prompt file ({exc.strerror})") from None
     if args.min_score is not None and not args.export:
         raise UsageError("--min-score only applies with --export")
+    if args.top is not None and not args.export:
+        raise UsageError("--top only applies with --export")
+    if args.require_calibration and args.calibration is False:
+        raise UsageError("--require-calibration and --no-calibration contradict each other")
+    prompt = prompt_for(prompt, args.reason)
     return Config(
         input=args.input, output=args.output or default_output(args.input),
         endpoints=parse_endpoints(endpoints_file), resume=args.resume, overwrite=args.overwrite,
@@ -3656,7 +4090,8 @@ def parse_args(argv: list[str] | None) -> Config:
         max_downtime=args.max_downtime, startup_timeout=args.startup_timeout,
         allow_mixed_models=args.allow_mixed_models, pull=args.pull, check=args.check, hedge=args.hedge,
         dedup=args.dedup, progress=args.progress, export=args.export, min_score=args.min_score,
-        report=args.report, report_html=args.report_html)
+        report=args.report, report_html=args.report_html, reason=args.reason, top=args.top,
+        calibration=args.calibration, require_calibration=args.require_calibration)
 
 
 def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
@@ -3864,6 +4299,8 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                 endpoint.client = await stack.enter_async_context(make_client(endpoint, config))
             stack.callback(stop_starting, endpoints)
             await preflight(endpoints, config)
+            if wants_calibration(config, info, resume):
+                meta.setdefault("calibration", {}).update(await calibrate(endpoints, config))
             for endpoint in endpoints:
                 if endpoint.digest:
                     meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,

@@ -65,7 +65,7 @@ def run_score(data: Path, servers: list[tuple[str, FakeOllama, str]], tag: str, 
         s.first_chat_at = None
     started = time.time()
     proc = subprocess.run([sys.executable, str(SCORE), str(data), "--endpoints", str(endpoints), "-o", str(output),
-                           "--overwrite", "--no-progress", *extra], capture_output=True, text=True)
+                           "--overwrite", "--no-progress", "--no-calibration", *extra], capture_output=True, text=True)
     ended = time.time()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -269,6 +269,88 @@ def scenario_dedup(n: int) -> dict:
             "dup_share": 1 - distinct / n}
 
 
+REASON_GPU = dict(latency=0.01, per_char=0.000005, per_token=0.02, slots=4, alpha=0.9, peak=4, beta=1.0,
+                  full_tokens=45, short_tokens=15, none_tokens=6)
+
+
+def scenario_reason(n: int) -> dict:
+    """--reason full/short/none on a simulated GPU whose service time is mostly decode (per generated token)."""
+    data = write_jsonl(OUT / "reason.jsonl", functions(n, seed=10))
+    out = {}
+    for mode in ("full", "short", "none"):
+        result = run_fleet(data, [("gpu", REASON_GPU, "")], f"reason-{mode}", "--reason", mode)
+        records = result["records"]
+        out[mode] = {"rate": result["steady"], "tokens": sum(r["output_tokens"] for r in records) / len(records),
+                     "expected": sum(r["score_expected"] is not None for r in records) / len(records)}
+    return out
+
+
+def scenario_reason_real(count: int = 20) -> dict:
+    """--reason full/short/none on the real two-server llama.cpp fleet (SmolLM2, one CPU thread each)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import llama_cpp.server  # noqa: F401
+        import try_it
+    except ImportError:
+        return {}                 # no real server here: nothing to measure
+    rows = [json.loads(line) for line in (ROOT / "examples" / "sample.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["code"].strip() and len(r["code"]) <= 600][:count]
+    data = write_jsonl(OUT / "reason-real.jsonl", rows)
+    out: dict = {"rows": len(rows)}
+    with try_it.fleet(2, OUT) as urls:
+        endpoints = try_it.write_endpoints(OUT / "reason-real.txt", urls)
+        common = ["--endpoints", str(endpoints), "--model", try_it.MODEL_ALIAS, "--max-attempts", "6", "--no-progress"]
+        for mode in ("full", "short", "none"):
+            target = OUT / f"reason-real-{mode}.jsonl"
+            started = time.time()
+            proc = subprocess.run([sys.executable, str(SCORE), str(data), "-o", str(target), "--overwrite",
+                                   "--reason", mode, "--no-calibration", *common], capture_output=True, text=True)
+            wall = time.time() - started
+            records = [r for r in map(json.loads, target.read_text().splitlines()) if r["score"] is not None]
+            if not records:
+                raise SystemExit(f"reason-real {mode}: nothing scored\n{proc.stderr}")
+            out[mode] = {"rate": len(records) / wall, "tokens": sum(r["output_tokens"] for r in records) / len(records),
+                         "prompt": sum(r["prompt_tokens"] for r in records) / len(records),
+                         "expected": sum(r["score_expected"] is not None for r in records) / len(records),
+                         "scores": len({r["score"] for r in records}),
+                         "expected_values": len({r["score_expected"] for r in records})}
+        check = subprocess.run([sys.executable, str(SCORE), str(data), "-o", str(OUT / "reason-real-cal.jsonl"),
+                                "--check", "--calibrate", "--reason", "none", *common], capture_output=True, text=True)
+        lines = check.stderr.splitlines()
+        head = next((i for i, line in enumerate(lines) if line.startswith("endpoint") and "separation" in line), None)
+        out["calibration"] = lines[head:head + 3] if head is not None else []
+    return out
+
+
+def render_reason(r: dict) -> list[str]:
+    """BENCHMARKS.md lines for the --reason scenarios."""
+    lines = []
+    if f := r.get("reason"):
+        lines += ["", "## Shorter answers (`--reason`)", "",
+                  "Simulated GPU endpoint whose service time is mostly decode (20 ms per generated token, "
+                  "45/15/6 tokens for full/short/none, as a 7B model's answers run):", "",
+                  "| --reason | generated tokens per row | steady items/s | ÷ full | rows with score_expected |",
+                  "|---|---|---|---|---|"]
+        for mode in ("full", "short", "none"):
+            m = f[mode]
+            lines.append(f"| {mode} | {m['tokens']:.1f} | {m['rate']:.1f} | {m['rate'] / f['full']['rate']:.2f}x "
+                         f"| {m['expected']:.0%} |")
+    if (g := r.get("reason_real")) and "full" in g:
+        lines += ["", f"Real fleet: two llama_cpp.server processes (SmolLM2-135M Q4_1, one CPU thread each), "
+                  f"{g['rows']} CPython functions of ≤ 600 characters. On a CPU, reading the prompt dominates, "
+                  "so dropping the reason gains far less than on a GPU:", "",
+                  "| --reason | generated tokens per row | prompt tokens per row | items/s (wall) | ÷ full "
+                  "| distinct integer scores | distinct expected scores |", "|---|---|---|---|---|---|---|"]
+        for mode in ("full", "short", "none"):
+            m = g[mode]
+            lines.append(f"| {mode} | {m['tokens']:.1f} | {m['prompt']:.0f} | {m['rate']:.2f} "
+                         f"| {m['rate'] / g['full']['rate']:.2f}x | {m['scores']} | {m['expected_values']} |")
+        if g.get("calibration"):
+            lines += ["", "Calibration on the same fleet (`--check --calibrate --reason none`):", "", "```text",
+                      *g["calibration"], "```"]
+    return lines
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -279,7 +361,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark score.py on simulated endpoints.")
     parser.add_argument("--quick", action="store_true", help="smaller jobs")
-    parser.add_argument("--only", default="efficiency,auto,tail,overhead,memory,dedup")
+    parser.add_argument("--only", default="efficiency,auto,tail,overhead,memory,dedup,reason,reason_real")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -292,7 +374,9 @@ def main() -> None:
                      ("tail", scenario_tail),
                      ("overhead", lambda: scenario_overhead(1500 if q else 4000)),
                      ("memory", lambda: scenario_memory(100_000, 99_000) if q else scenario_memory(1_000_000, 990_000)),
-                     ("dedup", lambda: scenario_dedup(400 if q else 2000))):
+                     ("dedup", lambda: scenario_dedup(400 if q else 2000)),
+                     ("reason", lambda: scenario_reason(150 if q else 400)),
+                     ("reason_real", scenario_reason_real)):
         if name in only:
             t = time.time()
             results[name] = fn()
@@ -353,6 +437,7 @@ def render(r: dict, elapsed: float, argv: str) -> str:
         lines += ["", "Single server peaking at 4 in flight, steady items/s at fixed concurrency: "
                   + ", ".join(f"{k}: {v:.1f}" for k, v in a["rates"].items())
                   + f"; auto: {a['auto']:.1f} (ended at limit {a['final_limit']})."]
+    lines += render_reason(r)
     return "\n".join(lines) + "\n"
 
 

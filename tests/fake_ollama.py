@@ -4,7 +4,10 @@ It follows the API shapes in Ollama's docs (GET /, /api/version, /api/tags,
 POST /api/chat with stream=false, /api/pull) and llama-cpp-python's OpenAI server
 (/v1/models, /v1/chat/completions; 500 on json_schema response_format; 400
 context_length_exceeded). Its answer for a piece of code is `expected_score(code)`,
-so tests can check every record against the text it was given.
+so tests can check every record against the text it was given. Asked for token
+probabilities (`logprobs`), it returns them in the asking API's shape, digits one
+token each, with a known distribution around its answer (`score_distribution`) and
+tokens the grammar forbids among the alternatives.
 
 Service model: `slots` requests are served at once (more wait in a FIFO, like
 OLLAMA_NUM_PARALLEL); each needs `latency + per_char * len(prompt)` seconds of work
@@ -25,6 +28,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import math
 import random
 import re
 import threading
@@ -39,6 +43,80 @@ def expected_score(code: str) -> int:
     """The fake model's verdict on a function: stable, spread over 1..10."""
     normal = "\n".join(line.rstrip() for line in code.strip().replace("\r\n", "\n").split("\n"))
     return 1 + hashlib.sha256(normal.encode()).digest()[0] % 10
+
+
+def documented(code: str) -> bool:
+    """Whether code carries a docstring or doc comment (the "docs" verdict)."""
+    return '"""' in code or "/**" in code
+
+
+def score_distribution(score: int) -> dict[int, float]:
+    """The fake model's probabilities over 1..10 around its answer (1 and 10 also share mass)."""
+    raw = {score: 0.6, score - 1: 0.25, score + 1: 0.15}
+    if score in (1, 10):
+        raw[11 - score] = 0.1            # the two-token "1"/"10" path then splits on the next token
+    raw = {k: v for k, v in raw.items() if 1 <= k <= 10}
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()}
+
+
+def expected_mean(score: int) -> float:
+    """Σ k·p(k) of score_distribution: what a client should compute from the fake's logprobs."""
+    return sum(k * p for k, p in score_distribution(score).items())
+
+
+def entry(token: str, p: float, alternatives: list[tuple[str, float]] | None = None) -> dict:
+    """One logprobs entry in the shape both APIs use."""
+    out = {"token": token, "logprob": math.log(p), "bytes": list(token.encode())}
+    out["top_logprobs"] = [{"token": t, "logprob": math.log(q), "bytes": list(t.encode())}
+                           for t, q in (alternatives or [(token, p)]) if q > 0]
+    return out
+
+
+def pieces(text: str) -> list[str]:
+    return re.findall(r"\w+|\s+|[^\w\s]+", text)
+
+
+def logprob_entries(content: str, score: int, spaced: bool) -> list[dict]:
+    """Tokens of `content` with digits one by one, and known alternatives at the score's digits.
+
+    At the first digit 80% of the raw mass is spread over the score distribution ("1" carries both
+    1 and 10) and 20% over tokens the grammar forbids; after a "1", "0" and the terminator split it.
+    """
+    at = re.search(r'"score":\s*', content).end()
+    digits = str(score)
+    end = at + len(digits)
+    head, lead = content[:at], ""
+    if spaced and head.endswith(" "):            # tokenizers that glue the space to the digit
+        head, lead = head[:-1], " "
+    dist = score_distribution(score)
+    first = [(lead + str(k), 0.8 * p) for k, p in dist.items() if k != 10]
+    first = [(t, q + (0.8 * dist.get(10, 0.0) if t == lead + "1" else 0.0)) for t, q in first]
+    if 10 in dist and 1 not in dist:
+        first.append((lead + "1", 0.8 * dist[10]))
+    first += [(".", 0.08), (' "', 0.06), ("```", 0.04), ("The", 0.02)]
+    chosen = dict(first)[lead + digits[0]]
+    entries = [entry(t, 0.99) for t in pieces(head)]
+    entries.append(entry(lead + digits[0], chosen, first))
+    if digits[0] == "1":
+        ones, ten = dist.get(1, 0.0), dist.get(10, 0.0)
+        terminator = content[end] if score == 10 else content[at + 1]
+        second = [("0", 0.7 * ten / (ones + ten)), (terminator, 0.7 * ones / (ones + ten)), ("5", 0.2), (".", 0.1)]
+        entries.append(entry(digits[1:] or terminator, dict(second)[digits[1:] or terminator], second))
+        rest = content[end:] if score == 10 else content[at + 2:]
+    else:
+        rest = content[end:]
+    entries += [entry(t, 0.99) for t in pieces(rest)]
+    assert "".join(e["token"] for e in entries) == content
+    return entries
+
+
+def asked_reason(schema: Any) -> str:
+    """Which reason the request's schema allows: full, short (maxLength) or none."""
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    if "reason" not in properties and isinstance(schema, dict) and "score" in properties:
+        return "none"
+    return "short" if isinstance(properties.get("reason"), dict) and "maxLength" in properties["reason"] else "full"
 
 
 def code_of(prompt: str) -> str:
@@ -79,6 +157,16 @@ class Behaviour:
     huge_body: int = 0                    # pad each chat answer (valid JSON) to at least this many bytes
     load_error: str | None = None         # the model cannot load: every chat, and the load, get 500 {"error": this}
     trickle: tuple[str, ...] = ()         # "root" (GET /) and/or "load" (empty chat): one byte at a time, forever
+    logprobs: str = "on"                  # "on": give them when asked; "spaced": digit tokens carry a leading
+                                          # space; "off": never (older Ollama); "reject": 400 when asked
+    verdict: str = "hash"                 # "hash": expected_score(code); "docs": 8 for documented code, 2
+                                          # otherwise; "flat": 5 for everything (a model that cannot tell)
+    reason_first: bool = False            # write the reason before the score in the JSON object
+    per_token: float = 0.0                # extra seconds of work per generated token
+    queued_rejections: bool = False       # llama-cpp-python: requests wait their turn (slots) even to be rejected
+    full_tokens: int = 12                 # generated tokens per answer for each reason mode
+    short_tokens: int = 9
+    none_tokens: int = 6
     seed: int = 0
 
 
@@ -304,6 +392,13 @@ class FakeOllama:
                 "application/json"
         prompt = messages[-1].get("content", "")
         code = code_of(prompt)
+        if b.queued_rejections and not await self._serve(b.latency, reader):
+            return None
+        if body.get("logprobs") and b.logprobs == "reject":
+            message = "Requested top_logprobs of 20 but logprobs are not supported by this server"
+            if openai:
+                return 400, {"error": {"message": message, "type": "invalid_request_error"}}, "application/json"
+            return 400, {"error": message}, "application/json"
         if openai:
             fmt = body.get("response_format") or {}
             if b.reject_json_schema and fmt.get("type") == "json_schema":
@@ -339,7 +434,13 @@ class FakeOllama:
             self.cancelled += 1
             return None
         await self._load()
-        work = b.latency + b.per_char * len(prompt)
+        if openai:
+            fmt = body.get("response_format") or {}
+            reason = asked_reason(fmt.get("schema") or (fmt.get("json_schema") or {}).get("schema"))
+        else:
+            reason = asked_reason(body.get("format"))
+        generated = {"full": b.full_tokens, "short": b.short_tokens, "none": b.none_tokens}[reason]
+        work = b.latency + b.per_char * len(prompt) + b.per_token * generated
         if not await self._serve(work, reader):
             self.cancelled += 1
             return None
@@ -348,23 +449,36 @@ class FakeOllama:
                 "application/json"
         if fault == "reset":
             return None
-        score = expected_score(code)
+        score = {"hash": expected_score(code), "docs": 8 if documented(code) else 2, "flat": 5}[b.verdict]
         if fault == "range" or (b.bad_for and b.bad_for in code):
             score = 15 if fault == "range" else 0
-        content = json.dumps({"score": score, "reason": f"fake verdict for {len(code)} chars"})
+        answer = {"score": score}
+        if reason != "none":
+            answer["reason"] = f"fake verdict for {len(code)} chars"[:30 if reason == "short" else None]
+        if b.reason_first:
+            answer = dict(reversed(answer.items()))
+        content = json.dumps(answer)
+        logprobs = None
+        if body.get("logprobs") and b.logprobs in ("on", "spaced") and 1 <= score <= 10:
+            logprobs = logprob_entries(content, score, spaced=b.logprobs == "spaced")
         if fault == "garbage":
-            content = "Sure! Here is my rating: great code"
+            content, logprobs = "Sure! Here is my rating: great code", None
         self.answered += 1
         if openai:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            if logprobs:
+                choice["logprobs"] = {"content": logprobs}
             answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": model,
-                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                   "finish_reason": "stop"}],
-                      "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 12,
-                                "total_tokens": len(prompt) // 4 + 12}}
+                      "choices": [choice],
+                      "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": generated,
+                                "total_tokens": len(prompt) // 4 + generated}}
         else:
             answer = {"model": model, "created_at": "2024-12-06T00:48:09.983619Z",
                       "message": {"role": "assistant", "content": content}, "done_reason": "stop", "done": True,
-                      "total_duration": int(work * 1e9), "prompt_eval_count": len(prompt) // 4, "eval_count": 12}
+                      "total_duration": int(work * 1e9), "prompt_eval_count": len(prompt) // 4,
+                      "eval_count": generated}
+            if logprobs:
+                answer["logprobs"] = logprobs
         return self._encode(SHAPES[b.shape](answer) if b.shape in SHAPES else answer)
 
     def _encode(self, answer: dict):

@@ -79,7 +79,7 @@ def test_real_fleet_scores_real_functions_once_each(tmp_path, real_fleet):
     per_endpoint = Counter(r["endpoint"] for r in good)
     assert sum(per_endpoint.values()) == len(good) and set(per_endpoint) == {"smol0", "smol1"}
     # llama-cpp-python rejects json_schema response_format with a 500: we fell back, once per endpoint
-    assert result.stderr.count("using json_object") == 2
+    assert result.stderr.count("as json_object from now on") == 2
     # the long class did not fit the server's 1024-token context: the server said so (400), and the
     # code was cut to fit and resent without costing an attempt
     assert len(rows[-1]["code"]) > 10_000
@@ -106,3 +106,30 @@ def test_real_fleet_resume_after_sigkill_finishes_exactly_once(tmp_path, real_fl
     assert records[:len(before)] == before                        # nothing rewritten
     assert Counter(r["id"] for r in records) == Counter(r["id"] for r in rows)
     assert all(1 <= r["score"] <= 10 for r in records if r["score"] is not None)
+
+
+def test_real_expected_scores_break_integer_ties_and_separate_good_from_poor(tmp_path, real_fleet):
+    endpoints, _ = real_fleet
+    rows = sample(600, 12)
+    data = write_sample(tmp_path / "expected.jsonl", rows)
+    result = run_cli(data, "--endpoints", endpoints, "--model", "smollm2", "--reason", "none", "--calibrate",
+                     "--max-attempts", "6", "--no-progress", "--max-downtime", "120", timeout=900)
+    assert result.returncode in (0, 1), result.stderr
+    out = tmp_path / "expected.scores.jsonl"
+    records = [r for r in read_records(out) if r["score"] is not None]
+    assert len(records) >= 0.8 * len(rows), result.stderr
+    for r in records:           # llama-cpp-python gives token probabilities: every row has an expected score
+        assert r["reason"] is None and r["score_expected"] is not None and 1 <= r["score_expected"] <= 10
+    ties: dict[int, list[float]] = {}
+    for r in records:
+        ties.setdefault(r["score"], []).append(r["score_expected"])
+    common = max(ties.values(), key=len)
+    assert len(common) >= 2 and len(set(common)) > 1, ties        # the expected score ranks inside a tie
+    calibration = json.loads((tmp_path / "expected.scores.jsonl.meta.json").read_text())["calibration"]
+    assert set(calibration) == {"smol0", "smol1"}
+    for name, c in sorted(calibration.items()):
+        assert c["measure"] == "score_expected" and c["probabilities"] is True
+        print(f"{name}: good {c['good_mean']:.2f}  poor {c['poor_mean']:.2f}  separation {c['separation']:+.2f}  "
+              f"({c['verdict']})")
+    print(f"integer scores {sorted(ties)}; the most common ({len(common)} rows) spans expected "
+          f"{min(common):.2f}..{max(common):.2f}")

@@ -35,7 +35,7 @@ def test_export_joins_scores_onto_parquet_rows_keeping_schema_and_order(tmp_path
     got = exported(out)
     assert [r["id"] for r in got] == [r["id"] for r in table]            # every input row, input order
     schema = pq.read_schema(out)
-    assert schema.names == ["id", "code", "repo", "score", "reason", "model", "endpoint", "error"]
+    assert schema.names == ["id", "code", "repo", "score", "score_expected", "reason", "model", "endpoint", "error"]
     by_id = {r["id"]: r for r in got}
     for i in range(40):
         r = by_id[f"fn-{i}"]

@@ -24,7 +24,7 @@ def test_openai_endpoint_falls_back_to_json_object_once_and_scores(tmp_path, ser
     forms = [b["response_format"]["type"] for b in server.chat_bodies()]
     assert forms[0] == "json_schema" and forms.count("json_schema") == 1 and forms[1:] == ["json_object"] * 15
     assert server.chat_bodies()[-1]["response_format"]["schema"]["properties"]["score"]["maximum"] == 10
-    assert result.stderr.count("using json_object") == 1
+    assert result.stderr.count("as json_object from now on") == 1
     assert "openai (fake)" in result.stderr                 # preflight identified it via /v1/models
 
 
