@@ -125,6 +125,15 @@ TRUNCATION_MARK = "\n... [truncated]"
 PERMANENT_ERRORS = frozenset({"empty", "malformed", "no_id", "template"})
 
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
+FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
+FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
+OUTCOME_DECAY = 1 / 64      # weight of one request in an endpoint's running fault and bad-answer shares
+UNUSABLE_RUN = 10           # unusable answers in a row, with none usable yet, that take an endpoint out
+JUDGE_MIN = 8               # unusable answers before an endpoint can be judged against the fleet
+JUDGE_SEEN = 20             # answers the rest of the fleet must have given to compare with
+JUDGE_SHARE = 0.5           # an endpoint is out when this share of its answers is unusable,
+JUDGE_RATIO = 4.0           # and that is this many times the rest of the fleet's share
+RETRY_BOUND = 256           # rows waiting for a retry beyond which no preference delays them
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
 PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
@@ -206,7 +215,7 @@ class Item:
     attempts: int = 0             # item faults charged against --max-attempts
     faults: int = 0               # endpoint faults seen while carrying this item
     fault_endpoints: set[str] | None = None
-    avoid: str | None = None      # endpoint that last gave a bad answer for it
+    avoid: set[str] | None = None  # endpoints that gave it an unusable answer
     max_chars: int | None = None  # code budget learned from a context overflow
     shrinks: int = 0
     last_error: str = ""
@@ -245,9 +254,10 @@ class EndpointFault(Exception):
     """The endpoint could not answer (down, busy, crashed, timed out)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False,
-                 item_related: bool = True, overload: bool = False) -> None:
+                 item_related: bool = True, overload: bool = False, unusable: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.unusable = unusable          # it answered, in a form we cannot use: judged like a bad answer
         self.overload = overload          # busy/slow: fewer requests in flight would help
         self.connect = connect            # never the item's fault: no request was made
         self.item_related = item_related  # could this item have caused it?
@@ -1055,6 +1065,11 @@ class Endpoint:
         self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
         # counters for the display and the summary
         self.done = self.errors = self.fault_count = 0
+        self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
+        self.last_bad = ""
+        self.first_seen = self.first_bad = 0.0       # running counts of answers to rows none had answered badly
+        self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
+        self.run_share = 0.0                         # the fault share when the current run of faults began
         self.latency_sum = 0.0
         self.latency_avg: float | None = None
         self.prompt_tokens = self.output_tokens = 0
@@ -1083,6 +1098,7 @@ class Endpoint:
     def record_success(self, latency: float, now: float) -> None:
         """Note a good answer: the endpoint is healthy."""
         self.faults = 0
+        self.note_outcome(fault=False)
         self.proven, self.probe_pause = True, 1.0
         if self.state == "backoff":
             self.state = "ready"
@@ -1090,13 +1106,48 @@ class Endpoint:
         self.latency_sum += latency
         self.latency_avg = latency if self.latency_avg is None else 0.8 * self.latency_avg + 0.2 * latency
 
+    def note_outcome(self, fault: bool) -> None:
+        """Update the running share of requests that ended in an endpoint fault."""
+        self.outcomes = self.outcomes * (1 - OUTCOME_DECAY) + 1
+        self.fault_weight = self.fault_weight * (1 - OUTCOME_DECAY) + fault
+
+    def note_answer(self, usable: bool, first: bool, message: str = "") -> None:
+        """Count an answer; those to rows no endpoint had answered badly compare fairly across the fleet."""
+        if usable:
+            self.bad_run = 0
+        else:
+            self.faults = 0               # it answered: not down, whatever the answer
+            self.note_outcome(fault=False)
+            self.bad, self.bad_run, self.last_bad = self.bad + 1, self.bad_run + 1, message
+        if first:
+            self.first_seen = self.first_seen * (1 - OUTCOME_DECAY) + 1
+            self.first_bad = self.first_bad * (1 - OUTCOME_DECAY) + (not usable)
+
+    def fault_run_limit(self) -> int:
+        """Consecutive faults that take a productive endpoint down: more for one that often fails a request."""
+        if self.run_share <= 0:
+            return DOWN_AFTER
+        run = math.ceil(math.log(FAULT_RUN_ODDS) / math.log(self.run_share))
+        return max(DOWN_AFTER, min(FAULT_RUN_CAP, run))
+
     def record_fault(self, exc: EndpointFault, now: float) -> bool:
-        """Note an endpoint fault; return True if the endpoint should now go down."""
+        """Note an endpoint fault; return True if the endpoint should now go down.
+
+        An endpoint that has answered well since it came up keeps its slots on a
+        plain fault (a 500, a dropped connection): the row is re-sent, and only a
+        run of faults unlikely at its usual fault rate takes it down. Overload
+        signals, and endpoints not yet proven, back off.
+        """
+        if self.faults == 0:              # the share before this run, with a prior of a little under one in ten
+            self.run_share = (self.fault_weight + 0.5) / (self.outcomes + 10)
         self.faults += 1
         self.fault_count += 1
         self.detail = str(exc)
-        if exc.connect or self.faults >= DOWN_AFTER:
+        self.note_outcome(fault=True)
+        if exc.connect or self.faults >= (self.fault_run_limit() if self.proven else DOWN_AFTER):
             return True
+        if self.proven and not exc.overload:
+            return False
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.faults - 1)) * random.uniform(0.5, 1.5)
         if exc.retry_after:
             delay = max(delay, min(exc.retry_after, 300.0))
@@ -1367,6 +1418,9 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
     if endpoint.api == "openai" and endpoint.response_format == "json_schema" and status in (400, 422, 500) \
             and re.search(r"response_format|json_schema|literal_error|schema", message, re.I):
         return FormatRejected(message)
+    if 300 <= status < 400:       # not followed: a POST re-sent elsewhere may not arrive as a POST
+        where = response.headers.get("location", "?")
+        return EndpointGone(f"answers with a redirect (HTTP {status} to {where}); put the final URL in endpoints.txt")
     if status in (401, 403):
         return EndpointGone(f"refused: {message}")
     if status == 404:
@@ -1405,9 +1459,10 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
     try:
         data = response.json()
     except ValueError:
-        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(response.text)[:120]!r}") from None
+        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(response.text)[:120]!r}",
+                            unusable=True) from None
     if not isinstance(data, dict):
-        raise EndpointFault("HTTP 200 with an unexpected body")
+        raise EndpointFault("HTTP 200 with an unexpected body", unusable=True)
     if data.get("error") and "message" not in data and "choices" not in data:
         raise EndpointFault(f"HTTP 200 carrying an error: {error_message(response)}")  # LM Studio does this
     if endpoint.api == "ollama":
@@ -1603,9 +1658,8 @@ class Run:
         for i, item in enumerate(self.retry):
             if item.finished or item.tasks:
                 continue
-            if item.avoid == endpoint.name and self.fresh and any(
-                    e is not endpoint and e.usable for e in self.endpoints):
-                continue            # a preference, not a ban: with nothing else to do, retry it here
+            if (item.avoid or item.fault_endpoints) and self.leave_to_others(endpoint, item):
+                continue
             if item.faults and not endpoint.proven:
                 # A suspected row goes to a server that has shown it works, so a fault there
                 # says something about the row; a server just back proves itself on others first.
@@ -1625,6 +1679,23 @@ class Run:
             return self.hedge_candidate(endpoint, now)
         endpoint.limiter.on_starved()
         return None
+
+    def leave_to_others(self, endpoint: Endpoint, item: Item) -> bool:
+        """Say whether a row this endpoint failed should wait for other work or another endpoint.
+
+        A preference, not a ban, and bounded: past RETRY_BOUND waiting rows it
+        lapses. A row that faulted here goes elsewhere while fresh rows remain; one
+        answered badly here also waits, after the input, for any endpoint that has
+        not answered it badly and would take work.
+        """
+        bad = item.avoid is not None and endpoint.name in item.avoid
+        faulted = item.fault_endpoints is not None and endpoint.name in item.fault_endpoints
+        if not (bad or faulted) or len(self.retry) >= RETRY_BOUND:
+            return False
+        if self.fresh or not bad:
+            return bool(self.fresh)
+        return any(e is not endpoint and e.usable and e.name not in item.avoid
+                   and (not self.producer_done or self.worth_starting(e)) for e in self.endpoints)
 
     def worth_starting(self, endpoint: Endpoint) -> bool:
         """At the end of the input, leave the last rows to faster endpoints that will clear them sooner.
@@ -1714,13 +1785,16 @@ class Run:
         if isinstance(outcome, Answer):
             self.last_answer = now
             endpoint.record_success(outcome.latency, now)
+            endpoint.note_answer(True, first=not item.avoid)
             endpoint.limiter.on_done(started, now)
             if not item.finished:
                 if item.racer is endpoint and item.tasks:
                     self.tally.hedges_won += 1
                 self.write(item, success_record(item, endpoint, outcome))
             return
-        if isinstance(outcome, EndpointFault):
+        if isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
+            self.answered_badly(endpoint, item, outcome, started, now)
+        elif isinstance(outcome, EndpointFault):
             if outcome.item_related and (endpoint.proven or (item.faults and endpoint.done)):
                 # Only a server that works for other rows can blame this one.
                 item.faults += 1
@@ -1754,13 +1828,60 @@ class Run:
                 ratio = max(0.1, min(0.9, (outcome.limit - NUM_PREDICT - CONTEXT_MARGIN) / outcome.requested))
             item.max_chars = int(current * ratio)
             self.requeue(item)
-        elif isinstance(outcome, ItemFault):
-            endpoint.faults = 0               # it answered: healthy, whatever the answer
-            endpoint.limiter.on_done(started, now)
-            self.charge(endpoint, item, str(outcome), outcome.kind)
         elif isinstance(outcome, EndpointGone):
             self.retire(endpoint, str(outcome))
             self.requeue(item)
+
+    def answered_badly(self, endpoint: Endpoint, item: Item, outcome: Exception, started: float, now: float) -> None:
+        """Count an unusable answer against the endpoint, and against the row only if the endpoint is trusted.
+
+        A row pays one of its attempts only for a bad answer from an endpoint that
+        has answered well and is not doing markedly worse than the rest of the
+        fleet; otherwise it is simply re-sent elsewhere. An answer of the wrong
+        shape is never the row's fault.
+        """
+        endpoint.limiter.on_done(started, now)
+        endpoint.note_answer(False, first=not item.avoid, message=str(outcome))
+        item.avoid = (item.avoid or set()) | {endpoint.name}
+        if reason := self.unusable_reason(endpoint):
+            self.retire(endpoint, reason)
+        elif isinstance(outcome, ItemFault) and endpoint.done and not self.worse_than_fleet(endpoint):
+            self.charge(endpoint, item, str(outcome), outcome.kind)
+            return
+        endpoint.errors += 1
+        item.last_error = f"{endpoint.name}: {outcome}"
+        self.requeue(item, front=False)
+
+    def fleet_share(self, endpoint: Endpoint) -> float | None:
+        """Return the share of unusable answers on the rest of the fleet, once it has answered enough to tell."""
+        seen = bad = 0.0
+        for other in self.endpoints:
+            if other is not endpoint and other.state != "gone":
+                seen, bad = seen + other.first_seen, bad + other.first_bad
+        return bad / seen if seen >= JUDGE_SEEN else None
+
+    def worse_than_fleet(self, endpoint: Endpoint) -> tuple[float, float] | None:
+        """Return (its share, the fleet's) of unusable answers if this endpoint's is far above the rest's."""
+        fleet = self.fleet_share(endpoint)
+        if fleet is None or not endpoint.first_seen:
+            return None
+        mine = endpoint.first_bad / endpoint.first_seen
+        return (mine, fleet) if mine >= JUDGE_SHARE and mine >= JUDGE_RATIO * fleet else None
+
+    def unusable_reason(self, endpoint: Endpoint) -> str | None:
+        """Say why an endpoint's unusable answers are its own fault, if they are: then it is taken out.
+
+        By comparison when the rest of the fleet has answered enough rows of the
+        same kind (first tries); alone, after UNUSABLE_RUN answers in a row with
+        not one usable, so a lone endpoint that answers prose cannot loop forever.
+        """
+        last = endpoint.last_bad[:160]
+        if endpoint.done == 0 and endpoint.bad_run >= UNUSABLE_RUN:
+            return f"{endpoint.bad_run} answers in a row, none usable (last: {last})"
+        worse = self.worse_than_fleet(endpoint)
+        if worse and endpoint.first_bad >= JUDGE_MIN:
+            return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"
+        return None
 
     def charge(self, endpoint: Endpoint, item: Item, message: str, kind: str) -> None:
         """Spend one of the item's attempts; write an error record when none are left."""
@@ -1776,7 +1897,7 @@ class Run:
             self.write(item, error_record(item, final, f"{item.attempts} attempts; last: {item.last_error}",
                                           endpoint.model, endpoint.name))
         else:
-            item.avoid = endpoint.name
+            item.avoid = (item.avoid or set()) | {endpoint.name}
             self.requeue(item, front=False)
 
     def take_down(self, endpoint: Endpoint, reason: str) -> None:

@@ -72,6 +72,8 @@ class Behaviour:
     n_ctx: int | None = None              # OpenAI mode: 400 when prompt tokens exceed this
     api_key: str | None = None            # demand "Authorization: Bearer <key>" (401 otherwise)
     error_200: str | None = None          # LM Studio: answer chats 200 {"error": this}
+    redirect: int | None = None           # answer scoring chats with this 3xx status, pointing elsewhere
+    raw_200: str | None = None            # answer scoring chats 200 with this text/html body (a proxy's page)
     nested_errors: bool = True            # OpenAI mode: {"error": {"message"}} or flat {"object": "error"}
     seed: int = 0
 
@@ -185,10 +187,11 @@ class FakeOllama:
                     reply = await self._route(method, path, body, reader, writer)
                 if reply is None:          # connection dropped on purpose
                     return
-                status, payload, ctype = reply
+                status, payload, ctype, *extra = reply
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                more = "".join(f"{k}: {v}\r\n" for k, v in (extra[0] if extra else {}).items())
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                             f"Connection: keep-alive\r\n\r\n".encode() + data)
+                             f"{more}Connection: keep-alive\r\n\r\n".encode() + data)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
@@ -242,6 +245,11 @@ class FakeOllama:
             return 200, {"model": model, "created_at": "2024-12-06T00:48:09Z",
                          "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": True}, \
                 "application/json"
+        if b.redirect:
+            target = "/v2/chat" if not openai else "/v2/chat/completions"
+            return b.redirect, b"", "text/plain", {"Location": f"http://{self.host}:{self.port}{target}"}
+        if b.raw_200 is not None:
+            return 200, b.raw_200.encode(), "text/html"
         prompt = messages[-1].get("content", "")
         code = code_of(prompt)
         if openai:

@@ -335,3 +335,72 @@ def test_cut_link_to_a_host_in_another_namespace_then_restore(tmp_path, serve):
             server.communicate()
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("trouble, reason", [
+    ({"garbage": 1.0}, "not a JSON object"),                          # a model that answers prose to everything
+    ({"redirect": 307}, "redirect"),                                  # a proxy sending us elsewhere
+    ({"raw_200": "<html><body>Sign in to continue</body></html>"}, "not JSON"),   # a login page
+])
+def test_endpoint_whose_answers_are_unusable_is_taken_out_and_costs_rows_nothing(tmp_path, serve, trouble, reason):
+    healthy = serve(latency=0.02, slots=2, seed=7)
+    broken = serve(seed=8, **trouble)                 # answers at once: it would take most rows
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(200))
+    endpoints = write_endpoints(tmp_path / "e.txt", [healthy, broken])
+    result = run_cli(data, "--endpoints", endpoints, "--max-attempts", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete(records, [r["id"] for r in rows(200)])
+    assert len(records) == 200 and all(r["attempts"] == 1 for r in records)   # no row paid for e1's answers
+    taken_out = [line for line in result.stderr.splitlines() if "e1 taken out" in line]
+    assert taken_out and reason in taken_out[0], result.stderr
+    assert len(broken.chat_bodies()) <= score.UNUSABLE_RUN + 4          # judged within a few answers
+    assert "Traceback" not in result.stderr
+
+
+def test_lone_endpoint_answering_prose_ends_the_run_and_burns_no_row(tmp_path, serve):
+    server = serve(garbage=1.0)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(300))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "every endpoint has been taken out" in result.stderr and "none usable" in result.stderr
+    assert "not a JSON object" in result.stderr and "Traceback" not in result.stderr
+    assert len(server.chat_bodies()) <= score.UNUSABLE_RUN + 4
+    assert not out.exists() or read_records(out) == []            # no row was given up on
+    server.behaviour.garbage = 0.0                                 # the model is fixed: resume scores everything
+    again = run_cli(data, "--endpoints", endpoints, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert_complete(read_records(out), [r["id"] for r in rows(300)])
+
+
+def test_flaky_but_productive_endpoint_is_never_marked_down_and_keeps_its_share(tmp_path, serve):
+    gpu = serve(latency=0.01, slots=4, fail_500=0.2, seed=9)        # one request in five fails with a 500
+    laptops = [serve(latency=0.04, slots=1, seed=10 + i) for i in range(2)]
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(400))
+    endpoints = write_endpoints(tmp_path / "e.txt", [gpu, *laptops])
+    result = run_cli(data, "--endpoints", endpoints, "--max-attempts", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete(records, [r["id"] for r in rows(400)])
+    assert "e0 is down" not in result.stderr and "back after" not in result.stderr
+    # Alone, a laptop scores one row while the GPU box does four in flight in a quarter of the time:
+    # beside them it should still score the bulk of the rows, not idle between faults.
+    share = Counter(r["endpoint"] for r in records)["e0"] / len(records)
+    assert share >= 0.6, (share, result.stderr[-2000:])
+    assert gpu.chats - gpu.answered >= 40                           # the faults really happened
+
+
+def test_row_bad_everywhere_is_exhausted_and_no_healthy_endpoint_suffers(tmp_path, serve):
+    a = serve(latency=0.01, bad_for="compute_3(", seed=12)
+    b = serve(latency=0.01, bad_for="compute_3(", seed=13)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
+    endpoints = write_endpoints(tmp_path / "e.txt", [a, b])
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress")
+    assert result.returncode == 1, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    failed = [r for r in records if r["score"] is None]
+    assert [(r["id"], r["error_kind"], r["attempts"]) for r in failed] == [("fn-3", "attempts_exhausted", 3)]
+    assert_complete([r for r in records if r["score"] is not None], [f"fn-{i}" for i in range(60) if i != 3])
+    assert "taken out" not in result.stderr and "is down" not in result.stderr
