@@ -1684,18 +1684,22 @@ class Run:
         """Say whether a row this endpoint failed should wait for other work or another endpoint.
 
         A preference, not a ban, and bounded: past RETRY_BOUND waiting rows it
-        lapses. A row that faulted here goes elsewhere while fresh rows remain; one
-        answered badly here also waits, after the input, for any endpoint that has
-        not answered it badly and would take work.
+        lapses. While fresh rows remain, a row answered badly here waits, and one
+        that faulted here goes to another endpoint if there is one. After the
+        input, a row answered badly here waits only for an endpoint that has not
+        answered it badly and would take it now.
         """
         bad = item.avoid is not None and endpoint.name in item.avoid
         faulted = item.fault_endpoints is not None and endpoint.name in item.fault_endpoints
         if not (bad or faulted) or len(self.retry) >= RETRY_BOUND:
             return False
-        if self.fresh or not bad:
-            return bool(self.fresh)
-        return any(e is not endpoint and e.usable and e.name not in item.avoid
-                   and (not self.producer_done or self.worth_starting(e)) for e in self.endpoints)
+        if self.fresh:
+            failed = (item.avoid or set()) | (item.fault_endpoints or set())
+            return bad or any(e is not endpoint and e.usable and e.name not in failed for e in self.endpoints)
+        now = time.monotonic()
+        return bad and any(e is not endpoint and e.name not in item.avoid and e.can_take(now)
+                           and len(e.inflight) < e.limiter.limit
+                           and (not self.producer_done or self.worth_starting(e)) for e in self.endpoints)
 
     def worth_starting(self, endpoint: Endpoint) -> bool:
         """At the end of the input, leave the last rows to faster endpoints that will clear them sooner.
@@ -2225,6 +2229,7 @@ def summary(run: Run, elapsed: float) -> str:
         retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
         lines.append(f"Rows without a score: {parts}." + (
             f" --resume retries the {retry:,} that are not permanent." if retry else ""))
+    lines += [f"{e.name} was taken out: {e.detail}" for e in run.endpoints if e.state == "gone"]
     rows = [["endpoint", "state", "items", "share", "items/s", "latency", "gen tok/s", "errors", "faults", "limit"]]
     total = sum(e.done for e in run.endpoints) or 1
     for e in run.endpoints:

@@ -185,9 +185,10 @@ def scenario_tail() -> dict:
 
 def scenario_flaky(n: int) -> dict:
     """The GPU box fails one request in five with a 500 beside two laptops: whole job ÷ the fleet's good capacity."""
-    probe = write_jsonl(OUT / "flaky-probe.jsonl", functions(max(120, n // 5), seed=11))
+    probe = write_jsonl(OUT / "flaky-probe.jsonl", functions(n // 2, seed=11))     # long enough to settle
     _, gpu_rate, _ = best_fixed(probe, GPU, [3, 4, 5], "flaky-cap-gpu")
-    _, lap_rate, _ = best_fixed(probe, LAPTOP, [1], "flaky-cap-laptop")
+    few = write_jsonl(OUT / "flaky-probe-laptop.jsonl", functions(max(60, n // 10), seed=11))
+    _, lap_rate, _ = best_fixed(few, LAPTOP, [1], "flaky-cap-laptop")
     capacity = (1 - 0.2) * gpu_rate + 2 * lap_rate      # a 500 comes after the work, so 80% of the box is useful
     data = write_jsonl(OUT / "flaky.jsonl", functions(n, seed=12))
     result = run_fleet(data, [("gpu", {**GPU, "fail_500": 0.2, "seed": 13}, ""), ("mac1", LAPTOP, ""),

@@ -354,6 +354,7 @@ def test_endpoint_whose_answers_are_unusable_is_taken_out_and_costs_rows_nothing
     assert len(records) == 200 and all(r["attempts"] == 1 for r in records)   # no row paid for e1's answers
     taken_out = [line for line in result.stderr.splitlines() if "e1 taken out" in line]
     assert taken_out and reason in taken_out[0], result.stderr
+    assert "e1 was taken out: " in result.stderr                       # and the summary says why
     assert len(broken.chat_bodies()) <= score.UNUSABLE_RUN + 4          # judged within a few answers
     assert "Traceback" not in result.stderr
 
@@ -376,20 +377,20 @@ def test_lone_endpoint_answering_prose_ends_the_run_and_burns_no_row(tmp_path, s
 
 
 def test_flaky_but_productive_endpoint_is_never_marked_down_and_keeps_its_share(tmp_path, serve):
-    gpu = serve(latency=0.01, slots=4, fail_500=0.2, seed=9)        # one request in five fails with a 500
-    laptops = [serve(latency=0.04, slots=1, seed=10 + i) for i in range(2)]
+    gpu = serve(latency=0.05, slots=4, fail_500=0.2, seed=9)        # one request in five fails with a 500
+    laptops = [serve(latency=0.2, slots=1, seed=10 + i) for i in range(2)]
     data = write_jsonl(tmp_path / "fns.jsonl", rows(400))
     endpoints = write_endpoints(tmp_path / "e.txt", [gpu, *laptops])
     result = run_cli(data, "--endpoints", endpoints, "--max-attempts", "1", "--no-progress")
     assert result.returncode == 0, result.stderr
     records = read_records(tmp_path / "fns.scores.jsonl")
     assert_complete(records, [r["id"] for r in rows(400)])
-    assert "e0 is down" not in result.stderr and "back after" not in result.stderr
-    # Alone, a laptop scores one row while the GPU box does four in flight in a quarter of the time:
-    # beside them it should still score the bulk of the rows, not idle between faults.
-    share = Counter(r["endpoint"] for r in records)["e0"] / len(records)
-    assert share >= 0.6, (share, result.stderr[-2000:])
     assert gpu.chats - gpu.answered >= 40                           # the faults really happened
+    assert "e0 is down" not in result.stderr and "back after" not in result.stderr
+    # The box alone does 4 rows at a time in a quarter of a laptop's time for one: it can do about
+    # 90% of the fleet's good work, and should score most rows rather than idle between faults.
+    share = Counter(r["endpoint"] for r in records)["e0"] / len(records)
+    assert share >= 0.7, (share, result.stderr[-2000:])
 
 
 def test_row_bad_everywhere_is_exhausted_and_no_healthy_endpoint_suffers(tmp_path, serve):
@@ -404,3 +405,43 @@ def test_row_bad_everywhere_is_exhausted_and_no_healthy_endpoint_suffers(tmp_pat
     assert [(r["id"], r["error_kind"], r["attempts"]) for r in failed] == [("fn-3", "attempts_exhausted", 3)]
     assert_complete([r for r in records if r["score"] is not None], [f"fn-{i}" for i in range(60) if i != 3])
     assert "taken out" not in result.stderr and "is down" not in result.stderr
+
+
+def lone_endpoint(tmp_path) -> score.Endpoint:
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("127.0.0.1:9 name=e0\n")
+    config = score.parse_args([str(tmp_path / "x.jsonl"), "--endpoints", str(endpoints)])
+    return score.Endpoint(config.endpoints[0], config)
+
+
+def test_plain_faults_on_a_productive_endpoint_take_it_down_only_after_an_unlikely_run(tmp_path):
+    endpoint = lone_endpoint(tmp_path)
+    endpoint.state, endpoint.proven = "ready", True
+    rng = random.Random(1)
+    fault = score.EndpointFault("HTTP 500: model runner has unexpectedly stopped")
+    for _ in range(300):                              # one request in five fails
+        if rng.random() < 0.2:
+            assert not endpoint.record_fault(fault, 0.0)
+        else:
+            endpoint.record_success(0.1, 0.0)
+        assert endpoint.state == "ready" and endpoint.can_take(0.0)   # no backoff, no idling
+    for _ in range(score.DOWN_AFTER):                 # a run of 3 is common at that rate: still up
+        assert not endpoint.record_fault(fault, 0.0)
+    downs = [endpoint.record_fault(fault, 0.0) for _ in range(score.FAULT_RUN_CAP)]
+    assert any(downs)                                 # a long run is an outage
+    steady = lone_endpoint(tmp_path)                  # one that never failed goes down after DOWN_AFTER
+    steady.state, steady.proven = "ready", True
+    for _ in range(300):
+        steady.record_success(0.1, 0.0)
+    assert [steady.record_fault(fault, 0.0) for _ in range(score.DOWN_AFTER)] == [False, False, True]
+
+
+def test_overload_and_unproven_endpoints_still_back_off(tmp_path):
+    endpoint = lone_endpoint(tmp_path)
+    endpoint.state = "ready"                          # not proven: no good answer since it came up
+    assert not endpoint.record_fault(score.EndpointFault("HTTP 500"), 100.0)
+    assert endpoint.state == "backoff" and not endpoint.can_take(100.0)
+    busy = lone_endpoint(tmp_path)
+    busy.state, busy.proven = "ready", True
+    assert not busy.record_fault(score.EndpointFault("HTTP 503", overload=True, retry_after=5), 100.0)
+    assert busy.state == "backoff" and not busy.can_take(104.0) and busy.can_take(106.0)
