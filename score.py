@@ -1123,11 +1123,16 @@ class Endpoint:
             self.first_seen = self.first_seen * (1 - OUTCOME_DECAY) + 1
             self.first_bad = self.first_bad * (1 - OUTCOME_DECAY) + (not usable)
 
-    def fault_run_limit(self) -> int:
-        """Consecutive faults that take a productive endpoint down: more for one that often fails a request."""
-        if self.run_share <= 0:
+    def fault_share(self) -> float:
+        """Estimate the share of requests that fail here (a prior of a little under one in ten to start)."""
+        return (self.fault_weight + 0.5) / (self.outcomes + 10)
+
+    def fault_run_limit(self, share: float | None = None) -> int:
+        """Consecutive faults too unlikely by chance at this fault share: more for an endpoint that often fails."""
+        share = self.run_share if share is None else share
+        if share <= 0:
             return DOWN_AFTER
-        run = math.ceil(math.log(FAULT_RUN_ODDS) / math.log(self.run_share))
+        run = math.ceil(math.log(FAULT_RUN_ODDS) / math.log(share))
         return max(DOWN_AFTER, min(FAULT_RUN_CAP, run))
 
     def record_fault(self, exc: EndpointFault, now: float) -> bool:
@@ -1139,7 +1144,7 @@ class Endpoint:
         signals, and endpoints not yet proven, back off.
         """
         if self.faults == 0:              # the share before this run, with a prior of a little under one in ten
-            self.run_share = (self.fault_weight + 0.5) / (self.outcomes + 10)
+            self.run_share = self.fault_share()
         self.faults += 1
         self.fault_count += 1
         self.detail = str(exc)
@@ -1804,7 +1809,10 @@ class Run:
                 item.faults += 1
                 item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
             live = sum(1 for e in self.endpoints if e.state != "gone")
-            if outcome.item_related and item.faults > POISON_FAULTS and len(item.fault_endpoints) >= min(2, live):
+            # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
+            chance = endpoint.fault_run_limit(max(0.0, endpoint.fault_weight - item.faults) / max(endpoint.outcomes, 10))
+            if outcome.item_related and item.faults > max(POISON_FAULTS, chance) \
+                    and len(item.fault_endpoints) >= min(2, live):
                 # This item keeps breaking servers: charge it, and spare the endpoint's health.
                 self.charge(endpoint, item, f"endpoints failed on this item {item.faults} times "
                                             f"(last: {outcome})", "poison")
