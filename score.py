@@ -1658,6 +1658,8 @@ class Run:
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
         if self.producer_done and not self.worth_starting(endpoint):
+            if (item := self.left_for(endpoint)) is not None:
+                return item
             return self.hedge_candidate(endpoint, now) if self.config.hedge else None
         fallback = None
         for i, item in enumerate(self.retry):
@@ -1691,20 +1693,33 @@ class Run:
         A preference, not a ban, and bounded: past RETRY_BOUND waiting rows it
         lapses. While fresh rows remain, a row answered badly here waits, and one
         that faulted here goes to another endpoint if there is one. After the
-        input, a row answered badly here waits only for an endpoint that has not
-        answered it badly and would take it now.
+        input, a row answered badly here still waits for any other usable
+        endpoint that has not answered it badly (see left_for).
         """
         bad = item.avoid is not None and endpoint.name in item.avoid
         faulted = item.fault_endpoints is not None and endpoint.name in item.fault_endpoints
         if not (bad or faulted) or len(self.retry) >= RETRY_BOUND:
             return False
         if self.fresh:
-            failed = (item.avoid or set()) | (item.fault_endpoints or set())
-            return bad or any(e is not endpoint and e.usable and e.name not in failed for e in self.endpoints)
-        now = time.monotonic()
-        return bad and any(e is not endpoint and e.name not in item.avoid and e.can_take(now)
-                           and len(e.inflight) < e.limiter.limit
-                           and (not self.producer_done or self.worth_starting(e)) for e in self.endpoints)
+            if bad:
+                return True
+            failed = (item.avoid or set()) | item.fault_endpoints
+        elif bad:
+            failed = item.avoid
+        else:
+            return False
+        return any(e is not endpoint and e.usable and e.name not in failed for e in self.endpoints)
+
+    def left_for(self, endpoint: Endpoint) -> Item | None:
+        """Take a waiting row that others answered badly, if no endpoint the end-of-input rule prefers may take it."""
+        for i, item in enumerate(self.retry):
+            if item.finished or item.tasks or not item.avoid or endpoint.name in item.avoid:
+                continue
+            if not any(e is not endpoint and e.usable and e.name not in item.avoid and self.worth_starting(e)
+                       for e in self.endpoints):
+                del self.retry[i]
+                return item
+        return None
 
     def worth_starting(self, endpoint: Endpoint) -> bool:
         """At the end of the input, leave the last rows to faster endpoints that will clear them sooner.
@@ -1782,11 +1797,10 @@ class Run:
 
     def requeue(self, item: Item, *, front: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
-        if item.finished or item.tasks:
-            return
-        self.tally.requeued += 1
-        (self.retry.appendleft if front else self.retry.append)(item)
-        self.changed.notify()
+        if not (item.finished or item.tasks):
+            self.tally.requeued += 1
+            (self.retry.appendleft if front else self.retry.append)(item)
+        self.changed.notify()       # either way a slot is free: a row left to this endpoint may be waiting
 
     def settle(self, endpoint: Endpoint, item: Item, outcome: Answer | Exception, started: float) -> None:
         """Decide what an outcome means for the item and for the endpoint."""

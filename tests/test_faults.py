@@ -456,3 +456,16 @@ def test_rows_on_a_lone_flaky_endpoint_are_not_mistaken_for_poison(tmp_path, ser
     records = read_records(tmp_path / "fns.scores.jsonl")
     assert sum(r["score"] is not None for r in records) == 1000
     assert server.chats - server.answered >= 300 and "is down" not in result.stderr
+
+
+def test_row_answered_badly_by_the_fast_endpoint_waits_for_the_slow_one_at_the_end(tmp_path, serve):
+    fast = serve(latency=0.001, slots=4, bad_for="compute_59(", seed=15)   # fails this row, in a millisecond
+    slow = serve(latency=0.1, slots=1, seed=16)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
+    endpoints = write_endpoints(tmp_path / "e.txt", [fast, slow])
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete(records, [r["id"] for r in rows(60)])
+    assert scored(records)["fn-59"]["endpoint"] == "e1"
+    assert sum("compute_59(" in b["messages"][0]["content"] for b in fast.chat_bodies()) == 1
