@@ -1067,7 +1067,7 @@ class Endpoint:
         self.done = self.errors = self.fault_count = 0
         self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
         self.last_bad = ""
-        self.first_seen = self.first_bad = 0.0       # running counts of answers to rows none had answered badly
+        self.first_seen = self.first_bad = 0.0       # running counts of first answers to a row, and bad ones
         self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
         self.run_share = 0.0                         # the fault share when the current run of faults began
         self.latency_sum = 0.0
@@ -1112,7 +1112,7 @@ class Endpoint:
         self.fault_weight = self.fault_weight * (1 - OUTCOME_DECAY) + fault
 
     def note_answer(self, usable: bool, first: bool, message: str = "") -> None:
-        """Count an answer; those to rows no endpoint had answered badly compare fairly across the fleet."""
+        """Count an answer; first answers to a row (not repeats of a bad one) are compared across the fleet."""
         if usable:
             self.bad_run = 0
         else:
@@ -1808,7 +1808,7 @@ class Run:
         if isinstance(outcome, Answer):
             self.last_answer = now
             endpoint.record_success(outcome.latency, now)
-            endpoint.note_answer(True, first=not item.avoid)
+            endpoint.note_answer(True, first=not item.avoid or endpoint.name not in item.avoid)
             endpoint.limiter.on_done(started, now)
             if not item.finished:
                 if item.racer is endpoint and item.tasks:
@@ -1861,17 +1861,18 @@ class Run:
     def answered_badly(self, endpoint: Endpoint, item: Item, outcome: Exception, started: float, now: float) -> None:
         """Count an unusable answer against the endpoint, and against the row only if the endpoint is trusted.
 
-        A row pays one of its attempts only for a bad answer from an endpoint that
-        has answered well and is not doing markedly worse than the rest of the
-        fleet; otherwise it is simply re-sent elsewhere. An answer of the wrong
-        shape is never the row's fault.
+        A row pays one of its attempts for a bad answer from an endpoint that has
+        answered well and is not suspect, or that already answered this row badly
+        once (so every row's retries are bounded); otherwise it is simply re-sent
+        elsewhere. An answer of the wrong shape is never the row's fault.
         """
         endpoint.limiter.on_done(started, now)
-        endpoint.note_answer(False, first=not item.avoid, message=str(outcome))
+        again = item.avoid is not None and endpoint.name in item.avoid
+        endpoint.note_answer(False, first=not again, message=str(outcome))
         item.avoid = (item.avoid or set()) | {endpoint.name}
         if reason := self.unusable_reason(endpoint):
             self.retire(endpoint, reason)
-        elif isinstance(outcome, ItemFault) and endpoint.done and not self.worse_than_fleet(endpoint):
+        elif isinstance(outcome, ItemFault) and endpoint.done and (again or not self.suspect(endpoint)):
             self.charge(endpoint, item, str(outcome), outcome.kind)
             return
         endpoint.errors += 1
@@ -1894,12 +1895,23 @@ class Run:
         mine = endpoint.first_bad / endpoint.first_seen
         return (mine, fleet) if mine >= JUDGE_SHARE and mine >= JUDGE_RATIO * fleet else None
 
+    def suspect(self, endpoint: Endpoint) -> bool:
+        """Say whether an endpoint's bad answers may be its own fault rather than the rows'.
+
+        It is, if it is far worse than the rest of the fleet, or while the rest has
+        not answered enough to compare with; a lone endpoint is judged on its own.
+        """
+        if self.fleet_share(endpoint) is None:
+            return any(e is not endpoint and e.usable for e in self.endpoints)
+        return self.worse_than_fleet(endpoint) is not None
+
     def unusable_reason(self, endpoint: Endpoint) -> str | None:
         """Say why an endpoint's unusable answers are its own fault, if they are: then it is taken out.
 
-        By comparison when the rest of the fleet has answered enough rows of the
-        same kind (first tries); alone, after UNUSABLE_RUN answers in a row with
-        not one usable, so a lone endpoint that answers prose cannot loop forever.
+        By comparison when the rest of the fleet has answered enough rows (first
+        answers to each row; rows failed elsewhere count for the rest, which only
+        makes it slower to blame an endpoint); alone, after UNUSABLE_RUN answers in
+        a row with not one usable, so a lone endpoint answering prose cannot loop.
         """
         last = endpoint.last_bad[:160]
         if endpoint.done == 0 and endpoint.bad_run >= UNUSABLE_RUN:

@@ -469,3 +469,17 @@ def test_row_answered_badly_by_the_fast_endpoint_waits_for_the_slow_one_at_the_e
     assert_complete(records, [r["id"] for r in rows(60)])
     assert scored(records)["fn-59"]["endpoint"] == "e1"
     assert sum("compute_59(" in b["messages"][0]["content"] for b in fast.chat_bodies()) == 1
+
+
+def test_endpoint_answering_mostly_prose_is_judged_against_the_fleet(tmp_path, serve):
+    healthy = serve(latency=0.01, slots=2, seed=17)
+    sloppy = serve(latency=0.01, slots=2, garbage=0.7, seed=20)     # some good answers: never "none usable"
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(300))
+    endpoints = write_endpoints(tmp_path / "e.txt", [healthy, sloppy])
+    result = run_cli(data, "--endpoints", endpoints, "--max-attempts", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert_complete(records, [r["id"] for r in rows(300)])
+    assert all(r["attempts"] == 1 for r in records)
+    assert "e1 was taken out: " in result.stderr and "unusable against 0% on the other endpoints" in result.stderr
+    assert sloppy.answered - sum(r["endpoint"] == "e1" for r in records) <= 40   # judged within a few dozen
