@@ -483,3 +483,41 @@ def test_endpoint_answering_mostly_prose_is_judged_against_the_fleet(tmp_path, s
     assert all(r["attempts"] == 1 for r in records)
     assert "e1 was taken out: " in result.stderr and "unusable against 0% on the other endpoints" in result.stderr
     assert sloppy.answered - sum(r["endpoint"] == "e1" for r in records) <= 40   # judged within a few dozen
+
+
+def fleet_run(tmp_path, names=("e0", "e1")):
+    """A Run over idle endpoints with nothing read yet, for checking the dispatch rules directly."""
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("".join(f"127.0.0.1:{9 + i} name={name}\n" for i, name in enumerate(names)))
+    config = score.parse_args([str(tmp_path / "x.jsonl"), "--endpoints", str(endpoints)])
+    fleet = [score.Endpoint(spec, config) for spec in config.endpoints]
+    for endpoint in fleet:
+        endpoint.state = "ready"
+    return score.Run(config=config, info=None, endpoints=fleet, checkpoint=None, resume=None, meta={},
+                     reader=iter(()), preloaded=[], tally=score.Tally(), progress=None)
+
+
+def row_item(i: int, avoid=None) -> score.Item:
+    return score.Item(id=f"fn-{i}", key=i, text=f"def f{i}(): pass", fields={}, avoid=avoid)
+
+
+def test_a_row_answered_badly_waits_for_another_endpoint_but_the_retry_queue_stays_bounded(tmp_path):
+    run = fleet_run(tmp_path)
+    e0, e1 = run.endpoints
+    failed = row_item(0, avoid={"e0"})
+    run.retry.append(failed)
+    run.fresh.append(row_item(1))
+    assert run.pick(e0).id == "fn-1"                  # fresh work first, the failed row waits
+    run.producer_done = True
+    assert run.pick(e0) is None                       # after the input: still left to e1, which has not failed it
+    assert run.pick(e1) is failed
+    run.retry.append(failed)
+    e1.state = "down"
+    assert run.pick(e0) is failed                     # nobody else can take it: a preference, not a ban
+    e1.state = "ready"
+    run.producer_done = False
+    run.retry.extend(row_item(i, avoid={"e0"}) for i in range(2, 1 + score.RETRY_BOUND))
+    run.fresh.extend([row_item(9998), row_item(9999)])
+    assert run.pick(e0).id == "fn-9998"               # below the bound, failed rows still wait
+    run.retry.append(row_item(1 + score.RETRY_BOUND, avoid={"e0"}))
+    assert run.pick(e0).id == "fn-2"                  # at the bound the oldest waiting row goes first
