@@ -253,6 +253,15 @@ PERMANENT_ERRORS = frozenset({"empty", "malformed", "no_id", "template", "bad_te
                               "duplicate_id"})
 
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
+FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
+FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
+OUTCOME_DECAY = 1 / 64      # weight of one request in an endpoint's running fault and bad-answer shares
+UNUSABLE_RUN = 10           # unusable answers in a row, with none usable yet, that take an endpoint out
+JUDGE_MIN = 8               # unusable answers before an endpoint can be judged against the fleet
+JUDGE_SEEN = 20             # answers the rest of the fleet must have given to compare with
+JUDGE_SHARE = 0.5           # an endpoint is out when this share of its answers is unusable,
+JUDGE_RATIO = 4.0           # and that is this many times the rest of the fleet's share
+RETRY_BOUND = 256           # rows waiting for a retry beyond which no preference delays them
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
 PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
@@ -342,7 +351,7 @@ class Item:
     attempts: int = 0             # item faults charged against --max-attempts
     faults: int = 0               # endpoint faults seen while carrying this item
     fault_endpoints: set[str] | None = None
-    avoid: str | None = None      # endpoint that last gave a bad answer for it
+    avoid: set[str] | None = None  # endpoints that gave it an unusable answer
     max_chars: int | None = None  # code budget learned from a context overflow
     shrinks: int = 0
     last_error: str = ""
@@ -382,9 +391,10 @@ class EndpointFault(Exception):
     """The endpoint could not answer (down, busy, crashed, timed out)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, connect: bool = False,
-                 item_related: bool = True, overload: bool = False) -> None:
+                 item_related: bool = True, overload: bool = False, unusable: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.unusable = unusable          # it answered, in a form we cannot use: judged like a bad answer
         self.overload = overload          # busy/slow: fewer requests in flight would help
         self.connect = connect            # never the item's fault: no request was made
         self.item_related = item_related  # could this item have caused it?
@@ -1571,6 +1581,11 @@ class Endpoint:
         self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
         # counters for the display and the summary
         self.done = self.errors = self.fault_count = 0
+        self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
+        self.last_bad = ""
+        self.first_seen = self.first_bad = 0.0       # running counts of first answers to a row, and bad ones
+        self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
+        self.run_share = 0.0                         # the fault share when the current run of faults began
         self.latency_sum = 0.0
         self.latency_avg: float | None = None
         self.prompt_tokens = self.output_tokens = 0
@@ -1599,6 +1614,7 @@ class Endpoint:
     def record_success(self, latency: float, now: float) -> None:
         """Note a good answer: the endpoint is healthy."""
         self.faults = 0
+        self.note_outcome(fault=False)
         self.proven, self.probe_pause = True, 1.0
         if self.state == "backoff":
             self.state = "ready"
@@ -1606,13 +1622,53 @@ class Endpoint:
         self.latency_sum += latency
         self.latency_avg = latency if self.latency_avg is None else 0.8 * self.latency_avg + 0.2 * latency
 
+    def note_outcome(self, fault: bool) -> None:
+        """Update the running share of requests that ended in an endpoint fault."""
+        self.outcomes = self.outcomes * (1 - OUTCOME_DECAY) + 1
+        self.fault_weight = self.fault_weight * (1 - OUTCOME_DECAY) + fault
+
+    def note_answer(self, usable: bool, first: bool, message: str = "") -> None:
+        """Count an answer; first answers to a row (not repeats of a bad one) are compared across the fleet."""
+        if usable:
+            self.bad_run = 0
+        else:
+            self.faults = 0               # it answered: not down, whatever the answer
+            self.note_outcome(fault=False)
+            self.bad, self.bad_run, self.last_bad = self.bad + 1, self.bad_run + 1, message
+        if first:
+            self.first_seen = self.first_seen * (1 - OUTCOME_DECAY) + 1
+            self.first_bad = self.first_bad * (1 - OUTCOME_DECAY) + (not usable)
+
+    def fault_share(self) -> float:
+        """Estimate the share of requests that fail here (a prior of a little under one in ten to start)."""
+        return (self.fault_weight + 0.5) / (self.outcomes + 10)
+
+    def fault_run_limit(self, share: float | None = None) -> int:
+        """Consecutive faults too unlikely by chance at this fault share: more for an endpoint that often fails."""
+        share = self.run_share if share is None else share
+        if share <= 0:
+            return DOWN_AFTER
+        run = math.ceil(math.log(FAULT_RUN_ODDS) / math.log(share))
+        return max(DOWN_AFTER, min(FAULT_RUN_CAP, run))
+
     def record_fault(self, exc: EndpointFault, now: float) -> bool:
-        """Note an endpoint fault; return True if the endpoint should now go down."""
+        """Note an endpoint fault; return True if the endpoint should now go down.
+
+        An endpoint that has answered well since it came up keeps its slots on a
+        plain fault (a 500, a dropped connection): the row is re-sent, and only a
+        run of faults unlikely at its usual fault rate takes it down. Overload
+        signals, and endpoints not yet proven, back off.
+        """
+        if self.faults == 0:              # the share before this run, with a prior of a little under one in ten
+            self.run_share = self.fault_share()
         self.faults += 1
         self.fault_count += 1
         self.detail = str(exc)
-        if exc.connect or self.faults >= DOWN_AFTER:
+        self.note_outcome(fault=True)
+        if exc.connect or self.faults >= (self.fault_run_limit() if self.proven else DOWN_AFTER):
             return True
+        if self.proven and not exc.overload:
+            return False
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.faults - 1)) * random.uniform(0.5, 1.5)
         if exc.retry_after:
             delay = max(delay, min(exc.retry_after, 300.0))
@@ -1686,14 +1742,15 @@ async def exchange(endpoint: Endpoint, method: str, url: str | httpx.URL, body: 
                 size += len(chunk)
                 if size > cap:
                     raise EndpointFault(f"HTTP {response.status_code} with an answer larger than "
-                                        f"{cap // 1024:,} KiB", item_related=False)
+                                        f"{cap // 1024:,} KiB", item_related=False, unusable=True)
                 chunks.append(chunk)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise EndpointFault(describe_transport(exc), connect=True, item_related=False) from None
     except httpx.TransportError as exc:
         raise EndpointFault(describe_transport(exc)) from None
     except httpx.DecodingError as exc:
-        raise EndpointFault(f"an answer that cannot be decoded ({one_line(exc)[:80]})", item_related=False) from None
+        raise EndpointFault(f"an answer that cannot be decoded ({one_line(exc)[:80]})", item_related=False,
+                            unusable=True) from None
     return response, b"".join(chunks)
 
 
@@ -2081,6 +2138,9 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
     if endpoint.api == "openai" and endpoint.response_format == "json_schema" and status in (400, 422, 500) \
             and re.search(r"response_format|json_schema|literal_error|schema", message, re.I):
         return FormatRejected(message)
+    if 300 <= status < 400:       # not followed: a POST re-sent elsewhere may not arrive as a POST
+        where = response.headers.get("location", "?")
+        return EndpointGone(f"answers with a redirect (HTTP {status} to {where}); put the final URL in endpoints.txt")
     if status in (401, 403):
         return EndpointGone(f"refused: {message}")
     if status == 404:
@@ -2101,9 +2161,10 @@ async def post_chat(endpoint: Endpoint, url: httpx.URL, body: dict[str, Any]) ->
         data = json.loads(raw)
     except (ValueError, RecursionError):
         text = raw.decode("utf-8", "replace")
-        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(text)[:120]!r}") from None
+        raise EndpointFault(f"HTTP 200 with a body that is not JSON: {one_line(text)[:120]!r}",
+                            unusable=True) from None
     if not isinstance(data, dict):
-        raise EndpointFault("HTTP 200 with an unexpected body")
+        raise EndpointFault("HTTP 200 with an unexpected body", unusable=True)
     if data.get("error") and "message" not in data and "choices" not in data:   # LM Studio does this
         raise EndpointFault(f"HTTP 200 carrying an error: {error_message(readable(response, raw))}")
     return data
@@ -2115,7 +2176,8 @@ def token_count(value: Any, name: str) -> int | None:
         value = int(value)
     if value is None or (type(value) is int and value >= 0):
         return value
-    raise EndpointFault(f"HTTP 200 whose {name} is {sketch(value)}, not a count", item_related=False)
+    raise EndpointFault(f"HTTP 200 whose {name} is {sketch(value)}, not a count", item_related=False,
+                        unusable=True)
 
 
 def answer_fields(api: str, data: dict[str, Any]) -> tuple[str, int | None, int | None]:
@@ -2125,15 +2187,15 @@ def answer_fields(api: str, data: dict[str, Any]) -> tuple[str, int | None, int 
     else:
         choices = data.get("choices")
         if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
-            raise EndpointFault(f"HTTP 200 whose choices are {sketch(choices)}", item_related=False)
+            raise EndpointFault(f"HTTP 200 whose choices are {sketch(choices)}", item_related=False, unusable=True)
         message, usage, keys = choices[0].get("message"), data.get("usage") or {}, ("prompt_tokens", "completion_tokens")
         if not isinstance(usage, dict):
-            raise EndpointFault(f"HTTP 200 whose usage is {sketch(usage)}", item_related=False)
+            raise EndpointFault(f"HTTP 200 whose usage is {sketch(usage)}", item_related=False, unusable=True)
     if not isinstance(message, dict):
-        raise EndpointFault(f"HTTP 200 whose message is {sketch(message)}", item_related=False)
+        raise EndpointFault(f"HTTP 200 whose message is {sketch(message)}", item_related=False, unusable=True)
     content = message.get("content")
     if content is not None and not isinstance(content, str):
-        raise EndpointFault(f"HTTP 200 whose message content is {sketch(content)}", item_related=False)
+        raise EndpointFault(f"HTTP 200 whose message content is {sketch(content)}", item_related=False, unusable=True)
     return content or "", token_count(usage.get(keys[0]), keys[0]), token_count(usage.get(keys[1]), keys[1])
 
 
@@ -2481,14 +2543,15 @@ class Run:
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
         if self.producer_done and not self.worth_starting(endpoint):
+            if (item := self.left_for(endpoint)) is not None:
+                return item
             return self.hedge_candidate(endpoint, now) if self.config.hedge else None
         fallback = None
         for i, item in enumerate(self.retry):
             if item.finished or item.tasks:
                 continue
-            if item.avoid == endpoint.name and self.fresh and any(
-                    e is not endpoint and e.usable for e in self.endpoints):
-                continue            # a preference, not a ban: with nothing else to do, retry it here
+            if (item.avoid or item.fault_endpoints) and self.leave_to_others(endpoint, item):
+                continue
             if item.faults and not endpoint.proven:
                 # A suspected row goes to a server that has shown it works, so a fault there
                 # says something about the row; a server just back proves itself on others first.
@@ -2507,6 +2570,40 @@ class Run:
         if self.producer_done and self.config.hedge:
             return self.hedge_candidate(endpoint, now)
         endpoint.limiter.on_starved()
+        return None
+
+    def leave_to_others(self, endpoint: Endpoint, item: Item) -> bool:
+        """Say whether a row this endpoint failed should wait for other work or another endpoint.
+
+        A preference, not a ban, and bounded: past RETRY_BOUND waiting rows it
+        lapses. While fresh rows remain, a row answered badly here waits, and one
+        that faulted here goes to another endpoint if there is one. After the
+        input, a row answered badly here still waits for any other usable
+        endpoint that has not answered it badly (see left_for).
+        """
+        bad = item.avoid is not None and endpoint.name in item.avoid
+        faulted = item.fault_endpoints is not None and endpoint.name in item.fault_endpoints
+        if not (bad or faulted) or len(self.retry) >= RETRY_BOUND:
+            return False
+        if self.fresh:
+            if bad:
+                return True
+            failed = (item.avoid or set()) | item.fault_endpoints
+        elif bad:
+            failed = item.avoid
+        else:
+            return False
+        return any(e is not endpoint and e.usable and e.name not in failed for e in self.endpoints)
+
+    def left_for(self, endpoint: Endpoint) -> Item | None:
+        """Take a waiting row that others answered badly, if no endpoint the end-of-input rule prefers may take it."""
+        for i, item in enumerate(self.retry):
+            if item.finished or item.tasks or not item.avoid or endpoint.name in item.avoid:
+                continue
+            if not any(e is not endpoint and e.usable and e.name not in item.avoid and self.worth_starting(e)
+                       for e in self.endpoints):
+                del self.retry[i]
+                return item
         return None
 
     def worth_starting(self, endpoint: Endpoint) -> bool:
@@ -2586,14 +2683,13 @@ class Run:
 
     def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
-        if item.finished or item.tasks:
-            return
-        if resent:
-            self.tally.requeued += 1
-        else:
-            self.tally.cancelled += 1
-        (self.retry.appendleft if front else self.retry.append)(item)
-        self.changed.notify()
+        if not (item.finished or item.tasks):
+            if resent:
+                self.tally.requeued += 1
+            else:
+                self.tally.cancelled += 1
+            (self.retry.appendleft if front else self.retry.append)(item)
+        self.changed.notify()       # either way a slot is free: a row left to this endpoint may be waiting
 
     def settle(self, endpoint: Endpoint, item: Item, outcome: Answer | Exception, started: float) -> None:
         """Decide what an outcome means for the item and for the endpoint."""
@@ -2601,19 +2697,25 @@ class Run:
         if isinstance(outcome, Answer):
             self.last_answer = now
             endpoint.record_success(outcome.latency, now)
+            endpoint.note_answer(True, first=not item.avoid or endpoint.name not in item.avoid)
             endpoint.limiter.on_done(started, now)
             if not item.finished:
                 if item.racer is endpoint and item.tasks:
                     self.tally.hedges_won += 1
                 self.write(item, success_record(item, endpoint, outcome))
             return
-        if isinstance(outcome, EndpointFault):
+        if isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
+            self.answered_badly(endpoint, item, outcome, started, now)
+        elif isinstance(outcome, EndpointFault):
             if outcome.item_related and (endpoint.proven or (item.faults and endpoint.done)):
                 # Only a server that works for other rows can blame this one.
                 item.faults += 1
                 item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
             live = sum(1 for e in self.endpoints if e.state != "gone")
-            if outcome.item_related and item.faults > POISON_FAULTS and len(item.fault_endpoints) >= min(2, live):
+            # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
+            chance = endpoint.fault_run_limit(max(0.0, endpoint.fault_weight - item.faults) / max(endpoint.outcomes, 10))
+            if outcome.item_related and item.faults > max(POISON_FAULTS, chance) \
+                    and len(item.fault_endpoints) >= min(2, live):
                 # This item keeps breaking servers: charge it, and spare the endpoint's health.
                 self.charge(endpoint, item, f"endpoints failed on this item {item.faults} times "
                                             f"(last: {outcome})", "poison")
@@ -2641,13 +2743,72 @@ class Run:
                 ratio = max(0.1, min(0.9, (outcome.limit - NUM_PREDICT - CONTEXT_MARGIN) / outcome.requested))
             item.max_chars = int(current * ratio)
             self.requeue(item)
-        elif isinstance(outcome, ItemFault):
-            endpoint.faults = 0               # it answered: healthy, whatever the answer
-            endpoint.limiter.on_done(started, now)
-            self.charge(endpoint, item, str(outcome), outcome.kind)
         elif isinstance(outcome, EndpointGone):
             self.retire(endpoint, str(outcome))
             self.requeue(item)
+
+    def answered_badly(self, endpoint: Endpoint, item: Item, outcome: Exception, started: float, now: float) -> None:
+        """Count an unusable answer against the endpoint, and against the row only if the endpoint is trusted.
+
+        A row pays one of its attempts for a bad answer from an endpoint that has
+        answered well and is not suspect, or that already answered this row badly
+        once (so every row's retries are bounded); otherwise it is simply re-sent
+        elsewhere. An answer of the wrong shape is never the row's fault.
+        """
+        endpoint.limiter.on_done(started, now)
+        again = item.avoid is not None and endpoint.name in item.avoid
+        endpoint.note_answer(False, first=not again, message=str(outcome))
+        item.avoid = (item.avoid or set()) | {endpoint.name}
+        if reason := self.unusable_reason(endpoint):
+            self.retire(endpoint, reason)
+        elif isinstance(outcome, ItemFault) and endpoint.done and (again or not self.suspect(endpoint)):
+            self.charge(endpoint, item, str(outcome), outcome.kind)
+            return
+        endpoint.errors += 1
+        item.last_error = f"{endpoint.name}: {outcome}"
+        self.requeue(item, front=False)
+
+    def fleet_share(self, endpoint: Endpoint) -> float | None:
+        """Return the share of unusable answers on the rest of the fleet, once it has answered enough to tell."""
+        seen = bad = 0.0
+        for other in self.endpoints:
+            if other is not endpoint and other.state != "gone":
+                seen, bad = seen + other.first_seen, bad + other.first_bad
+        return bad / seen if seen >= JUDGE_SEEN else None
+
+    def worse_than_fleet(self, endpoint: Endpoint) -> tuple[float, float] | None:
+        """Return (its share, the fleet's) of unusable answers if this endpoint's is far above the rest's."""
+        fleet = self.fleet_share(endpoint)
+        if fleet is None or not endpoint.first_seen:
+            return None
+        mine = endpoint.first_bad / endpoint.first_seen
+        return (mine, fleet) if mine >= JUDGE_SHARE and mine >= JUDGE_RATIO * fleet else None
+
+    def suspect(self, endpoint: Endpoint) -> bool:
+        """Say whether an endpoint's bad answers may be its own fault rather than the rows'.
+
+        It is, if it is far worse than the rest of the fleet, or while the rest has
+        not answered enough to compare with; a lone endpoint is judged on its own.
+        """
+        if self.fleet_share(endpoint) is None:
+            return any(e is not endpoint and e.usable for e in self.endpoints)
+        return self.worse_than_fleet(endpoint) is not None
+
+    def unusable_reason(self, endpoint: Endpoint) -> str | None:
+        """Say why an endpoint's unusable answers are its own fault, if they are: then it is taken out.
+
+        By comparison when the rest of the fleet has answered enough rows (first
+        answers to each row; rows failed elsewhere count for the rest, which only
+        makes it slower to blame an endpoint); alone, after UNUSABLE_RUN answers in
+        a row with not one usable, so a lone endpoint answering prose cannot loop.
+        """
+        last = endpoint.last_bad[:160]
+        if endpoint.done == 0 and endpoint.bad_run >= UNUSABLE_RUN:
+            return f"{endpoint.bad_run} answers in a row, none usable (last: {last})"
+        worse = self.worse_than_fleet(endpoint)
+        if worse and endpoint.first_bad >= JUDGE_MIN:
+            return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"
+        return None
 
     def charge(self, endpoint: Endpoint, item: Item, message: str, kind: str) -> None:
         """Spend one of the item's attempts; write an error record when none are left."""
@@ -2663,7 +2824,7 @@ class Run:
             self.write(item, error_record(item, final, f"{item.attempts} attempts; last: {item.last_error}",
                                           endpoint.model, endpoint.name))
         else:
-            item.avoid = endpoint.name
+            item.avoid = (item.avoid or set()) | {endpoint.name}
             self.requeue(item, front=False)
 
     def take_down(self, endpoint: Endpoint, reason: str) -> None:
@@ -3166,6 +3327,10 @@ def summary(run: Run, elapsed: float) -> str:
         retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
         lines.append(f"Rows without a score: {parts}." + (
             f" --resume retries the {retry:,} that are not permanent." if retry else ""))
+    gone = [e for e in run.endpoints if e.state == "gone"]
+    lines += [f"{e.name} was taken out: {e.detail}" for e in gone[:5]]
+    if len(gone) > 5:
+        lines.append(f"{len(gone) - 5} more endpoints were taken out; the log above says why.")
     for message in t.unreadable:
         lines.append(f"Input not read to the end: {message}.")
     lines.append(table(endpoint_rows(run, elapsed), right={2, 3, 4, 5, 6, 7, 8}))

@@ -151,6 +151,8 @@ class Behaviour:
     n_ctx: int | None = None              # OpenAI mode: 400 when prompt tokens exceed this
     api_key: str | None = None            # demand "Authorization: Bearer <key>" (401 otherwise)
     error_200: str | None = None          # LM Studio: answer chats 200 {"error": this}
+    redirect: int | None = None           # answer scoring chats with this 3xx status, pointing elsewhere
+    raw_200: str | None = None            # answer scoring chats 200 with this text/html body (a proxy's page)
     nested_errors: bool = True            # OpenAI mode: {"error": {"message"}} or flat {"object": "error"}
     shape: str | None = None              # a 200 of an unexpected shape: one of SHAPES
     gzip_broken: bool = False             # answer chats with Content-Encoding: gzip and a corrupt body
@@ -390,6 +392,11 @@ class FakeOllama:
             return 200, {"model": model, "created_at": "2024-12-06T00:48:09Z",
                          "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": True}, \
                 "application/json"
+        if b.redirect:
+            target = "/v2/chat" if not openai else "/v2/chat/completions"
+            return b.redirect, b"", "text/plain", {"Location": f"http://{self.host}:{self.port}{target}"}
+        if b.raw_200 is not None:
+            return 200, b.raw_200.encode(), "text/html"
         prompt = messages[-1].get("content", "")
         code = code_of(prompt)
         if b.queued_rejections and not await self._serve(b.latency, reader):
