@@ -131,10 +131,15 @@ PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between gen
 POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
 
 AUTO_MAX = 64               # ceiling for adaptive concurrency
-AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay
-AUTO_HOLD_WINDOWS = 6       # windows, and
-AUTO_HOLD_SECONDS = 30.0    # seconds, at the chosen limit before re-probing one step around it
+AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
+AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
+AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
+AUTO_WINDOW = 8             # completions per measurement window (at least twice the limit)
+AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
+AUTO_PROBE_MAX = 600.0
+AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed one step down
 HEDGE_RATIO = 0.5           # race an item when we expect to finish in < this share of its remaining time
+OVERDUE = 3.0               # a request running this many service times may be stalled: not counted on
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
@@ -950,35 +955,59 @@ def model_matches(wanted: str, name: str) -> bool:
 
 
 class Limiter:
-    """Adaptive in-flight limit for one endpoint: climb while throughput improves.
+    """Adaptive in-flight limit for one endpoint: as many requests as raise throughput, no more.
 
     Throughput at a limit is measured over a window of completions of requests that
-    started at that limit. A higher limit stays only if it raised throughput by
-    AUTO_GAIN; otherwise the best limit is restored and held. While holding, the
-    limiter re-probes one step down and one step up in turn, so it follows changes
-    (thermals, other users). Overload signals (503, 429, timeouts) halve the limit.
+    started at that limit. The ramp doubles the limit while each step pays; a step
+    pays when it raises throughput by AUTO_GAIN and by AUTO_STEP_SHARE of its own
+    relative size: when latency grows in step with the limit, the extra requests only
+    wait in the server's queue. After the first step that does not pay, one refining
+    step goes to where the two measurements put the server's capacity, then the
+    limiter holds. While holding it probes one step up, at growing intervals while
+    probes do not pay, and one step down only when throughput falls. Overload
+    signals (503, 429, timeouts) halve the limit.
+
+    It also estimates the service time, the latency of a request not queued on the
+    server: requests started while a trial limit was above the settled one are
+    left out, since they may have waited behind the others.
     """
 
     def __init__(self, fixed: int | None) -> None:
         self.auto = fixed is None
         self.limit = fixed or 1
         self.best_limit, self.best_rate = self.limit, 0.0
-        self.phase, self.holds, self.probe_down_next = "climb", 0, True
-        self.hold_since = 0.0
+        self.ceiling = AUTO_MAX + 1      # smallest limit known not to pay
+        self.phase = "climb"             # climb (doubling), refine, hold, or probe (one step up or down)
+        self.probe_every, self.next_probe = AUTO_PROBE_SECONDS, math.inf
+        self.settled_rate = 0.0
+        self.trial: tuple[float, float] | None = None    # (from, to) of the latest trial above the settled limit
+        self.service: float | None = None
         self.restart(0.0)
 
     def restart(self, now: float) -> None:
         self.since, self.first, self.count, self.starved = now, None, 0, False
 
+    @property
+    def slots(self) -> int:
+        """Requests the server is known to serve at once without queueing them."""
+        return self.best_limit
+
+    def queued(self, started: float) -> bool:
+        """Say whether a request started during a trial, so it may have waited on the server."""
+        return self.trial is not None and self.trial[0] <= started <= self.trial[1]
+
     def on_done(self, started: float, now: float) -> None:
         """Account one completed request (successful or answered)."""
+        if not self.queued(started):
+            latency = now - started
+            self.service = latency if self.service is None else 0.8 * self.service + 0.2 * latency
         if not self.auto or started < self.since:
             return
         if self.first is None:
             self.first = now
             return
         self.count += 1
-        if self.count < max(8, 3 * self.limit) or now <= self.first:
+        if self.count < max(AUTO_WINDOW, 2 * self.limit) or now <= self.first:
             return
         if self.starved:       # not enough work to fill the limit: the window says nothing
             self.restart(now)
@@ -993,35 +1022,74 @@ class Limiter:
     def on_overload(self, now: float) -> None:
         """Halve the limit after a sign the server is past its capacity."""
         if self.auto and self.limit > 1:
+            self.ceiling = self.limit
             self.limit = self.best_limit = max(1, self.limit // 2)
-            self.best_rate, self.phase, self.holds, self.hold_since = 0.0, "hold", 0, now
-            self.restart(now)
+            self.best_rate = 0.0
+            self._settle(now, AUTO_PROBE_SECONDS)
+
+    def _set(self, limit: int, phase: str, now: float) -> None:
+        if limit > self.best_limit:
+            self.trial = (now, math.inf)
+        elif self.trial is not None and self.trial[1] == math.inf:
+            self.trial = (self.trial[0], now)
+        self.limit, self.phase = limit, phase
+
+    def _settle(self, now: float, probe_every: float) -> None:
+        self._set(self.best_limit, "hold", now)
+        self.probe_every = min(AUTO_PROBE_MAX, probe_every)
+        self.next_probe = now + self.probe_every
+        self.settled_rate = self.best_rate
+
+    def _pays(self, rate: float) -> bool:
+        step = self.limit / self.best_limit - 1
+        return rate >= self.best_rate * (1 + max(AUTO_GAIN, AUTO_STEP_SHARE * step))
 
     def _decide(self, rate: float, now: float) -> None:
-        if self.phase == "climb":
-            if rate > self.best_rate * (1 + AUTO_GAIN):
-                self.best_rate, self.best_limit = rate, self.limit
-                self.limit = min(AUTO_MAX, self.limit + max(1, self.limit // 4))
-                if self.limit == self.best_limit:
-                    self.phase = "hold"
-            else:
-                self.limit, self.phase, self.holds, self.hold_since = self.best_limit, "hold", 0, now
-        elif self.phase == "probe_down":
+        if self.limit > self.best_limit:
+            self._judge_step(rate, now)
+        elif self.limit < self.best_limit:              # a step down: refining, or throughput fell
             if rate >= self.best_rate * (1 - AUTO_GAIN / 2):
-                self.best_limit, self.best_rate = self.limit, rate   # as fast with fewer in flight
-            else:
-                self.limit = self.best_limit
-            self.phase, self.holds, self.hold_since = "hold", 0, now
-        else:
+                self.best_limit, self.best_rate = self.limit, rate    # as fast with fewer in flight
+            self._settle(now, AUTO_PROBE_SECONDS)
+        elif self.phase == "climb":                     # the first window, at limit 1
             self.best_rate = rate
-            self.holds += 1
-            if self.holds >= AUTO_HOLD_WINDOWS and now - self.hold_since >= AUTO_HOLD_SECONDS:
-                self.holds = 0
-                if self.probe_down_next and self.limit > 1:
-                    self.phase, self.limit = "probe_down", self.limit - 1
-                elif self.limit < AUTO_MAX:
-                    self.phase, self.limit = "climb", self.limit + 1
-                self.probe_down_next = not self.probe_down_next
+            self._set(min(AUTO_MAX, 2 * self.limit), "climb", now)
+        else:
+            self._hold(rate, now)
+
+    def _judge_step(self, rate: float, now: float) -> None:
+        """Keep a higher limit that paid and go on; then refine once to the estimated capacity, and hold."""
+        tried, base, below = self.limit, self.best_rate, self.best_limit
+        # Throughput grows with the limit up to the number the server serves at once, then stays flat
+        # (or falls): from the two measurements, the server serves about below × rate ÷ base at once.
+        knee = round(below * rate / base) if base else below
+        if self._pays(rate):
+            self.best_limit, self.best_rate = tried, rate
+            if self.phase == "climb" and knee < AUTO_PROPORTIONAL * tried and below < knee < tried:
+                self._set(knee, "refine", now)          # as fast with fewer in flight, if the estimate holds
+                return
+            step = min({"climb": 2 * tried, "probe": tried + 1}.get(self.phase, tried), self.ceiling - 1, AUTO_MAX)
+            if step > tried:
+                self._set(step, self.phase, now)
+            else:
+                self._settle(now, AUTO_PROBE_SECONDS)
+            return
+        self.ceiling = min(self.ceiling, tried)
+        if self.phase == "climb" and below < knee < tried:
+            self._set(knee, "refine", now)
+        else:
+            self._settle(now, 2 * self.probe_every if self.phase == "probe" else AUTO_PROBE_SECONDS)
+
+    def _hold(self, rate: float, now: float) -> None:
+        """Track the held limit's throughput; probe one step up now and then, down if it fell."""
+        self.best_rate = rate
+        if not self.settled_rate:
+            self.settled_rate = rate
+        if rate < AUTO_DROP * self.settled_rate and self.limit > 1:
+            self._set(self.limit - 1, "probe", now)
+        elif now >= self.next_probe and self.limit < AUTO_MAX:
+            self.ceiling = AUTO_MAX + 1
+            self._set(self.limit + 1, "probe", now)
 
 
 class Endpoint:
@@ -1445,15 +1513,18 @@ async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
 class Signal:
     """Wake every waiter when shared state changes; waiters re-check their condition."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: Callable[[], None] | None = None) -> None:
         self._waiters: list[asyncio.Future] = []
+        self.also = also
 
     def notify(self) -> None:
-        """Wake all current waiters."""
+        """Wake all current waiters (and run the `also` hook)."""
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
+        if self.also is not None:
+            self.also()
 
     async def wait(self, timeout: float | None = None) -> None:
         """Sleep until the next notify (or timeout)."""
@@ -1488,6 +1559,97 @@ class Tally:
     errors: Counter = field(default_factory=Counter)
 
 
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """What the dispatch rules know about one endpoint at one moment."""
+
+    ready: bool                  # in service (not down, loading, backing off or taken out)
+    service: float | None        # seconds per request when not queued on the server; None = not measured
+    slots: int                   # requests it serves at once
+    inflight: int                # requests it has now
+    oldest: float | None = None  # start time of the oldest of them
+
+
+def lane_of(endpoint: Endpoint) -> Lane:
+    """Freeze what the dispatch rules need to know about an endpoint."""
+    oldest = next(iter(endpoint.inflight.values()), None)
+    return Lane(endpoint.state == "ready", endpoint.limiter.service, endpoint.limiter.slots,
+                len(endpoint.inflight), oldest)
+
+
+def overdue(lane: Lane, now: float) -> bool:
+    """Say whether the lane's oldest request has run past OVERDUE times its service time (stalled?)."""
+    return lane.oldest is not None and lane.service is not None and now - lane.oldest > OVERDUE * lane.service
+
+
+def finish_in(lane: Lane, nth: int, now: float) -> float:
+    """Seconds from now until the lane would finish the nth row given to it now.
+
+    It finishes `slots` rows every `service` seconds, counted from when its oldest
+    request started; a new row never takes less than one service time.
+    """
+    service = lane.service
+    head = min(service, now - lane.oldest) if lane.oldest is not None else 0.0
+    return max(service, (lane.inflight + nth) * service / lane.slots - head)
+
+
+def rows_before(lane: Lane, deadline: float, now: float) -> int:
+    """Count the new rows the lane would finish sooner than `deadline` seconds from now."""
+    if not lane.ready or lane.service is None or lane.service >= deadline or overdue(lane, now):
+        return 0
+    head = min(lane.service, now - lane.oldest) if lane.oldest is not None else 0.0
+    # finish_in(lane, n) < deadline  ⟺  inflight + n < (deadline + head) · slots / service
+    return max(0, math.ceil((deadline + head) * lane.slots / lane.service - lane.inflight) - 1)
+
+
+def takes_queued_row(me: Lane, others: Iterator[Lane], queued: int, now: float) -> bool:
+    """End of input: say whether an endpoint with room should take one of the `queued` rows.
+
+    A row goes to the endpoint expected to finish it soonest: this one takes it
+    unless the others, counting what each already has in flight and its rate
+    (slots ÷ service time), would finish all `queued` rows strictly before this one
+    could finish one. Equal endpoints therefore share the last rows, and a much
+    slower one leaves them to faster ones. An endpoint not yet measured takes it.
+    """
+    if me.service is None:
+        return True
+    mine = finish_in(me, 1, now)
+    room = 0
+    for lane in others:
+        room += rows_before(lane, mine, now)
+        if room >= queued:
+            return False
+    return True
+
+
+def time_left(lane: Lane, started: float, rank: int, now: float) -> float:
+    """Expected seconds until a running copy finishes: the `rank`-th oldest request on its lane."""
+    if not lane.ready or lane.service is None or overdue(lane, now):
+        return math.inf
+    own = lane.service - (now - started)
+    queue = rank * lane.service / lane.slots - min(lane.service, now - (lane.oldest or started))
+    return max(own, queue, 0.0)
+
+
+def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int]], now: float) -> Any:
+    """Tail racing: return the running copy an idle endpoint should race, or None.
+
+    With nothing left to queue, an idle endpoint whose service time is under
+    HEDGE_RATIO of the time a running copy still needs (its lane's service time
+    minus what it already ran, or behind the lane's queue; forever if the lane is
+    down, unmeasured, or the copy is overdue) races the copy expected to need longest.
+    `copies` are (key, lane, started, rank among the lane's requests, oldest first).
+    """
+    if mine is None:
+        return None
+    best, best_left = None, 0.0
+    for key, lane, started, rank in copies:
+        left = time_left(lane, started, rank, now)
+        if mine < HEDGE_RATIO * left and left > best_left:
+            best, best_left = key, left
+    return best
+
+
 class Run:
     """Move items from the reader through the fleet into the checkpoint."""
 
@@ -1497,7 +1659,13 @@ class Run:
         self.config, self.info, self.endpoints = config, info, endpoints
         self.checkpoint, self.resume, self.meta = checkpoint, resume, meta
         self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
-        self.changed = Signal()
+        # Each endpoint's driver sleeps on its own event. A rare change (an endpoint up or down,
+        # a row back in the queue, the input or the run over) wakes them all; a new row wakes one
+        # idle driver, so the cost of a completion does not grow with the fleet.
+        self.wakes = {endpoint: asyncio.Event() for endpoint in endpoints}
+        self.idle: dict[Endpoint, None] = {}    # drivers asleep with room and nothing worth taking
+        self.changed = Signal(also=self.wake_all)
+        self.written = Signal()                  # a row was written (the producer waits for duplicates' leaders)
         self.fresh: deque[Item] = deque()
         self.retry: deque[Item] = deque()
         self.leaders: dict[int, Item] = {}       # digest → item whose answer duplicates await
@@ -1515,12 +1683,34 @@ class Run:
         return self.producer_done and self.unfinished == 0
 
     def check_done(self) -> None:
-        """Wake everyone; when the last item is written, tell every task to end."""
+        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
+        self.written.notify()
         if self.finished:
             self.done.set()
             for endpoint in self.endpoints:
                 endpoint.trouble.set()
-        self.changed.notify()
+            self.changed.notify()
+
+    def wake_all(self) -> None:
+        """Wake every driver to re-check its endpoint (after a rare change)."""
+        self.idle.clear()
+        for wake in self.wakes.values():
+            wake.set()
+
+    def wake_idle(self, every: bool = False) -> None:
+        """Wake one idle driver for a new row (or every idle one, to re-check)."""
+        while self.idle:
+            endpoint = next(iter(self.idle))
+            del self.idle[endpoint]
+            self.wakes[endpoint].set()
+            if not every:
+                return
+
+    def wake_faster(self, than: float, ratio: float = 1.0) -> None:
+        """Wake the idle drivers whose endpoints serve faster than `than` × `ratio` (end of input)."""
+        for endpoint in [e for e in self.idle if (e.limiter.service or math.inf) < than * ratio]:
+            del self.idle[endpoint]
+            self.wakes[endpoint].set()
 
     async def run(self) -> None:
         """Score until the input is exhausted and every taken item is written."""
@@ -1551,6 +1741,7 @@ class Run:
                 chunk = []
         finally:
             self.producer_done = True
+            self.changed.notify()           # the end-of-input rules apply from now on
             self.check_done()
 
     async def admit(self, item: Item) -> None:
@@ -1568,7 +1759,7 @@ class Run:
                 leader.followers.append(item)
                 self.waiting_followers += 1
                 while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
-                    await self.changed.wait()
+                    await self.written.wait()
                 return
             offset = self.resume.digests.get(item.digest)
             if offset is not None:
@@ -1579,25 +1770,35 @@ class Run:
         while len(self.fresh) >= QUEUE_SIZE:
             await self.space.wait()
         self.fresh.append(item)
-        self.changed.notify()
+        self.wake_idle()
 
     # ── the workers
 
     async def drive(self, endpoint: Endpoint) -> None:
         """Keep the endpoint's in-flight count at its limit while there is work."""
+        wake = self.wakes[endpoint]
         while not self.finished and endpoint.state != "gone":
+            wake.clear()
             item = self.pick(endpoint)
             if item is not None:
                 self.launch(endpoint, item)
-            else:
-                await self.changed.wait()
+                continue
+            self.rest(endpoint)
+            if (self.fresh or self.retry) and not self.producer_done and endpoint not in self.idle:
+                self.wake_idle()            # it was woken for a row it cannot take: pass it on
+            await wake.wait()
+
+    def rest(self, endpoint: Endpoint) -> None:
+        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
+        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
+            self.idle[endpoint] = None
 
     def pick(self, endpoint: Endpoint) -> Item | None:
         """Choose the next item for an endpoint, or None if it should wait."""
         now = time.monotonic()
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
-        if self.producer_done and not self.worth_starting(endpoint):
+        if self.producer_done and not self.worth_starting(endpoint, now):
             return self.hedge_candidate(endpoint, now) if self.config.hedge else None
         fallback = None
         for i, item in enumerate(self.retry):
@@ -1626,43 +1827,34 @@ class Run:
         endpoint.limiter.on_starved()
         return None
 
-    def worth_starting(self, endpoint: Endpoint) -> bool:
-        """At the end of the input, leave the last rows to faster endpoints that will clear them sooner.
-
-        A slow machine that takes one of the last rows makes the whole job wait
-        for it: it takes one only if it would finish before the other endpoints,
-        at their measured rates (in-flight limit ÷ average latency), could clear
-        everything still queued, or before the fastest of them could do that one.
-        """
-        mine = endpoint.latency_avg
-        peers = [e for e in self.endpoints if e is not endpoint and e.usable and e.latency_avg]
-        if mine is None or not peers:
+    def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
+        """At the end of the input, leave the last rows to endpoints that will finish them sooner."""
+        queued = len(self.fresh) + len(self.retry)
+        if not queued:
+            return True         # nothing to take: pick() goes on to racing
+        me = lane_of(endpoint)
+        others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
+        if takes_queued_row(me, others, queued, now):
             return True
-        drain = (len(self.fresh) + len(self.retry)) / sum(e.limiter.limit / e.latency_avg for e in peers)
-        return mine <= max(drain, min(e.latency_avg for e in peers))   # the fastest always takes one
+        self.wake_faster(finish_in(me, 1, now))     # those may be asleep with room
+        return False
 
     def hedge_candidate(self, endpoint: Endpoint, now: float) -> Item | None:
-        """Race an item stuck on a slower endpoint when this one expects to finish well before it.
-
-        The rule: with nothing left to queue, an idle endpoint whose average latency is
-        below HEDGE_RATIO of the time another copy still needs (its endpoint's average
-        latency minus time already spent; unknown = infinite) sends its own copy. Each
-        item is raced once; the first valid answer is written and the other cancelled.
-        """
-        mine = endpoint.latency_avg
+        """Race an item stuck on a slower endpoint when this one expects to finish well before it."""
+        mine = endpoint.limiter.service
         if mine is None:
             return None
-        best, best_left = None, 0.0
-        for other in self.endpoints:
-            if other is endpoint:
-                continue
-            for item, started in other.inflight.items():
-                if item.hedged or item.finished or len(item.tasks) > 1:
+
+        def copies() -> Iterator[tuple[Item, Lane, float, int]]:
+            for other in self.endpoints:
+                if other is endpoint or not other.inflight:
                     continue
-                expected = other.latency_avg if other.usable and other.latency_avg else math.inf
-                left = max(expected - (now - started), 0.0) if expected != math.inf else math.inf
-                if mine < HEDGE_RATIO * left and left > best_left:
-                    best, best_left = item, left
+                lane = lane_of(other)
+                for rank, (item, started) in enumerate(other.inflight.items(), 1):
+                    if not (item.hedged or item.finished or len(item.tasks) > 1):
+                        yield item, lane, started, rank
+
+        best = race_target(mine, copies(), now)
         if best is not None:
             best.hedged, best.racer = True, endpoint
             self.tally.hedges += 1
@@ -1670,8 +1862,11 @@ class Run:
 
     def launch(self, endpoint: Endpoint, item: Item) -> None:
         """Start a worker task on the endpoint with this item."""
+        self.idle.pop(endpoint, None)
         endpoint.inflight[item] = time.monotonic()
         item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
+        if self.producer_done and self.config.hedge and self.idle:
+            self.offer_race(endpoint)
 
     def release(self, endpoint: Endpoint, item: Item) -> None:
         endpoint.inflight.pop(item, None)
@@ -1697,8 +1892,24 @@ class Run:
                 outcome = exc
             self.release(endpoint, item)
             self.settle(endpoint, item, outcome, started)
-            self.changed.notify()
             item = None if self.finished else self.pick(endpoint)
+            self.carry_on(endpoint, item)
+
+    def carry_on(self, endpoint: Endpoint, item: Item | None) -> None:
+        """After a completion: wake the endpoint's driver if it has room left, or let racers look."""
+        if item is None:
+            self.rest(endpoint)
+            return
+        self.idle.pop(endpoint, None)
+        endpoint.inflight[item] = time.monotonic()
+        if len(endpoint.inflight) < endpoint.limiter.limit and (self.fresh or self.retry):
+            self.wakes[endpoint].set()      # the limit went up
+        if self.producer_done and self.config.hedge and self.idle:
+            self.offer_race(endpoint)
+
+    def offer_race(self, endpoint: Endpoint) -> None:
+        """A last row started on this endpoint: wake idle endpoints fast enough to race it."""
+        self.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
 
     def requeue(self, item: Item, *, front: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
@@ -1915,6 +2126,8 @@ class Run:
                 async with asyncio.timeout(1.0):
                     await self.done.wait()
             await self.checkpoint.sync_soon()
+            if self.producer_done or self.fresh or self.retry:
+                self.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
             now = time.monotonic()
             live = [e for e in self.endpoints if e.state != "gone"]
             if not live:
