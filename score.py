@@ -134,7 +134,7 @@ AUTO_MAX = 64               # ceiling for adaptive concurrency
 AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
 AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
 AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
-AUTO_WINDOW = 8             # completions per measurement window (at least twice the limit)
+AUTO_WINDOW = 4             # completions per measurement window (at least twice the limit)
 AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
 AUTO_PROBE_MAX = 600.0
 AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed one step down
@@ -964,7 +964,8 @@ class Limiter:
     wait in the server's queue. After the first step that does not pay, one refining
     step goes to where the two measurements put the server's capacity, then the
     limiter holds. While holding it probes one step up, at growing intervals while
-    probes do not pay, and one step down only when throughput falls. Overload
+    probes do not pay, and down (to where the fall puts the capacity) only when
+    throughput falls by a fifth. Overload
     signals (503, 429, timeouts) halve the limit.
 
     It also estimates the service time, the latency of a request not queued on the
@@ -1050,6 +1051,9 @@ class Limiter:
         elif self.limit < self.best_limit:              # a step down: refining, or throughput fell
             if rate >= self.best_rate * (1 - AUTO_GAIN / 2):
                 self.best_limit, self.best_rate = self.limit, rate    # as fast with fewer in flight
+                if self.phase == "probe" and self.limit > 1:
+                    self._set(self.limit - 1, "probe", now)           # after a fall: maybe fewer still
+                    return
             self._settle(now, AUTO_PROBE_SECONDS)
         elif self.phase == "climb":                     # the first window, at limit 1
             self.best_rate = rate
@@ -1086,7 +1090,8 @@ class Limiter:
         if not self.settled_rate:
             self.settled_rate = rate
         if rate < AUTO_DROP * self.settled_rate and self.limit > 1:
-            self._set(self.limit - 1, "probe", now)
+            # Less capacity than when it settled (another user, thermals): try where it would now be.
+            self._set(max(1, min(self.limit - 1, round(self.limit * rate / self.settled_rate))), "probe", now)
         elif now >= self.next_probe and self.limit < AUTO_MAX:
             self.ceiling = AUTO_MAX + 1
             self._set(self.limit + 1, "probe", now)
