@@ -145,6 +145,12 @@ QUEUE_SIZE = 256            # bounded hand-off between the reader and the worker
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
 FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
 
+HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
+MIN_BAR = 10                # the progress bar keeps at least this many columns
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"   # the rate is in the status
+RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
+LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
+
 # ── Data model ──────────────────────────────────────────────────────────────────
 
 
@@ -2246,6 +2252,58 @@ def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
     return "\n".join(lines)
 
 
+def clip(parts: list[str], budget: int, sep: str = ", ") -> str:
+    """Join as many parts as fit in `budget` characters, ending with "+N" when N do not."""
+    whole = sep.join(parts)
+    if len(whole) <= budget:
+        return whole
+    text = ""
+    for i, part in enumerate(parts):
+        rest = f"+{len(parts) - i - 1}"
+        if len(text) + len(sep) + len(part) + len(sep) + len(rest) > budget:
+            rest = f"+{len(parts) - i}"
+            text = f"{text}{sep}{rest}" if text else rest
+            return text if len(text) <= budget else ""
+        text = f"{text}{sep}{part}" if text else part
+    return text
+
+
+def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[str]:
+    """Name the endpoints a user should look at, grouped: out of service, failing, stuck on a request."""
+    groups: dict[str, list[str]] = {"down": [], "out": [], "errors": [], "slow": []}
+    for e in endpoints:
+        if e.state in ("down", "pending"):
+            groups["down"].append(e.name)
+        elif e.state == "gone":
+            groups["out"].append(e.name)
+        elif e.state == "backoff" or e.name in erring:
+            groups["errors"].append(e.name)
+        elif e.inflight and overdue(lane_of(e), now):
+            groups["slow"].append(e.name)
+    return [f"{kind}: {name}" if i == 0 else name
+            for kind, names in groups.items() for i, name in enumerate(names)]
+
+
+def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None, budget: int) -> str:
+    """Summarise the fleet in at most `budget` characters: counts, slots in use, rate, and who needs attention."""
+    now = time.monotonic()
+    counts = Counter("down" if e.state in ("down", "pending") else "out" if e.state == "gone"
+                     else "loading" if e.state == "warming" else "busy" if e.inflight else "idle"
+                     for e in endpoints)
+    live = [e for e in endpoints if e.state in ("ready", "backoff")]
+    parts = [", ".join(f"{counts[k]} {k}" for k in ("busy", "idle", "loading", "down", "out") if counts[k]),
+             f"{sum(len(e.inflight) for e in live)}/{sum(e.limiter.limit for e in live)} slots"]
+    if rate is not None:
+        parts.append(f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s")
+    names = attention(endpoints, erring, now)
+    for keep in range(len(parts), 0, -1):       # names matter more than the rate, then the slots
+        head = " · ".join(parts[:keep])
+        listed = clip(names, budget - len(head) - 3, sep=" ")
+        if not names or (listed and not listed.startswith("+")):
+            break
+    return (head + " | " + listed if listed else head)[:budget]
+
+
 class Progress:
     """The live view: a tqdm bar on a terminal, a status line a minute in a log."""
 
@@ -2253,10 +2311,13 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.enabled = enabled
         self.bar = tqdm(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
-                        disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5)
+                        disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5,
+                        bar_format=BAR_FORMAT)
         self.count, self.total, self.initial = initial, total, initial
         self.started = time.monotonic()
         self.logged = self.started
+        self.recent: deque[tuple[float, int]] = deque()     # (time, count) over the last RATE_WINDOW
+        self.trouble: dict[str, tuple[int, float]] = {}      # endpoint → (errors + faults, when they last grew)
 
     def note(self, message: str) -> None:
         """Print a timestamped event line."""
@@ -2271,18 +2332,59 @@ class Progress:
         self.bar.total = total
         self.bar.refresh()
 
+    def width(self) -> int:
+        """Characters the status may take on the bar's line, leaving the bar at least MIN_BAR wide."""
+        try:
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError):
+            columns = 80
+        meter = self.bar.format_meter(**{**self.bar.format_dict, "postfix": None, "ncols": None,
+                                         "bar_format": BAR_FORMAT.replace("{bar}", "")})
+        return columns - len(meter) - len(", ") - MIN_BAR - 3      # 3: room for the ETA to grow
+
+    def rate(self, now: float) -> float | None:
+        """Items per second over the last RATE_WINDOW seconds."""
+        self.recent.append((now, self.count))
+        while now - self.recent[0][0] > RATE_WINDOW:
+            self.recent.popleft()
+        then, count = self.recent[0]
+        return (self.count - count) / (now - then) if now > then else None
+
+    def erring(self, endpoints: list[Endpoint], now: float) -> set[str]:
+        """Endpoints whose errors or faults grew within the last minute."""
+        names = set()
+        for e in endpoints:
+            seen, since = self.trouble.get(e.name, (0, -math.inf))
+            if e.errors + e.fault_count > seen:
+                seen, since = e.errors + e.fault_count, now
+                self.trouble[e.name] = (seen, since)
+            if now - since < 60:
+                names.add(e.name)
+        return names
+
+    def status(self, endpoints: list[Endpoint], paused: bool, budget: int, now: float) -> str:
+        """Say what the fleet is doing: each endpoint for a handful, else counts and who needs attention."""
+        paused_text = " | PAUSED: all endpoints down" if paused else ""
+        budget -= len(paused_text)
+        rate = self.rate(now)
+        if len(endpoints) <= HANDFUL:
+            text = " | ".join(e.label() for e in endpoints)
+            if len(text) <= budget:
+                return text + paused_text
+        return fleet_status(endpoints, self.erring(endpoints, now), rate, max(0, budget)) + paused_text
+
     def show(self, endpoints: list[Endpoint], paused: bool) -> None:
-        """Refresh per-endpoint state and limits; log a status line in non-interactive runs."""
-        status = " | ".join(e.label() for e in endpoints) + (" | PAUSED: all endpoints down" if paused else "")
-        self.bar.set_postfix_str(status, refresh=False)
+        """Refresh the fleet's state on the bar; log a status line a minute in non-interactive runs."""
         now = time.monotonic()
+        if self.tty and self.enabled:
+            self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now), refresh=False)
         if self.enabled and not self.tty and now - self.logged >= 60:
             self.logged = now
             done = self.count - self.initial
             rate = done / max(1e-9, now - self.started)
             left = f" ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
             of = f"/{self.total:,}" if self.total else ""
-            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {status}")
+            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
 
     def close(self) -> None:
         self.bar.close()
