@@ -137,7 +137,7 @@ AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this s
 AUTO_WINDOW = 4             # completions per measurement window (at least twice the limit)
 AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
 AUTO_PROBE_MAX = 600.0
-AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed one step down
+AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
 HEDGE_RATIO = 0.5           # race an item when we expect to finish in < this share of its remaining time
 OVERDUE = 3.0               # a request running this many service times may be stalled: not counted on
 
@@ -971,8 +971,7 @@ class Limiter:
     step goes to where the two measurements put the server's capacity, then the
     limiter holds. While holding it probes one step up, at growing intervals while
     probes do not pay, and down (to where the fall puts the capacity) only when
-    throughput falls by a fifth. Overload
-    signals (503, 429, timeouts) halve the limit.
+    throughput falls by a fifth. Overload signals (503, 429, timeouts) halve the limit.
 
     It also estimates the service time, the latency of a request not queued on the
     server: requests started while a trial limit was above the settled one are
@@ -2260,7 +2259,7 @@ def clip(parts: list[str], budget: int, sep: str = ", ") -> str:
     text = ""
     for i, part in enumerate(parts):
         rest = f"+{len(parts) - i - 1}"
-        if len(text) + len(sep) + len(part) + len(sep) + len(rest) > budget:
+        if len(text) + (len(sep) if text else 0) + len(part) + len(sep) + len(rest) > budget:
             rest = f"+{len(parts) - i}"
             text = f"{text}{sep}{rest}" if text else rest
             return text if len(text) <= budget else ""

@@ -63,3 +63,14 @@ def test_progress_line_fits_100_columns_with_40_endpoints_and_names_the_ones_in_
     assert len(summaries) >= 2, bars
     print("\n".join(summaries[-3:]))
     assert any("down: asleep" in bar for bar in summaries), summaries      # the endpoint that never answered
+
+
+def test_clip_names_what_fits_and_counts_the_rest():
+    import score
+    names = ["down: mac7", "mac9", "errors: gpu2", "slow: mac3"]
+    assert score.clip(names, 100, " ") == "down: mac7 mac9 errors: gpu2 slow: mac3"
+    assert score.clip(names, 24, " ") == "down: mac7 mac9 +2"
+    assert score.clip(names, 13, " ") == "down: mac7 +3"
+    assert score.clip(names, 12, " ") == "+4"
+    assert score.clip(names, 3, " ") == "+4"
+    assert score.clip(names, 1, " ") == ""
