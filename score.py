@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import functools
 import gzip
 import hashlib
 import html
@@ -58,6 +59,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import statistics
 import string
 import sys
@@ -134,7 +136,7 @@ AUTO_MAX = 64               # ceiling for adaptive concurrency
 AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
 AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
 AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
-AUTO_WINDOW = 4             # completions per measurement window (at least twice the limit)
+AUTO_WINDOW = 4             # completions per measurement window (at least the limit)
 AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
 AUTO_PROBE_MAX = 600.0
 AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
@@ -983,15 +985,16 @@ class Limiter:
         self.limit = fixed or 1
         self.best_limit, self.best_rate = self.limit, 0.0
         self.ceiling = AUTO_MAX + 1      # smallest limit known not to pay
-        self.phase = "climb"             # climb (doubling), refine, hold, or probe (one step up or down)
+        self.phase = "climb"             # climb (doubling), refine, hold, fell, or probe (one step up or down)
         self.probe_every, self.next_probe = AUTO_PROBE_SECONDS, math.inf
         self.settled_rate = 0.0
-        self.trial: tuple[float, float] | None = None    # (from, to) of the latest trial above the settled limit
+        self.trials: deque[list[float]] = deque(maxlen=2)   # [from, to] of the latest trials above the settled limit
         self.service: float | None = None
         self.restart(0.0)
 
     def restart(self, now: float) -> None:
         self.since, self.first, self.count, self.starved = now, None, 0, False
+        self.seen, self.seen_first = 0, now
 
     @property
     def slots(self) -> int:
@@ -1000,26 +1003,48 @@ class Limiter:
 
     def queued(self, started: float) -> bool:
         """Say whether a request started during a trial, so it may have waited on the server."""
-        return self.trial is not None and self.trial[0] <= started <= self.trial[1]
+        return any(begin <= started <= end for begin, end in self.trials)
 
     def on_done(self, started: float, now: float) -> None:
         """Account one completed request (successful or answered)."""
         if not self.queued(started):
             latency = now - started
             self.service = latency if self.service is None else 0.8 * self.service + 0.2 * latency
-        if not self.auto or started < self.since:
+        if not self.auto:
+            return
+        if self.limit > self.best_limit and self._losing(now):
+            return
+        if started < self.since:        # it started at another limit
             return
         if self.first is None:
             self.first = now
             return
         self.count += 1
-        if self.count < max(AUTO_WINDOW, 2 * self.limit) or now <= self.first:
+        if self.count < max(AUTO_WINDOW, self.limit) or now <= self.first:
             return
         if self.starved:       # not enough work to fill the limit: the window says nothing
             self.restart(now)
             return
         self._decide(self.count / (now - self.first), now)
         self.restart(now)
+
+    def _losing(self, now: float) -> bool:
+        """Judge a trial at once if it already loses throughput, counting every completion since the step.
+
+        On a server whose throughput falls past its capacity, every request slows down at
+        once, and a full window of requests started at the new limit would cost more than
+        it could tell.
+        """
+        self.seen += 1
+        if self.seen == 1:
+            self.seen_first = now
+            return False
+        rate = (self.seen - 1) / max(now - self.seen_first, 1e-9)
+        if self.seen <= AUTO_WINDOW or self.starved or rate >= self.best_rate * (1 - AUTO_GAIN):
+            return False
+        self._decide(rate, now)
+        self.restart(now)
+        return True
 
     def on_starved(self) -> None:
         """Note that the endpoint had a free slot and nothing to put in it."""
@@ -1034,10 +1059,10 @@ class Limiter:
             self._settle(now, AUTO_PROBE_SECONDS)
 
     def _set(self, limit: int, phase: str, now: float) -> None:
+        if self.trials and self.trials[-1][1] == math.inf:
+            self.trials[-1][1] = now
         if limit > self.best_limit:
-            self.trial = (now, math.inf)
-        elif self.trial is not None and self.trial[1] == math.inf:
-            self.trial = (self.trial[0], now)
+            self.trials.append([now, math.inf])
         self.limit, self.phase = limit, phase
 
     def _settle(self, now: float, probe_every: float) -> None:
@@ -1095,11 +1120,15 @@ class Limiter:
         if not self.settled_rate:
             self.settled_rate = rate
         if rate < AUTO_DROP * self.settled_rate and self.limit > 1:
-            # Less capacity than when it settled (another user, thermals): try where it would now be.
-            self._set(max(1, min(self.limit - 1, round(self.limit * rate / self.settled_rate))), "probe", now)
+            if self.phase == "fell":      # a second window confirms the new level: try where it puts the capacity
+                self._set(max(1, min(self.limit - 1, round(self.limit * rate / self.settled_rate))), "probe", now)
+            else:
+                self.phase = "fell"       # less capacity (another user, thermals)? measure once more first
         elif now >= self.next_probe and self.limit < AUTO_MAX:
             self.ceiling = AUTO_MAX + 1
             self._set(self.limit + 1, "probe", now)
+        else:
+            self.phase = "hold"
 
 
 class Endpoint:
@@ -1202,11 +1231,18 @@ class Endpoint:
         return f"{self.name} {self.done} {self.status}"
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every endpoint's pool: each would load the CA bundle (~1 MiB, ~20 ms of CPU)."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def make_client(endpoint: Endpoint, config: Config) -> httpx.AsyncClient:
     """Create the endpoint's keep-alive pool; per-request timeouts are set by callers."""
     return httpx.AsyncClient(
         base_url=endpoint.url,
         headers=endpoint.headers(),
+        verify=tls_context(),
         timeout=httpx.Timeout(config.timeout, connect=10.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=AUTO_MAX),
         trust_env=False,

@@ -132,7 +132,7 @@ def test_limiter_stays_at_one_on_a_single_slot_server_and_keeps_its_service_time
     trace: list = []
     # A second request only waits in the server's queue (a 3% pipelining gain): latency doubles, not throughput.
     drive_limiter(limiter, lambda limit: 1.0 if limit == 1 else 1.03, 3600, trace=trace)
-    assert limiter.best_limit == 1 and max(limit for _, limit in trace) == 2
+    assert limiter.best_limit == 1 and max(limit for _, limit in trace) == 2    # never more than one waiting
     assert len(trace) <= 2 * 12          # upward probes only, at growing intervals (30 s, 1 min, ... 10 min)
     assert 0.9 < limiter.service < 1.1   # latencies of queued trial requests left out
 
@@ -142,7 +142,7 @@ def test_limiter_ramps_by_doubling_then_refines_to_the_knee():
     trace: list = []
     now = drive_limiter(limiter, lambda limit: min(limit, 6) * 10.0, 10, trace=trace)
     assert [limit for _, limit in trace[:5]] == [1, 2, 4, 8, 6]
-    assert trace[4][0] < 3.0                        # the best limit within a few seconds
+    assert trace[4][0] < 2.0                        # the best limit within a few seconds
     assert limiter.best_limit == 6 and limiter.limit == 6 and now >= 10
 
 
