@@ -1163,7 +1163,6 @@ class Endpoint:
         # counters for the display and the summary
         self.done = self.errors = self.fault_count = 0
         self.latency_sum = 0.0
-        self.latency_avg: float | None = None
         self.prompt_tokens = self.output_tokens = 0
 
     @property
@@ -1195,7 +1194,6 @@ class Endpoint:
             self.state = "ready"
         self.done += 1
         self.latency_sum += latency
-        self.latency_avg = latency if self.latency_avg is None else 0.8 * self.latency_avg + 0.2 * latency
 
     def record_fault(self, exc: EndpointFault, now: float) -> bool:
         """Note an endpoint fault; return True if the endpoint should now go down."""
