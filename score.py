@@ -136,7 +136,8 @@ AUTO_MAX = 64               # ceiling for adaptive concurrency
 AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
 AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
 AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
-AUTO_WINDOW = 4             # completions per measurement window (at least the limit)
+AUTO_WINDOW = 4             # completions per measurement window (at least the limit) while ramping,
+AUTO_STEADY = 4             # times this while holding, where a noisy window could talk it down
 AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
 AUTO_PROBE_MAX = 600.0
 AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
@@ -1020,13 +1021,17 @@ class Limiter:
             self.first = now
             return
         self.count += 1
-        if self.count < max(AUTO_WINDOW, self.limit) or now <= self.first:
+        if self.count < self.window() or now <= self.first:
             return
         if self.starved:       # not enough work to fill the limit: the window says nothing
             self.restart(now)
             return
         self._decide(self.count / (now - self.first), now)
         self.restart(now)
+
+    def window(self) -> int:
+        """Completions per measurement: few while ramping, more while holding, where noise is the enemy."""
+        return max(AUTO_WINDOW, self.limit) * (AUTO_STEADY if self.phase in ("hold", "fell", "probe") else 1)
 
     def _losing(self, now: float) -> bool:
         """Judge a trial at once if it already loses throughput, counting every completion since the step.
