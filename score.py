@@ -1686,7 +1686,7 @@ def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int
     With nothing left to queue, an idle endpoint whose service time is under
     HEDGE_RATIO of the time a running copy still needs (its lane's service time
     minus what it already ran, or behind the lane's queue; forever if the lane is
-    down, unmeasured, or the copy is overdue) races the copy expected to need longest.
+    out of service, unmeasured, or overdue) races the copy expected to need longest.
     `copies` are (key, lane, started, rank among the lane's requests, oldest first).
     """
     if mine is None:
