@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import functools
 import gzip
 import hashlib
 import html
@@ -64,6 +65,7 @@ import re
 import shlex
 import shutil
 import signal
+import ssl
 import statistics
 import string
 import sys
@@ -271,14 +273,26 @@ ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a 
 DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
 
 AUTO_MAX = 64               # ceiling for adaptive concurrency
-AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay
-AUTO_HOLD_WINDOWS = 6       # windows, and
-AUTO_HOLD_SECONDS = 30.0    # seconds, at the chosen limit before re-probing one step around it
+AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
+AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
+AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
+AUTO_WINDOW = 4             # completions per measurement window (at least the limit) while ramping,
+AUTO_STEADY = 4             # times this while holding, where a noisy window could talk it down
+AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
+AUTO_PROBE_MAX = 600.0
+AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
 HEDGE_RATIO = 0.5           # race an item when we expect to finish in < this share of its remaining time
+OVERDUE = 3.0               # a request running this many service times may be stalled: not counted on
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
 FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
+
+HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
+MIN_BAR = 10                # the progress bar keeps at least this many columns
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"   # the rate is in the status
+RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
+LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
 
 # ── Data model ──────────────────────────────────────────────────────────────────
 
@@ -1472,41 +1486,92 @@ def model_matches(wanted: str, name: str) -> bool:
 
 
 class Limiter:
-    """Adaptive in-flight limit for one endpoint: climb while throughput improves.
+    """Adaptive in-flight limit for one endpoint: as many requests as raise throughput, no more.
 
     Throughput at a limit is measured over a window of completions of requests that
-    started at that limit. A higher limit stays only if it raised throughput by
-    AUTO_GAIN; otherwise the best limit is restored and held. While holding, the
-    limiter re-probes one step down and one step up in turn, so it follows changes
-    (thermals, other users). Overload signals (503, 429, timeouts) halve the limit.
+    started at that limit. The ramp doubles the limit while each step pays; a step
+    pays when it raises throughput by AUTO_GAIN and by AUTO_STEP_SHARE of its own
+    relative size: when latency grows in step with the limit, the extra requests only
+    wait in the server's queue. After the first step that does not pay, one refining
+    step goes to where the two measurements put the server's capacity, then the
+    limiter holds. While holding it probes one step up, at growing intervals while
+    probes do not pay, and down (to where the fall puts the capacity) only when
+    throughput falls by a fifth. Overload signals (503, 429, timeouts) halve the limit.
+
+    It also estimates the service time, the latency of a request not queued on the
+    server: requests started while a trial limit was above the settled one are
+    left out, since they may have waited behind the others.
     """
 
     def __init__(self, fixed: int | None) -> None:
         self.auto = fixed is None
         self.limit = fixed or 1
         self.best_limit, self.best_rate = self.limit, 0.0
-        self.phase, self.holds, self.probe_down_next = "climb", 0, True
-        self.hold_since = 0.0
+        self.ceiling = AUTO_MAX + 1      # smallest limit known not to pay
+        self.phase = "climb"             # climb (doubling), refine, hold, fell, or probe (one step up or down)
+        self.probe_every, self.next_probe = AUTO_PROBE_SECONDS, math.inf
+        self.settled_rate = 0.0
+        self.trials: deque[list[float]] = deque(maxlen=2)   # [from, to] of the latest trials above the settled limit
+        self.service: float | None = None
         self.restart(0.0)
 
     def restart(self, now: float) -> None:
         self.since, self.first, self.count, self.starved = now, None, 0, False
+        self.seen, self.seen_first = 0, now
+
+    @property
+    def slots(self) -> int:
+        """Requests the server is known to serve at once without queueing them."""
+        return self.best_limit
+
+    def queued(self, started: float) -> bool:
+        """Say whether a request started during a trial, so it may have waited on the server."""
+        return any(begin <= started <= end for begin, end in self.trials)
 
     def on_done(self, started: float, now: float) -> None:
         """Account one completed request (successful or answered)."""
-        if not self.auto or started < self.since:
+        if not self.queued(started):
+            latency = now - started
+            self.service = latency if self.service is None else 0.8 * self.service + 0.2 * latency
+        if not self.auto:
+            return
+        if self.limit > self.best_limit and self._losing(now):
+            return
+        if started < self.since:        # it started at another limit
             return
         if self.first is None:
             self.first = now
             return
         self.count += 1
-        if self.count < max(8, 3 * self.limit) or now <= self.first:
+        if self.count < self.window() or now <= self.first:
             return
         if self.starved:       # not enough work to fill the limit: the window says nothing
             self.restart(now)
             return
         self._decide(self.count / (now - self.first), now)
         self.restart(now)
+
+    def window(self) -> int:
+        """Completions per measurement: few while ramping, more while holding, where noise is the enemy."""
+        return max(AUTO_WINDOW, self.limit) * (AUTO_STEADY if self.phase in ("hold", "fell", "probe") else 1)
+
+    def _losing(self, now: float) -> bool:
+        """Judge a trial at once if it already loses throughput, counting every completion since the step.
+
+        On a server whose throughput falls past its capacity, every request slows down at
+        once, and a full window of requests started at the new limit would cost more than
+        it could tell.
+        """
+        self.seen += 1
+        if self.seen == 1:
+            self.seen_first = now
+            return False
+        rate = (self.seen - 1) / max(now - self.seen_first, 1e-9)
+        if self.seen <= AUTO_WINDOW or self.starved or rate >= self.best_rate * (1 - AUTO_GAIN):
+            return False
+        self._decide(rate, now)
+        self.restart(now)
+        return True
 
     def on_starved(self) -> None:
         """Note that the endpoint had a free slot and nothing to put in it."""
@@ -1515,35 +1580,82 @@ class Limiter:
     def on_overload(self, now: float) -> None:
         """Halve the limit after a sign the server is past its capacity."""
         if self.auto and self.limit > 1:
+            self.ceiling = self.limit
             self.limit = self.best_limit = max(1, self.limit // 2)
-            self.best_rate, self.phase, self.holds, self.hold_since = 0.0, "hold", 0, now
-            self.restart(now)
+            self.best_rate = 0.0
+            self._settle(now, AUTO_PROBE_SECONDS)
+
+    def _set(self, limit: int, phase: str, now: float) -> None:
+        if self.trials and self.trials[-1][1] == math.inf:
+            self.trials[-1][1] = now
+        if limit > self.best_limit:
+            self.trials.append([now, math.inf])
+        self.limit, self.phase = limit, phase
+
+    def _settle(self, now: float, probe_every: float) -> None:
+        self._set(self.best_limit, "hold", now)
+        self.probe_every = min(AUTO_PROBE_MAX, probe_every)
+        self.next_probe = now + self.probe_every
+        self.settled_rate = self.best_rate
+
+    def _pays(self, rate: float) -> bool:
+        step = self.limit / self.best_limit - 1
+        return rate >= self.best_rate * (1 + max(AUTO_GAIN, AUTO_STEP_SHARE * step))
 
     def _decide(self, rate: float, now: float) -> None:
-        if self.phase == "climb":
-            if rate > self.best_rate * (1 + AUTO_GAIN):
-                self.best_rate, self.best_limit = rate, self.limit
-                self.limit = min(AUTO_MAX, self.limit + max(1, self.limit // 4))
-                if self.limit == self.best_limit:
-                    self.phase = "hold"
-            else:
-                self.limit, self.phase, self.holds, self.hold_since = self.best_limit, "hold", 0, now
-        elif self.phase == "probe_down":
+        if self.limit > self.best_limit:
+            self._judge_step(rate, now)
+        elif self.limit < self.best_limit:              # a step down: refining, or throughput fell
             if rate >= self.best_rate * (1 - AUTO_GAIN / 2):
-                self.best_limit, self.best_rate = self.limit, rate   # as fast with fewer in flight
-            else:
-                self.limit = self.best_limit
-            self.phase, self.holds, self.hold_since = "hold", 0, now
-        else:
+                self.best_limit, self.best_rate = self.limit, rate    # as fast with fewer in flight
+                if self.phase == "probe" and self.limit > 1:
+                    self._set(self.limit - 1, "probe", now)           # after a fall: maybe fewer still
+                    return
+            self._settle(now, AUTO_PROBE_SECONDS)
+        elif self.phase == "climb":                     # the first window, at limit 1
             self.best_rate = rate
-            self.holds += 1
-            if self.holds >= AUTO_HOLD_WINDOWS and now - self.hold_since >= AUTO_HOLD_SECONDS:
-                self.holds = 0
-                if self.probe_down_next and self.limit > 1:
-                    self.phase, self.limit = "probe_down", self.limit - 1
-                elif self.limit < AUTO_MAX:
-                    self.phase, self.limit = "climb", self.limit + 1
-                self.probe_down_next = not self.probe_down_next
+            self._set(min(AUTO_MAX, 2 * self.limit), "climb", now)
+        else:
+            self._hold(rate, now)
+
+    def _judge_step(self, rate: float, now: float) -> None:
+        """Keep a higher limit that paid and go on; then refine once to the estimated capacity, and hold."""
+        tried, base, below = self.limit, self.best_rate, self.best_limit
+        # Throughput grows with the limit up to the number the server serves at once, then stays flat
+        # (or falls): from the two measurements, the server serves about below × rate ÷ base at once.
+        knee = round(below * rate / base) if base else below
+        if self._pays(rate):
+            self.best_limit, self.best_rate = tried, rate
+            if self.phase == "climb" and knee < AUTO_PROPORTIONAL * tried and below < knee < tried:
+                self._set(knee, "refine", now)          # as fast with fewer in flight, if the estimate holds
+                return
+            step = min({"climb": 2 * tried, "probe": tried + 1}.get(self.phase, tried), self.ceiling - 1, AUTO_MAX)
+            if step > tried:
+                self._set(step, self.phase, now)
+            else:
+                self._settle(now, AUTO_PROBE_SECONDS)
+            return
+        self.ceiling = min(self.ceiling, tried)
+        if self.phase == "climb" and below < knee < tried:
+            self._set(knee, "refine", now)
+        else:
+            self._settle(now, 2 * self.probe_every if self.phase == "probe" else AUTO_PROBE_SECONDS)
+
+    def _hold(self, rate: float, now: float) -> None:
+        """Track the held limit's throughput; probe one step up now and then, down if it fell."""
+        self.best_rate = rate
+        if not self.settled_rate:
+            self.settled_rate = rate
+        if rate < AUTO_DROP * self.settled_rate and self.limit > 1:
+            if self.phase == "fell":      # a second window confirms the new level: try where it puts the capacity
+                self._set(max(1, min(self.limit - 1, round(self.limit * rate / self.settled_rate))), "probe", now)
+            else:
+                self.phase = "fell"       # less capacity (another user, thermals)? measure once more first
+        elif now >= self.next_probe and self.limit < AUTO_MAX:
+            self.ceiling = AUTO_MAX + 1
+            self._set(self.limit + 1, "probe", now)
+        else:
+            self.phase = "hold"
 
 
 class Endpoint:
@@ -1587,7 +1699,6 @@ class Endpoint:
         self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
         self.run_share = 0.0                         # the fault share when the current run of faults began
         self.latency_sum = 0.0
-        self.latency_avg: float | None = None
         self.prompt_tokens = self.output_tokens = 0
 
     @property
@@ -1620,7 +1731,6 @@ class Endpoint:
             self.state = "ready"
         self.done += 1
         self.latency_sum += latency
-        self.latency_avg = latency if self.latency_avg is None else 0.8 * self.latency_avg + 0.2 * latency
 
     def note_outcome(self, fault: bool) -> None:
         """Update the running share of requests that ended in an endpoint fault."""
@@ -1696,11 +1806,18 @@ class Endpoint:
         return f"{self.name} {self.done} {self.status}"
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every endpoint's pool: each would load the CA bundle (~1 MiB, ~20 ms of CPU)."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def make_client(endpoint: Endpoint, config: Config) -> httpx.AsyncClient:
     """Create the endpoint's keep-alive pool; per-request timeouts are set by callers."""
     return httpx.AsyncClient(
         base_url=endpoint.url,
         headers=endpoint.headers(),
+        verify=tls_context(),
         timeout=httpx.Timeout(config.timeout, connect=10.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=AUTO_MAX),
         trust_env=False,
@@ -2385,15 +2502,18 @@ async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict
 class Signal:
     """Wake every waiter when shared state changes; waiters re-check their condition."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: Callable[[], None] | None = None) -> None:
         self._waiters: list[asyncio.Future] = []
+        self.also = also
 
     def notify(self) -> None:
-        """Wake all current waiters."""
+        """Wake all current waiters (and run the `also` hook)."""
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
+        if self.also is not None:
+            self.also()
 
     async def wait(self, timeout: float | None = None) -> None:
         """Sleep until the next notify (or timeout)."""
@@ -2430,6 +2550,97 @@ class Tally:
     unreadable: list[str] = field(default_factory=list)    # parts of the input that could not be read
 
 
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """What the dispatch rules know about one endpoint at one moment."""
+
+    ready: bool                  # in service (not down, loading, backing off or taken out)
+    service: float | None        # seconds per request when not queued on the server; None = not measured
+    slots: int                   # requests it serves at once
+    inflight: int                # requests it has now
+    oldest: float | None = None  # start time of the oldest of them
+
+
+def lane_of(endpoint: Endpoint) -> Lane:
+    """Freeze what the dispatch rules need to know about an endpoint."""
+    oldest = next(iter(endpoint.inflight.values()), None)
+    return Lane(endpoint.state == "ready", endpoint.limiter.service, endpoint.limiter.slots,
+                len(endpoint.inflight), oldest)
+
+
+def overdue(lane: Lane, now: float) -> bool:
+    """Say whether the lane's oldest request has run past OVERDUE times its service time (stalled?)."""
+    return lane.oldest is not None and lane.service is not None and now - lane.oldest > OVERDUE * lane.service
+
+
+def finish_in(lane: Lane, nth: int, now: float) -> float:
+    """Seconds from now until the lane would finish the nth row given to it now.
+
+    It finishes `slots` rows every `service` seconds, counted from when its oldest
+    request started; a new row never takes less than one service time.
+    """
+    service = lane.service
+    head = min(service, now - lane.oldest) if lane.oldest is not None else 0.0
+    return max(service, (lane.inflight + nth) * service / lane.slots - head)
+
+
+def rows_before(lane: Lane, deadline: float, now: float) -> int:
+    """Count the new rows the lane would finish sooner than `deadline` seconds from now."""
+    if not lane.ready or lane.service is None or lane.service >= deadline or overdue(lane, now):
+        return 0
+    head = min(lane.service, now - lane.oldest) if lane.oldest is not None else 0.0
+    # finish_in(lane, n) < deadline  ⟺  inflight + n < (deadline + head) · slots / service
+    return max(0, math.ceil((deadline + head) * lane.slots / lane.service - lane.inflight) - 1)
+
+
+def takes_queued_row(me: Lane, others: Iterator[Lane], queued: int, now: float) -> bool:
+    """End of input: say whether an endpoint with room should take one of the `queued` rows.
+
+    A row goes to the endpoint expected to finish it soonest: this one takes it
+    unless the others, counting what each already has in flight and its rate
+    (slots ÷ service time), would finish all `queued` rows strictly before this one
+    could finish one. Equal endpoints therefore share the last rows, and a much
+    slower one leaves them to faster ones. An endpoint not yet measured takes it.
+    """
+    if me.service is None:
+        return True
+    mine = finish_in(me, 1, now)
+    room = 0
+    for lane in others:
+        room += rows_before(lane, mine, now)
+        if room >= queued:
+            return False
+    return True
+
+
+def time_left(lane: Lane, started: float, rank: int, now: float) -> float:
+    """Expected seconds until a running copy finishes: the `rank`-th oldest request on its lane."""
+    if not lane.ready or lane.service is None or overdue(lane, now):
+        return math.inf
+    own = lane.service - (now - started)
+    queue = rank * lane.service / lane.slots - min(lane.service, now - (lane.oldest or started))
+    return max(own, queue, 0.0)
+
+
+def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int]], now: float) -> Any:
+    """Tail racing: return the running copy an idle endpoint should race, or None.
+
+    With nothing left to queue, an idle endpoint whose service time is under
+    HEDGE_RATIO of the time a running copy still needs (its lane's service time
+    minus what it already ran, or behind the lane's queue; forever if the lane is
+    out of service, unmeasured, or overdue) races the copy expected to need longest.
+    `copies` are (key, lane, started, rank among the lane's requests, oldest first).
+    """
+    if mine is None:
+        return None
+    best, best_left = None, 0.0
+    for key, lane, started, rank in copies:
+        left = time_left(lane, started, rank, now)
+        if mine < HEDGE_RATIO * left and left > best_left:
+            best, best_left = key, left
+    return best
+
+
 class Run:
     """Move items from the reader through the fleet into the checkpoint."""
 
@@ -2439,7 +2650,13 @@ class Run:
         self.config, self.info, self.endpoints = config, info, endpoints
         self.checkpoint, self.resume, self.meta = checkpoint, resume, meta
         self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
-        self.changed = Signal()
+        # Each endpoint's driver sleeps on its own event. A rare change (an endpoint up or down,
+        # a row back in the queue, the input or the run over) wakes them all; a new row wakes one
+        # idle driver, so the cost of a completion does not grow with the fleet.
+        self.wakes = {endpoint: asyncio.Event() for endpoint in endpoints}
+        self.idle: dict[Endpoint, None] = {}    # drivers asleep with room and nothing worth taking
+        self.changed = Signal(also=self.wake_all)
+        self.written = Signal()                  # a row was written (the producer waits for duplicates' leaders)
         self.fresh: deque[Item] = deque()
         self.retry: deque[Item] = deque()
         self.leaders: dict[int, Item] = {}       # digest → item whose answer duplicates await
@@ -2458,14 +2675,36 @@ class Run:
         return self.producer_done and self.unfinished == 0
 
     def check_done(self) -> None:
-        """Wake everyone; when the last item is written, tell every task to end."""
+        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
+        self.written.notify()
         if self.finished:
             self.done.set()
             for endpoint in self.endpoints:
                 endpoint.trouble.set()
             for task in self.supervisors:    # a probe or model load still under way must not hold the end
                 task.cancel()
-        self.changed.notify()
+            self.changed.notify()
+
+    def wake_all(self) -> None:
+        """Wake every driver to re-check its endpoint (after a rare change)."""
+        self.idle.clear()
+        for wake in self.wakes.values():
+            wake.set()
+
+    def wake_idle(self, every: bool = False) -> None:
+        """Wake one idle driver for a new row (or every idle one, to re-check)."""
+        while self.idle:
+            endpoint = next(iter(self.idle))
+            del self.idle[endpoint]
+            self.wakes[endpoint].set()
+            if not every:
+                return
+
+    def wake_faster(self, than: float, ratio: float = 1.0) -> None:
+        """Wake the idle drivers whose endpoints serve faster than `than` × `ratio` (end of input)."""
+        for endpoint in [e for e in self.idle if (e.limiter.service or math.inf) < than * ratio]:
+            del self.idle[endpoint]
+            self.wakes[endpoint].set()
 
     async def run(self) -> None:
         """Score until the input is exhausted and every taken item is written."""
@@ -2496,6 +2735,7 @@ class Run:
                 chunk = []
         finally:
             self.producer_done = True
+            self.changed.notify()           # the end-of-input rules apply from now on
             self.check_done()
 
     async def admit(self, item: Item) -> None:
@@ -2513,7 +2753,7 @@ class Run:
                 leader.followers.append(item)
                 self.waiting_followers += 1
                 while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
-                    await self.changed.wait()
+                    await self.written.wait()
                 return
             offset = self.resume.digests.get(item.digest)
             if offset is not None:
@@ -2524,26 +2764,36 @@ class Run:
         while len(self.fresh) >= QUEUE_SIZE:
             await self.space.wait()
         self.fresh.append(item)
-        self.changed.notify()
+        self.wake_idle()
 
     # ── the workers
 
     async def drive(self, endpoint: Endpoint) -> None:
         """Keep the endpoint's in-flight count at its limit while there is work."""
+        wake = self.wakes[endpoint]
         while not self.finished and endpoint.state != "gone":
+            wake.clear()
             item = self.pick(endpoint)
             if item is not None:
                 self.launch(endpoint, item)
-            else:
-                await self.changed.wait()
+                continue
+            self.rest(endpoint)
+            if (self.fresh or self.retry) and not self.producer_done and endpoint not in self.idle:
+                self.wake_idle()            # it was woken for a row it cannot take: pass it on
+            await wake.wait()
+
+    def rest(self, endpoint: Endpoint) -> None:
+        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
+        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
+            self.idle[endpoint] = None
 
     def pick(self, endpoint: Endpoint) -> Item | None:
         """Choose the next item for an endpoint, or None if it should wait."""
         now = time.monotonic()
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
-        if self.producer_done and not self.worth_starting(endpoint):
-            if (item := self.left_for(endpoint)) is not None:
+        if self.producer_done and not self.worth_starting(endpoint, now):
+            if (item := self.left_for(endpoint, now)) is not None:
                 return item
             return self.hedge_candidate(endpoint, now) if self.config.hedge else None
         fallback = None
@@ -2595,54 +2845,52 @@ class Run:
             return False
         return any(e is not endpoint and e.usable and e.name not in failed for e in self.endpoints)
 
-    def left_for(self, endpoint: Endpoint) -> Item | None:
+    def left_for(self, endpoint: Endpoint, now: float) -> Item | None:
         """Take a waiting row that others answered badly, if no endpoint the end-of-input rule prefers may take it."""
         for i, item in enumerate(self.retry):
             if item.finished or item.tasks or not item.avoid or endpoint.name in item.avoid:
                 continue
-            if not any(e is not endpoint and e.usable and e.name not in item.avoid and self.worth_starting(e)
+            if not any(e is not endpoint and e.usable and e.name not in item.avoid and self.prefers(e, now)
                        for e in self.endpoints):
                 del self.retry[i]
                 return item
         return None
 
-    def worth_starting(self, endpoint: Endpoint) -> bool:
-        """At the end of the input, leave the last rows to faster endpoints that will clear them sooner.
+    def prefers(self, endpoint: Endpoint, now: float) -> bool:
+        """Say whether the end-of-input rule lets this endpoint take one of the queued rows (no side effects)."""
+        queued = len(self.fresh) + len(self.retry)
+        others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
+        return not queued or takes_queued_row(lane_of(endpoint), others, queued, now)
 
-        A slow machine that takes one of the last rows makes the whole job wait
-        for it: it takes one only if it would finish before the other endpoints,
-        at their measured rates (in-flight limit ÷ average latency), could clear
-        everything still queued, or before the fastest of them could do that one.
-        """
-        mine = endpoint.latency_avg
-        peers = [e for e in self.endpoints if e is not endpoint and e.usable and e.latency_avg]
-        if mine is None or not peers:
+    def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
+        """At the end of the input, leave the last rows to endpoints that will finish them sooner."""
+        queued = len(self.fresh) + len(self.retry)
+        if not queued:
+            return True         # nothing to take: pick() goes on to racing
+        me = lane_of(endpoint)
+        others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
+        if takes_queued_row(me, others, queued, now):
             return True
-        drain = (len(self.fresh) + len(self.retry)) / sum(e.limiter.limit / e.latency_avg for e in peers)
-        return mine <= max(drain, min(e.latency_avg for e in peers))   # the fastest always takes one
+        self.wake_faster(finish_in(me, 1, now))     # those may be asleep with room
+        return False
 
     def hedge_candidate(self, endpoint: Endpoint, now: float) -> Item | None:
-        """Race an item stuck on a slower endpoint when this one expects to finish well before it.
-
-        The rule: with nothing left to queue, an idle endpoint whose average latency is
-        below HEDGE_RATIO of the time another copy still needs (its endpoint's average
-        latency minus time already spent; unknown = infinite) sends its own copy. Each
-        item is raced once; the first valid answer is written and the other cancelled.
-        """
-        mine = endpoint.latency_avg
+        """Race an item stuck on a slower endpoint when this one expects to finish well before it."""
+        mine = endpoint.limiter.service
         if mine is None:
             return None
-        best, best_left = None, 0.0
-        for other in self.endpoints:
-            if other is endpoint:
-                continue
-            for item, started in other.inflight.items():
-                if item.hedged or item.finished or len(item.tasks) > 1:
+
+        def copies() -> Iterator[tuple[Item, Lane, float, int]]:
+            for other in self.endpoints:
+                if other is endpoint or not other.inflight:
                     continue
-                expected = other.latency_avg if other.usable and other.latency_avg else math.inf
-                left = max(expected - (now - started), 0.0) if expected != math.inf else math.inf
-                if mine < HEDGE_RATIO * left and left > best_left:
-                    best, best_left = item, left
+                lane = lane_of(other)
+                for rank, (item, started) in enumerate(other.inflight.items(), 1):
+                    if not (item.hedged or item.finished or len(item.tasks) > 1
+                            or (item.avoid and endpoint.name in item.avoid)):    # it answered this row badly
+                        yield item, lane, started, rank
+
+        best = race_target(mine, copies(), now)
         if best is not None:
             best.hedged, best.racer = True, endpoint
             self.tally.hedges += 1
@@ -2650,8 +2898,11 @@ class Run:
 
     def launch(self, endpoint: Endpoint, item: Item) -> None:
         """Start a worker task on the endpoint with this item."""
+        self.idle.pop(endpoint, None)
         endpoint.inflight[item] = time.monotonic()
         item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
+        if self.producer_done and self.config.hedge and self.idle:
+            self.offer_race(endpoint)
 
     def release(self, endpoint: Endpoint, item: Item) -> None:
         endpoint.inflight.pop(item, None)
@@ -2678,8 +2929,24 @@ class Run:
                 outcome = exc
             self.release(endpoint, item)
             self.settle(endpoint, item, outcome, started)
-            self.changed.notify()
             item = None if self.finished else self.pick(endpoint)
+            self.carry_on(endpoint, item)
+
+    def carry_on(self, endpoint: Endpoint, item: Item | None) -> None:
+        """After a completion: wake the endpoint's driver if it has room left, or let racers look."""
+        if item is None:
+            self.rest(endpoint)
+            return
+        self.idle.pop(endpoint, None)
+        endpoint.inflight[item] = time.monotonic()
+        if len(endpoint.inflight) < endpoint.limiter.limit and (self.fresh or self.retry):
+            self.wakes[endpoint].set()      # the limit went up
+        if self.producer_done and self.config.hedge and self.idle:
+            self.offer_race(endpoint)
+
+    def offer_race(self, endpoint: Endpoint) -> None:
+        """A last row started on this endpoint: wake idle endpoints fast enough to race it."""
+        self.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
 
     def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
@@ -2974,6 +3241,8 @@ class Run:
                 async with asyncio.timeout(1.0):
                     await self.done.wait()
             await self.checkpoint.sync_soon()
+            if self.producer_done or self.fresh or self.retry:
+                self.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
             now = time.monotonic()
             live = [e for e in self.endpoints if e.state != "gone"]
             if not live:
@@ -3140,6 +3409,58 @@ def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
     return "\n".join(lines)
 
 
+def clip(parts: list[str], budget: int, sep: str = ", ") -> str:
+    """Join as many parts as fit in `budget` characters, ending with "+N" when N do not."""
+    whole = sep.join(parts)
+    if len(whole) <= budget:
+        return whole
+    text = ""
+    for i, part in enumerate(parts):
+        rest = f"+{len(parts) - i - 1}"
+        if len(text) + (len(sep) if text else 0) + len(part) + len(sep) + len(rest) > budget:
+            rest = f"+{len(parts) - i}"
+            text = f"{text}{sep}{rest}" if text else rest
+            return text if len(text) <= budget else ""
+        text = f"{text}{sep}{part}" if text else part
+    return text
+
+
+def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[str]:
+    """Name the endpoints a user should look at, grouped: out of service, failing, stuck on a request."""
+    groups: dict[str, list[str]] = {"down": [], "out": [], "errors": [], "slow": []}
+    for e in endpoints:
+        if e.state in ("down", "pending"):
+            groups["down"].append(e.name)
+        elif e.state == "gone":
+            groups["out"].append(e.name)
+        elif e.state == "backoff" or e.name in erring:
+            groups["errors"].append(e.name)
+        elif e.inflight and overdue(lane_of(e), now):
+            groups["slow"].append(e.name)
+    return [f"{kind}: {name}" if i == 0 else name
+            for kind, names in groups.items() for i, name in enumerate(names)]
+
+
+def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None, budget: int) -> str:
+    """Summarise the fleet in at most `budget` characters: counts, slots in use, rate, and who needs attention."""
+    now = time.monotonic()
+    counts = Counter("down" if e.state in ("down", "pending") else "out" if e.state == "gone"
+                     else "loading" if e.state == "warming" else "busy" if e.inflight else "idle"
+                     for e in endpoints)
+    live = [e for e in endpoints if e.state in ("ready", "backoff")]
+    parts = [", ".join(f"{counts[k]} {k}" for k in ("busy", "idle", "loading", "down", "out") if counts[k]),
+             f"{sum(len(e.inflight) for e in live)}/{sum(e.limiter.limit for e in live)} slots"]
+    if rate is not None:
+        parts.append(f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s")
+    names = attention(endpoints, erring, now)
+    for keep in range(len(parts), 0, -1):       # names matter more than the rate, then the slots
+        head = " · ".join(parts[:keep])
+        listed = clip(names, budget - len(head) - 3, sep=" ")
+        if not names or (listed and not listed.startswith("+")):
+            break
+    return (head + " | " + listed if listed else head)[:budget]
+
+
 class Progress:
     """The live view: a tqdm bar on a terminal, a status line a minute in a log."""
 
@@ -3147,10 +3468,13 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.enabled = enabled
         self.bar = tqdm(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
-                        disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5)
+                        disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5,
+                        bar_format=BAR_FORMAT)
         self.count, self.total, self.initial = initial, total, initial
         self.started = time.monotonic()
         self.logged = self.started
+        self.recent: deque[tuple[float, int]] = deque()     # (time, count) over the last RATE_WINDOW
+        self.trouble: dict[str, tuple[int, float]] = {}      # endpoint → (errors + faults, when they last grew)
 
     def note(self, message: str) -> None:
         """Print a timestamped event line."""
@@ -3165,18 +3489,59 @@ class Progress:
         self.bar.total = total
         self.bar.refresh()
 
+    def width(self) -> int:
+        """Characters the status may take on the bar's line, leaving the bar at least MIN_BAR wide."""
+        try:
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError):
+            columns = 80
+        meter = self.bar.format_meter(**{**self.bar.format_dict, "postfix": None, "ncols": None,
+                                         "bar_format": BAR_FORMAT.replace("{bar}", "")})
+        return columns - len(meter) - len(", ") - MIN_BAR - 3      # 3: room for the ETA to grow
+
+    def rate(self, now: float) -> float | None:
+        """Items per second over the last RATE_WINDOW seconds."""
+        self.recent.append((now, self.count))
+        while now - self.recent[0][0] > RATE_WINDOW:
+            self.recent.popleft()
+        then, count = self.recent[0]
+        return (self.count - count) / (now - then) if now > then else None
+
+    def erring(self, endpoints: list[Endpoint], now: float) -> set[str]:
+        """Endpoints whose errors or faults grew within the last minute."""
+        names = set()
+        for e in endpoints:
+            seen, since = self.trouble.get(e.name, (0, -math.inf))
+            if e.errors + e.fault_count > seen:
+                seen, since = e.errors + e.fault_count, now
+                self.trouble[e.name] = (seen, since)
+            if now - since < 60:
+                names.add(e.name)
+        return names
+
+    def status(self, endpoints: list[Endpoint], paused: bool, budget: int, now: float) -> str:
+        """Say what the fleet is doing: each endpoint for a handful, else counts and who needs attention."""
+        paused_text = " | PAUSED: all endpoints down" if paused else ""
+        budget -= len(paused_text)
+        rate = self.rate(now)
+        if len(endpoints) <= HANDFUL:
+            text = " | ".join(e.label() for e in endpoints)
+            if len(text) <= budget:
+                return text + paused_text
+        return fleet_status(endpoints, self.erring(endpoints, now), rate, max(0, budget)) + paused_text
+
     def show(self, endpoints: list[Endpoint], paused: bool) -> None:
-        """Refresh per-endpoint state and limits; log a status line in non-interactive runs."""
-        status = " | ".join(e.label() for e in endpoints) + (" | PAUSED: all endpoints down" if paused else "")
-        self.bar.set_postfix_str(status, refresh=False)
+        """Refresh the fleet's state on the bar; log a status line a minute in non-interactive runs."""
         now = time.monotonic()
+        if self.tty and self.enabled:
+            self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now), refresh=False)
         if self.enabled and not self.tty and now - self.logged >= 60:
             self.logged = now
             done = self.count - self.initial
             rate = done / max(1e-9, now - self.started)
             left = f" ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
             of = f"/{self.total:,}" if self.total else ""
-            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {status}")
+            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
 
     def close(self) -> None:
         self.bar.close()

@@ -1,6 +1,6 @@
 """Benchmark score.py as a user runs it, against simulated endpoints on loopback.
 
-    python bench/run.py            # all scenarios, a few minutes on 2 cores; writes BENCHMARKS.md
+    python bench/run.py            # all scenarios, ~17 min on 2 cores; writes BENCHMARKS.md
     python bench/run.py --quick    # smaller jobs, for a smoke run
     python bench/run.py --only tail,dedup
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -22,12 +23,13 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fake_ollama import Behaviour, FakeOllama  # noqa: E402
+from fake_ollama import Behaviour, FakeFleet, FakeOllama  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 SCORE = ROOT / "score.py"
@@ -367,6 +369,118 @@ def render_reason(r: dict) -> list[str]:
     return lines
 
 
+# ── wide fleets: many endpoints on one event loop thread of this process
+
+def watch_first_chat(server: FakeOllama) -> FakeOllama:
+    """Note when the first scoring request reaches a server (makespans start there)."""
+    server.first_chat_at = None
+    original = server._chat
+
+    async def chat(body, reader, openai):
+        if body.get("messages") and server.first_chat_at is None:
+            server.first_chat_at = time.time()
+        return await original(body, reader, openai)
+
+    server._chat = chat
+    return server
+
+
+def run_wide(data: Path, groups: list[tuple[str, int, dict, str]], tag: str, *extra: str) -> dict:
+    """Run score.py against fleets [(name prefix, count, behaviour, options)] hosted on one thread."""
+    shared = FakeFleet()
+    try:
+        fleet = [(f"{prefix}{i}", watch_first_chat(shared.add(Behaviour(**params))), opts)
+                 for prefix, count, params, opts in groups for i in range(count)]
+        return run_measured(data, fleet, tag, *extra)
+    finally:
+        shared.stop()
+
+
+def run_measured(data: Path, servers: list[tuple[str, FakeOllama, str]], tag: str, *extra: str) -> dict:
+    """run_score, plus this run's own CPU time and peak RSS (not the sum or maximum over earlier children)."""
+    endpoints = OUT / f"{tag}.endpoints.txt"
+    endpoints.write_text("".join(f"{s.url} name={name} {opts}\n" for name, s, opts in servers))
+    output = OUT / f"{tag}.scores.jsonl"
+    # /usr/bin/time reports the peak RSS of score.py itself (wait4 would count the pre-exec copy of this process).
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, str(SCORE), str(data), "--endpoints",
+                             str(endpoints), "-o", str(output), "--overwrite", "--no-progress", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tag}: score.py exited {proc.returncode}\n{err}")
+    peak_kib = int(err.strip().splitlines()[-1])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    stamps = sorted(r["ts"] for r in records)
+    start = min(s.first_chat_at for _, s, _ in servers if s.first_chat_at)
+    return {"items": len(records), "makespan": stamps[-1] - start, "cpu": usage.ru_utime + usage.ru_stime,
+            "rss_mib": peak_kib / 1024, "stderr": err, "records": records}
+
+
+def scenario_wide_equal(sizes: tuple[int, ...], per_endpoint: int, service: float = 1.0) -> dict:
+    """Equal single-slot fleets, whole job: makespan against ceil(rows ÷ endpoints) service times."""
+    out = {}
+    for n in sizes:
+        rows = n * per_endpoint - n // 2          # not a multiple: the last round is partly empty
+        data = write_jsonl(OUT / f"wide-{n}.jsonl", functions(rows, seed=10 + n))
+        result = run_wide(data, [("e", n, dict(latency=service, slots=1), "")], f"wide-{n}")
+        ideal = math.ceil(rows / n) * service
+        counts = sorted(Counter(r["endpoint"] for r in result["records"]).values())
+        out[n] = {"rows": rows, "makespan": result["makespan"], "ratio": result["makespan"] / ideal,
+                  "spread": f"{counts[0]}-{counts[-1]}"}
+    return out
+
+
+WIDE_GPU = dict(latency=0.15, per_char=0.00005, slots=8, alpha=0.9, peak=4, beta=1.0)
+WIDE_LAPTOP = dict(latency=0.45, per_char=0.00015, slots=1)
+
+
+def scenario_wide_mixed(gpus: int, laptops: int, seconds: float) -> dict:
+    """A few multi-slot GPU boxes and many laptops, whole job (ramp and tail) against the fleet's capacity."""
+    probe = write_jsonl(OUT / "wide-mixed-probe.jsonl", functions(150, seed=21))
+    _, gpu_rate, gpu_rates = best_fixed(probe, WIDE_GPU, [3, 4, 5], "wide-cap-gpu")
+    _, lap_rate, _ = best_fixed(write_jsonl(OUT / "wide-mixed-lap.jsonl", functions(40, seed=22)),
+                                WIDE_LAPTOP, [1], "wide-cap-laptop")
+    capacity = gpus * gpu_rate + laptops * lap_rate
+    rows = int(capacity * seconds)
+    data = write_jsonl(OUT / "wide-mixed.jsonl", functions(rows, seed=23))
+    result = run_wide(data, [("gpu", gpus, WIDE_GPU, ""), ("lap", laptops, WIDE_LAPTOP, "")], "wide-mixed")
+    job_rate = rows / result["makespan"]
+    return {"gpus": gpus, "laptops": laptops, "rows": rows, "capacity": capacity, "job_rate": job_rate,
+            "ratio": job_rate / capacity, "gpu_rates": gpu_rates, "laptop_rate": lap_rate}
+
+
+def scenario_auto_short(rows: int) -> dict:
+    """Auto concurrency on a job of a few seconds, whole job (ramp included), against the best fixed limit."""
+    params = dict(latency=0.04, per_char=0.00001, slots=8, alpha=0.9, peak=4, beta=1.0)
+    data = write_jsonl(OUT / f"auto-short-{rows}.jsonl", functions(rows, seed=24))
+    fixed = {limit: rows / run_fleet(data, [("solo", params, f"concurrency={limit}")], f"auto-short-c{limit}",
+                                     "--no-hedge")["makespan"] for limit in (3, 4, 5)}
+    auto = rows / run_fleet(data, [("solo", params, "")], "auto-short-auto", "--no-hedge")["makespan"]
+    best = max(fixed, key=fixed.get)
+    return {"rows": rows, "fixed": fixed, "best": best, "auto": auto, "ratio": auto / fixed[best],
+            "seconds": rows / fixed[best]}
+
+
+def scenario_auto_shorts(sizes: tuple[int, ...]) -> dict:
+    """The short-job case at a few job lengths."""
+    return {rows: scenario_auto_short(rows) for rows in sizes}
+
+
+def scenario_wide_cpu(rows: int, service: float = 2.0) -> dict:
+    """Coordinator CPU per row and peak memory with 3 wide endpoints (pinned at their 43 slots, so the rate
+    matches from the start) vs 256 single-slot ones."""
+    data = write_jsonl(OUT / "wide-cpu.jsonl", functions(rows, seed=25))
+    out = {}
+    for n, slots, opts in ((3, 43, "concurrency=43"), (256, 1, "")):
+        result = run_wide(data, [("e", n, dict(latency=service, slots=slots), opts)], f"wide-cpu-{n}")
+        out[n] = {"cpu_ms": 1000 * result["cpu"] / rows, "rss_mib": result["rss_mib"],
+                  "rate": rows / result["makespan"]}
+    out["ratio"] = out[256]["cpu_ms"] / out[3]["cpu_ms"]
+    return out
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -377,7 +491,8 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark score.py on simulated endpoints.")
     parser.add_argument("--quick", action="store_true", help="smaller jobs")
-    parser.add_argument("--only", default="efficiency,auto,tail,flaky,overhead,memory,dedup,reason,reason_real")
+    parser.add_argument("--only", default="efficiency,auto,tail,flaky,overhead,memory,dedup,reason,reason_real,"
+                                          "wide-equal,wide-mixed,auto-short,wide-cpu")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -393,15 +508,43 @@ def main() -> None:
                      ("memory", lambda: scenario_memory(100_000, 99_000) if q else scenario_memory(1_000_000, 990_000)),
                      ("dedup", lambda: scenario_dedup(400 if q else 2000)),
                      ("reason", lambda: scenario_reason(150 if q else 400)),
-                     ("reason_real", scenario_reason_real)):
+                     ("reason_real", scenario_reason_real),
+                     ("wide-equal", lambda: scenario_wide_equal((8, 32) if q else (8, 32, 128), 6 if q else 10)),
+                     ("wide-mixed", lambda: scenario_wide_mixed(3, 29, 10 if q else 30)),
+                     ("auto-short", lambda: scenario_auto_shorts((300, 600))),
+                     ("wide-cpu", lambda: scenario_wide_cpu(1000 if q else 2560))):
         if name in only:
             t = time.time()
             results[name] = fn()
-            print(f"{name}: {json.dumps(results[name], default=str)}  ({time.time() - t:.0f}s)", flush=True)
+            shown = {k: v for k, v in results[name].items() if k != "records"}
+            print(f"{name}: {json.dumps(shown, default=str)}  ({time.time() - t:.0f}s)", flush=True)
     report = render(results, time.time() - started, " ".join(sys.argv[1:]))
     print(report)
     if not args.no_write and only == set(parser.get_default("only").split(",")):
         (ROOT / "BENCHMARKS.md").write_text(report)
+
+
+def render_wide(r: dict) -> list[str]:
+    """Table rows for the wide-fleet cases."""
+    lines = []
+    if w := r.get("wide-equal"):
+        sizes = [n for n in w]
+        lines.append(f"| wide: makespan ÷ ceil(rows ÷ endpoints) × service time, equal single-slot fleets of "
+                     f"{', '.join(map(str, sizes))} (1 s per row, whole job) | ≤ 1.10 | **"
+                     + " / ".join(f"{w[n]['ratio']:.2f}" for n in sizes) + "** (rows per endpoint "
+                     + ", ".join(w[n]["spread"] for n in sizes) + ") |")
+    if m := r.get("wide-mixed"):
+        lines.append(f"| wide: whole-job items/s ÷ capacity, {m['gpus']} GPU boxes + {m['laptops']} laptops "
+                     f"({m['rows']} rows) | ≥ 0.95 | **{m['ratio']:.3f}** ({m['job_rate']:.1f} of "
+                     f"{m['capacity']:.1f} items/s) |")
+    for a in (r.get("auto-short") or {}).values():
+        lines.append(f"| auto ÷ best fixed, whole job of {a['seconds']:.0f} s ({a['rows']} rows, ramp included) "
+                     f"| ≥ 0.95 | **{a['ratio']:.3f}** (best fixed = {a['best']}) |")
+    if c := r.get("wide-cpu"):
+        lines.append(f"| coordinator CPU ms per row, 256 endpoints ÷ 3 (same job and rate) | ≤ 1.5 "
+                     f"| **{c['ratio']:.2f}** ({c[256]['cpu_ms']:.2f} vs {c[3]['cpu_ms']:.2f} ms; peak RSS "
+                     f"{c[256]['rss_mib']:.0f} vs {c[3]['rss_mib']:.0f} MiB) |")
+    return lines
 
 
 def render(r: dict, elapsed: float, argv: str) -> str:
@@ -441,6 +584,7 @@ def render(r: dict, elapsed: float, argv: str) -> str:
     if d := r.get("dedup"):
         lines.append(f"| dedup: requests sent ÷ distinct texts ({d['dup_share']:.0%} duplicates) | 1.00 "
                      f"| **{d['ratio']:.2f}** ({d['sent']} of {d['rows']} rows) |")
+    lines += render_wide(r)
     if e:
         lines += ["", "## Against the baselines (same fleet, same job)", "",
                   "| approach | job items/s | ÷ fleet capacity |", "|---|---|---|",

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_ollama import Behaviour, FakeOllama, expected_score  # noqa: E402
+from fake_ollama import Behaviour, FakeFleet, FakeOllama, expected_score  # noqa: E402
 
 SCORE = str(ROOT / "score.py")
 
@@ -86,6 +86,21 @@ def serve():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def fleet():
+    """Start many fake servers on one thread: fleet(n, latency=1.0, slots=1) -> [FakeOllama]."""
+    fleets = []
+
+    def start(n: int, **behaviour) -> list[FakeOllama]:
+        shared = FakeFleet()
+        fleets.append(shared)
+        return [shared.add(Behaviour(**behaviour)) for _ in range(n)]
+
+    yield start
+    for shared in fleets:
+        shared.stop()
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:

@@ -244,8 +244,7 @@ class FakeOllama:
 
         def serve() -> None:
             self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self._listen())
-            self._scheduler_task = self._loop.create_task(self._scheduler())
+            self._loop.run_until_complete(self._open())
             ready.set()
             self._loop.run_forever()
             self._loop.close()
@@ -274,14 +273,19 @@ class FakeOllama:
         if self._loop is not None:
             self._call(self._close())
             self._call(self._halt())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
+            if self._thread is not None:          # its own loop; a fleet stops its shared one
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(5)
 
     def chat_bodies(self) -> list[dict]:
         return [body for method, path, body in self.requests if path in ("/api/chat", "/v1/chat/completions")
                 and isinstance(body, dict) and body.get("messages")]
 
     # ── server internals
+
+    async def _open(self) -> None:
+        await self._listen()
+        self._scheduler_task = asyncio.get_running_loop().create_task(self._scheduler())
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._connection, self.host, self.port, reuse_address=True)
@@ -582,6 +586,31 @@ class FakeOllama:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+
+
+class FakeFleet:
+    """Many fake servers sharing one event loop thread: a wide fleet without a thread per server."""
+
+    def __init__(self) -> None:
+        self.servers: list[FakeOllama] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def add(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1") -> FakeOllama:
+        """Start one more server on the shared loop."""
+        server = FakeOllama(behaviour, host)
+        server._loop = self._loop
+        asyncio.run_coroutine_threadsafe(server._open(), self._loop).result(10)
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
 
 
 def main() -> None:

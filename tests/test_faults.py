@@ -165,7 +165,7 @@ def test_all_endpoints_down_mid_run_pauses_then_continues(tmp_path, serve):
 
 @pytest.mark.parametrize("outage", ["port closed", "answers probes, fails every request"])
 def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve, outage):
-    a = serve(latency=0.02)
+    a = serve(latency=0.02, slots=1)      # ~2 s of work: the outage must come before the end
     data = write_jsonl(tmp_path / "fns.jsonl", rows(100))
     endpoints = write_endpoints(tmp_path / "e.txt", [a])
     out = tmp_path / "fns.scores.jsonl"
@@ -198,7 +198,7 @@ def test_startup_timeout_names_every_endpoint(tmp_path):
 
 
 def test_endpoint_that_loses_its_model_is_taken_out_and_the_run_continues(tmp_path, serve):
-    a, b = serve(latency=0.02), serve(latency=0.02)
+    a, b = serve(latency=0.02, slots=1), serve(latency=0.02, slots=1)     # the loss must come before the end
     data = write_jsonl(tmp_path / "fns.jsonl", rows(60))
     endpoints = write_endpoints(tmp_path / "e.txt", [a, b])
     out = tmp_path / "fns.scores.jsonl"

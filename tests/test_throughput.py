@@ -113,3 +113,42 @@ def test_limiter_climbs_to_the_peak_and_backs_off_on_overload():
     limiter.on_overload(now)
     assert limiter.limit == 2
     assert score.Limiter(3).limit == 3 and not score.Limiter(3).auto
+
+
+def drive_limiter(limiter, capacity, seconds: float, now: float = 0.0, trace: list | None = None) -> float:
+    """Feed a limiter completions at the rate `capacity(limit)`; return the clock at the end."""
+    end = now + seconds
+    while now < end:
+        started = now
+        now += 1.0 / capacity(limiter.limit)
+        limiter.on_done(started, now)
+        if trace is not None and (not trace or trace[-1][1] != limiter.limit):
+            trace.append((now, limiter.limit))
+    return now
+
+
+def test_limiter_stays_at_one_on_a_single_slot_server_and_keeps_its_service_time():
+    limiter = score.Limiter(None)
+    trace: list = []
+    # A second request only waits in the server's queue (a 3% pipelining gain): latency doubles, not throughput.
+    drive_limiter(limiter, lambda limit: 1.0 if limit == 1 else 1.03, 3600, trace=trace)
+    assert limiter.best_limit == 1 and max(limit for _, limit in trace) == 2    # never more than one waiting
+    assert len(trace) <= 2 * 12          # upward probes only, at growing intervals (30 s, 1 min, ... 10 min)
+    assert 0.9 < limiter.service < 1.1   # latencies of queued trial requests left out
+
+
+def test_limiter_ramps_by_doubling_then_refines_to_the_knee():
+    limiter = score.Limiter(None)
+    trace: list = []
+    now = drive_limiter(limiter, lambda limit: min(limit, 6) * 10.0, 10, trace=trace)
+    assert [limit for _, limit in trace[:5]] == [1, 2, 4, 8, 6]
+    assert trace[4][0] < 2.0                        # the best limit within a few seconds
+    assert limiter.best_limit == 6 and limiter.limit == 6 and now >= 10
+
+
+def test_limiter_follows_a_server_that_loses_half_its_capacity():
+    limiter = score.Limiter(None)
+    now = drive_limiter(limiter, lambda limit: min(limit, 8) * 10.0, 20)
+    assert limiter.best_limit == 8
+    drive_limiter(limiter, lambda limit: min(limit, 4) * 10.0, 20, now)
+    assert limiter.best_limit in (4, 5)

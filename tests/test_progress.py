@@ -1,0 +1,78 @@
+"""The live progress line as a user sees it in a terminal: within the width, bar always shown."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SCORE, rows, wait_for, write_jsonl
+
+BAR = re.compile(r"\d+%\|.{10,}?\| *\d")     # percentage, a bar of at least 10 columns, the count
+
+
+def refused_url() -> str:
+    """A loopback URL where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
+def test_progress_line_fits_100_columns_with_40_endpoints_and_names_the_ones_in_trouble(tmp_path, fleet):
+    servers = fleet(37, latency=0.25, slots=1)
+    failing = fleet(2, latency=0.01, fail_500=1.0)
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text(f"{refused_url()} name=asleep\n"
+                         + "".join(f"{s.url} name=laptop-{i:02d}\n" for i, s in enumerate(servers + failing)))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(37 * 24))
+    socket_name = f"score-test-{tmp_path.name}"
+    command = shlex.join([sys.executable, SCORE, str(data), "--endpoints", str(endpoints)]) + "; echo EXIT=$?"
+    tmux = ["tmux", "-L", socket_name]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "50", "-s", "run", command], check=True)
+    subprocess.run([*tmux, "set-option", "-t", "run", "remain-on-exit", "on"], check=True)
+    screens: list[str] = []
+
+    def capture() -> bool:
+        screen = subprocess.run([*tmux, "capture-pane", "-p", "-J", "-t", "run"], capture_output=True,
+                                text=True).stdout
+        if "EXIT=" in screen:
+            screens.append(screen)
+            return True
+        if BAR.search(screen):
+            screens.append(screen)
+        return False
+
+    try:
+        wait_for(capture, timeout=120, what="the run to end")
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert "EXIT=0" in screens[-1], screens[-1]
+    live = [s for s in screens[:-1] if BAR.search(s)]
+    assert len(live) >= 3, screens[-1]
+    bars = [[line for line in screen.splitlines() if BAR.search(line)][-1] for screen in live]
+    for bar in bars:
+        assert len(bar) <= 100, bar           # -J joins wrapped lines: a longer line would show here
+    summaries = [bar for bar in bars if "busy" in bar and "slots" in bar]
+    assert len(summaries) >= 2, bars
+    print("\n".join(summaries[-3:]))
+    assert all("down: asleep" in bar for bar in summaries), summaries      # the endpoint that never answered
+    # the two whose every request fails are named or counted ("+2") once they fail
+    assert any(re.search(r"laptop-3[78]|\+[12]$", bar) for bar in summaries), summaries
+
+
+def test_clip_names_what_fits_and_counts_the_rest():
+    import score
+    names = ["down: mac7", "mac9", "errors: gpu2", "slow: mac3"]
+    assert score.clip(names, 100, " ") == "down: mac7 mac9 errors: gpu2 slow: mac3"
+    assert score.clip(names, 24, " ") == "down: mac7 mac9 +2"
+    assert score.clip(names, 13, " ") == "down: mac7 +3"
+    assert score.clip(names, 12, " ") == "+4"
+    assert score.clip(names, 3, " ") == "+4"
+    assert score.clip(names, 1, " ") == ""
