@@ -457,12 +457,40 @@ class InputInfo:
     fields: tuple[str, ...]         # template columns besides {code}
 
 
+def hashed_key(data: bytes) -> int:
+    """Return a signed 64-bit digest of data."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+# Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
+# never share a key with a string id that reads the same.
+BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
+LABEL_KINDS = frozenset({"no_id", "bad_id", "malformed"})    # records whose string id is the row's label
+
+
 def id_key(value: int | str) -> int:
     """Return the compact signed 64-bit key that stands for an id in memory."""
-    if type(value) is int and -(1 << 63) <= value < (1 << 63):
-        return value
-    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    if type(value) is int:
+        if -(1 << 63) <= value < (1 << 63):
+            return value
+        return hashed_key(BIG_INT_PREFIX + str(value).encode())
+    return hashed_key(str(value).encode())
+
+
+def label_key(label: str) -> int:
+    """Return the key of a row known only by its label (row:N / line:N), apart from every real id."""
+    return hashed_key(LABEL_PREFIX + label.encode())
+
+
+def row_key(ident: int | str, problem: tuple[str, str] | None) -> int:
+    """Return the key of a row after checked_id: a row whose id gave way to its label keys by label."""
+    return label_key(ident) if problem is not None and type(ident) is str else id_key(ident)
+
+
+def record_key(ident: int | str, kind: str | None) -> int:
+    """Return the key of a checkpoint record: the row's label for a record of a null, bad or
+    unreadable id (the reader's row_key), its id otherwise."""
+    return label_key(ident) if kind in LABEL_KINDS and type(ident) is str else id_key(ident)
 
 
 TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
@@ -723,7 +751,7 @@ def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_c
             if type(ident) is int or type(ident) is str and ident.isascii():   # its own id: no label needed
                 key = id_key(ident)
             else:
-                key = id_key(checked_id(ident, f"row:{start + position}")[0])
+                key = row_key(*checked_id(ident, f"row:{start + position}"))
             if not done(key):
                 todo.append(position)
             position += 1
@@ -745,7 +773,7 @@ def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info
                 ident, problem = checked_id(data[info.id_column][j], f"row:{number}") if info.id_column \
                     else (number, None)
                 fields = {name: data[name][j] for name in info.fields}
-                yield make_item(ident, id_key(ident), data[info.text_column][j], fields, dedup, problem,
+                yield make_item(ident, row_key(ident, problem), data[info.text_column][j], fields, dedup, problem,
                                 f"row {number}", seen if problem is None else None)
         position += batch.num_rows
 
@@ -788,7 +816,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
         label, where = f"line:{number + 1}", line_place(number, info.id_column)
         if obj is None:
             ident = number if numbered else label
-            key = id_key(ident)
+            key = number if numbered else label_key(label)
             if numbered or not done(key):
                 yield Item(id=ident, key=key, text=None, fields={},
                            problem=("malformed", f"{where}: not valid JSON ({why})"))
@@ -797,7 +825,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
             ident, key, problem = number, number, None
         else:
             ident, problem = checked_id(obj.get(info.id_column), label)
-            key = id_key(ident)
+            key = row_key(ident, problem)
             if done(key):
                 continue
         fields = {name: obj.get(name) for name in info.fields}
@@ -1000,12 +1028,13 @@ def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] |
             score = None if raw_score == b"null" else int(raw_score)
             if score is None and raw_kind == b"null" or score is not None and not 1 <= score <= 10:
                 return None
-            return (id_key(ident), score, None if raw_hash == b"null" else raw_hash[1:-1].decode(),
-                    None if raw_kind == b"null" else raw_kind[1:-1].decode())
+            kind = None if raw_kind == b"null" else raw_kind[1:-1].decode()
+            return record_key(ident, kind), score, None if raw_hash == b"null" else raw_hash[1:-1].decode(), kind
         record = json.loads(line)
         if not valid_record(record):
             return None
-        return id_key(record["id"]), record["score"], record.get("hash"), record.get("error_kind")
+        return record_key(record["id"], record.get("error_kind")), record["score"], record.get("hash"), \
+            record.get("error_kind")
     except ValueError:
         return None
 
@@ -3450,7 +3479,7 @@ def read_stats(path: Path) -> Stats:
     scored_keys, repeated_keys = array("q"), array("q")
     last_error: dict[int, str] = {}
     for record in iter_records(path, stats.skipped):
-        key = id_key(record["id"])
+        key = record_key(record["id"], record.get("error_kind"))
         score = record["score"]
         if score is None:
             if record["error_kind"] == "duplicate_id":
@@ -3896,7 +3925,7 @@ def answer_table(path: Path) -> pa.Table:
             continue                   # a later row's note; the id's own row has its own record
         position += 1
         ok = record["score"] is not None
-        columns["key"].append(id_key(record["id"]))
+        columns["key"].append(record_key(record["id"], record.get("error_kind")))
         columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
         for name in EXPORT_COLUMNS:
             value = record.get(name)
@@ -3919,7 +3948,7 @@ def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tupl
     keys, repeated = array("q"), []
     for value, label in zip(values, labels):
         ident, problem = checked_id(value, label)
-        key = id_key(ident)
+        key = row_key(ident, problem)
         keys.append(key)
         repeated.append(problem is None and not seen.add(key))
     return arrow_int64(keys), pa.array(repeated, pa.bool_())
@@ -3938,17 +3967,19 @@ def clean_strings(value: Any) -> Any:
 
 def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
     """Build an Arrow table from JSONL objects; when Arrow refuses them, a column whose values mix
-    types (1 and "1") becomes text and unwritable strings are mended, so the row is still exported."""
+    types (1 and "1") or hold integers beyond 64 bits becomes text and unwritable strings are mended,
+    so the row is still exported."""
     try:
         return pa.Table.from_pylist(records, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError, OverflowError):
         pass
     kinds: dict[str, set] = {}
     for record in records:
         for name, value in record.items():
             if value is not None:
-                kinds.setdefault(name, set()).add(type(value))
-    mixed = {name for name, types in kinds.items() if len(types) > 1}
+                big = type(value) is int and not -(1 << 63) <= value < (1 << 63)
+                kinds.setdefault(name, set()).add("big" if big else type(value))
+    mixed = {name for name, types in kinds.items() if len(types) > 1 or "big" in types}
     mended = [{name: clean_strings(str(value) if name in mixed and value is not None else value)
                for name, value in record.items()} for record in records]
     return pa.Table.from_pylist(mended, schema=schema)
