@@ -1004,18 +1004,43 @@ RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|
                            rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
 
 
+def finite(value: Any) -> bool:
+    """Tell whether a JSON value is a finite number (not a bool, NaN or infinity)."""
+    return type(value) is int or type(value) is float and math.isfinite(value)
+
+
+RECORD_TEXTS = ("endpoint", "reason", "model", "error")
+RECORD_COUNTS = ("output_tokens", "prompt_tokens")
+LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
+
+
+def valid_details(record: dict[str, Any]) -> bool:
+    """Tell whether the fields the report and export read hold what score.py writes (absent is null)."""
+    get = record.get
+    ts, expected, latency, original = get("ts"), get("score_expected"), get("latency_s"), get("duplicate_of")
+    return (all(get(name) is None or type(get(name)) is str and writable(get(name)) for name in RECORD_TEXTS)
+            and all(get(name) is None or type(get(name)) is int and get(name) >= 0 for name in RECORD_COUNTS)
+            and (ts is None or finite(ts) and 0 < ts < LATEST_TS)
+            and (expected is None or finite(expected) and 1 <= expected <= 10)
+            and (latency is None or finite(latency) and latency >= 0)
+            and (original is None or type(original) is int or type(original) is str and writable(original))
+            and type(get("truncated", False)) is bool)
+
+
 def valid_record(record: Any) -> bool:
     """Tell whether a decoded line is a record score.py could have written; no other line counts.
 
     The id is an int or a writable string, the score an int in 1..10 or null (and then
-    error_kind says why), error_kind and hash are strings or null.
+    error_kind says why), error_kind and hash are strings or null, and every field the
+    report and export read has the type and range score.py writes (valid_details).
     """
     if not isinstance(record, dict) or "id" not in record or "score" not in record:
         return False
     ident, score, kind, digest = record["id"], record["score"], record.get("error_kind"), record.get("hash")
     return ((type(ident) is int or type(ident) is str and writable(ident))
             and (type(score) is int and 1 <= score <= 10 or score is None and type(kind) is str)
-            and (kind is None or type(kind) is str) and (digest is None or type(digest) is str))
+            and (kind is None or type(kind) is str) and (digest is None or type(digest) is str)
+            and valid_details(record))
 
 
 def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] | None:
