@@ -2079,17 +2079,32 @@ def token_entries(api: str, data: dict[str, Any]) -> list[dict[str, Any]] | None
     return entries
 
 
-def alternatives(entry: dict[str, Any]) -> dict[str, float]:
-    """Return {token text: probability} at one position: the model's top alternatives and its pick."""
+LOGPROB_SLACK = 1e-6        # a log-probability is at most 0; rounding may leave a hair above
+
+
+def probability(logprob: int | float) -> float | None:
+    """Turn a log-probability into a probability, or None if it cannot be one (NaN, +inf, above 0)."""
+    if math.isnan(logprob) or logprob > LOGPROB_SLACK:
+        return None
+    return math.exp(min(0.0, logprob))
+
+
+def alternatives(entry: dict[str, Any]) -> dict[str, float] | None:
+    """Return {token text: probability} at one position: the model's top alternatives and its pick;
+    None if a log-probability there is not one (a position that cannot be read, never a guess)."""
     out: dict[str, float] = {}
     for alt in entry.get("top_logprobs") if isinstance(entry.get("top_logprobs"), list) else []:
         logprob = alt.get("logprob") if isinstance(alt, dict) else None
-        if isinstance(alt, dict) and isinstance(alt.get("token"), str) and isinstance(logprob, (int, float)) \
-                and not math.isnan(logprob):
-            out[alt["token"]] = out.get(alt["token"], 0.0) + math.exp(min(0.0, logprob))
+        if isinstance(alt, dict) and isinstance(alt.get("token"), str) and isinstance(logprob, (int, float)):
+            if (p := probability(logprob)) is None:
+                return None
+            out[alt["token"]] = out.get(alt["token"], 0.0) + p
     logprob = entry.get("logprob")
-    if out and entry["token"] not in out and isinstance(logprob, (int, float)) and not math.isnan(logprob):
-        out[entry["token"]] = math.exp(min(0.0, logprob))
+    if isinstance(logprob, (int, float)):
+        if (p := probability(logprob)) is None:
+            return None
+        if out and entry["token"] not in out:
+            out[entry["token"]] = p
     return out
 
 
@@ -2104,12 +2119,16 @@ def read_digits(token: str, prefix: str) -> tuple[int, bool] | None:
     return value, not (value == 1 and not found.group(2))     # a bare "1" may be the start of 10
 
 
-def ten_share(entries: list[dict[str, Any]], index: int, prefix: str, mass: dict[int, float], score: int) -> float:
-    """Return how much of a bare "1" at entries[index] means 10 rather than 1."""
+def ten_share(entries: list[dict[str, Any]], index: int, prefix: str, mass: dict[int, float],
+              score: int) -> float | None:
+    """Return how much of a bare "1" at entries[index] means 10 rather than 1 (None: unreadable)."""
     taken = entries[index]["token"][len(prefix):] == "1"
     if taken and index + 1 < len(entries):
         ten = one = 0.0
-        for token, p in alternatives(entries[index + 1]).items():
+        following = alternatives(entries[index + 1])
+        if following is None:
+            return None
+        for token, p in following.items():
             if token[:1] == "0" and SCORE_TAIL.fullmatch(token[1:]):
                 ten += p
             elif token and SCORE_TAIL.fullmatch(token):
@@ -2138,7 +2157,10 @@ def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | 
     prefix = text[starts[index]:at]
     mass: dict[int, float] = {}
     ones = 0.0
-    for token, p in alternatives(entries[index]).items():
+    picks = alternatives(entries[index])
+    if picks is None:
+        return None
+    for token, p in picks.items():
         reading = read_digits(token, prefix)
         if reading is None:
             continue                      # forbidden by the grammar: dropped, the rest renormalized
@@ -2149,6 +2171,8 @@ def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | 
             ones += p
     if ones:
         share = ten_share(entries, index, prefix, mass, score)
+        if share is None:
+            return None
         mass[10] = mass.get(10, 0.0) + ones * share
         mass[1] = mass.get(1, 0.0) + ones * (1 - share)
     total = sum(mass.values())

@@ -111,6 +111,19 @@ def logprob_entries(content: str, score: int, spaced: bool) -> list[dict]:
     return entries
 
 
+def damaged(entries: list[dict], values: str) -> list[dict]:
+    """Spoil the log-probabilities as the behaviour asks: "probs" turns each into its probability,
+    "inf" sets the first position with alternatives (the score's digit) to +infinity."""
+    if values == "probs":
+        for e in entries:
+            for item in [e, *e["top_logprobs"]]:
+                item["logprob"] = math.exp(item["logprob"])
+    elif values == "inf":
+        digit = next(e for e in entries if len(e["top_logprobs"]) > 1)
+        digit["logprob"] = digit["top_logprobs"][0]["logprob"] = math.inf
+    return entries
+
+
 def asked_reason(schema: Any) -> str:
     """Which reason the request's schema allows: full, short (maxLength) or none."""
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
@@ -161,6 +174,8 @@ class Behaviour:
     trickle: tuple[str, ...] = ()         # "root" (GET /) and/or "load" (empty chat): one byte at a time, forever
     logprobs: str = "on"                  # "on": give them when asked; "spaced": digit tokens carry a leading
                                           # space; "off": never (older Ollama); "reject": 400 when asked
+    logprob_values: str = "log"           # "log"; "probs": probabilities 0..1 where log-probabilities belong;
+                                          # "inf": the score digit's logprob is Infinity (Python's json.dumps)
     verdict: str = "hash"                 # "hash": expected_score(code); "docs": 8 for documented code, 2
                                           # otherwise; "flat": 5 for everything (a model that cannot tell)
     reason_first: bool = False            # write the reason before the score in the JSON object
@@ -467,7 +482,7 @@ class FakeOllama:
         content = json.dumps(answer)
         logprobs = None
         if body.get("logprobs") and b.logprobs in ("on", "spaced") and 1 <= score <= 10:
-            logprobs = logprob_entries(content, score, spaced=b.logprobs == "spaced")
+            logprobs = damaged(logprob_entries(content, score, spaced=b.logprobs == "spaced"), b.logprob_values)
         if fault == "garbage":
             content, logprobs = "Sure! Here is my rating: great code", None
         self.answered += 1
