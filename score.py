@@ -2035,8 +2035,8 @@ def code_budget(endpoint: Endpoint, template: str, item: Item) -> int:
     return min(budget, item.max_chars) if item.max_chars else budget
 
 
-def parse_answer(content: str) -> tuple[int, str]:
-    """Validate the model's JSON: an integer score 1..10 and a reason."""
+def parse_answer(content: str) -> tuple[int, str | None]:
+    """Validate the model's JSON: an integer score 1..10 and a reason (None if missing or null)."""
     text = content.strip()
     try:
         data = json.loads(text)
@@ -2055,8 +2055,8 @@ def parse_answer(content: str) -> tuple[int, str]:
         raise ItemFault(f"score is not an integer: {score!r}")
     if not 1 <= score <= 10:
         raise ItemFault(f"score {score} is outside 1..10")
-    reason = data.get("reason", "")
-    return score, reason if isinstance(reason, str) else json.dumps(reason)
+    reason = data.get("reason")
+    return score, reason if reason is None or isinstance(reason, str) else json.dumps(reason)
 
 
 SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string

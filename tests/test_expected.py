@@ -124,6 +124,18 @@ def test_log_probabilities_that_are_not_give_null_never_an_invented_score(tmp_pa
     assert [r["score_expected"] for r in records] == [None] * 12
 
 
+def test_a_null_reason_is_recorded_and_exported_as_null_not_as_text(tmp_path, serve):
+    server = serve(null_reason=True)
+    data = write_parquet(tmp_path / "fns.parquet", rows(6))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]))
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert len(records) == 6 and all(r["score"] is not None and r["reason"] is None for r in records)
+    out = tmp_path / "x.parquet"
+    assert run_cli(data, "--report", "--export", out).returncode == 0
+    assert pq.read_table(out, columns=["reason"]).column("reason").to_pylist() == [None] * 6
+
+
 def test_server_without_probabilities_gives_null_and_says_so(tmp_path, serve):
     with_probs, without = serve(), serve(logprobs="off")
     data = write_jsonl(tmp_path / "fns.jsonl", rows(60))

@@ -25,7 +25,9 @@ import score
     ('{"score": 1, "reason": "lowest"}', (1, "lowest")),
     ('{"score": 10, "reason": "highest"}', (10, "highest")),
     ('{"reason": "reason first", "score": 4}', (4, "reason first")),
-    ('{"score": 6}', (6, "")),
+    ('{"score": 6}', (6, None)),
+    ('{"score": 6, "reason": null}', (6, None)),
+    ('{"score": 6, "reason": ""}', (6, "")),
 ])
 def test_parse_answer_accepts_a_json_object_with_a_score_in_range(content, expected):
     assert score.parse_answer(content) == expected
