@@ -411,10 +411,11 @@ class ItemFault(Exception):
 class ContextOverflow(Exception):
     """The prompt does not fit the server's context: cut the code and resend."""
 
-    def __init__(self, message: str, requested: int | None, limit: int | None) -> None:
+    def __init__(self, message: str, requested: int | None, limit: int | None, hopeless: bool = False) -> None:
         super().__init__(message)
         self.requested = requested
         self.limit = limit
+        self.hopeless = hopeless        # found before sending: no cut of the code can make it fit
 
 
 class EndpointGone(Exception):
@@ -2018,21 +2019,75 @@ def retry_settings(config: Config, attempt: int) -> tuple[float, int]:
     return max(config.temperature, min(1.0, 0.3 * attempt)), config.seed + 1009 * attempt
 
 
-def render_prompt(template: str, item: Item, budget: int) -> tuple[str, bool]:
-    """Fill the template, cutting the code to `budget` characters if it is longer."""
+MIN_CODE_CHARS = 200        # less code than this (where the code is longer) is not worth a verdict
+
+
+def cut_text(text: str, limit: int) -> str:
+    """Cut text to `limit` characters, ending in the truncation mark."""
+    return text[:max(0, limit - len(TRUNCATION_MARK))] + TRUNCATION_MARK
+
+
+def render_prompt(template: str, item: Item, budget: int, field_cap: int | None = None) -> tuple[str, bool]:
+    """Fill the template, cutting the code to `budget` characters and every other column's value
+    to `field_cap` if they are longer; say whether anything was cut."""
     code = item.text or ""
     truncated = len(code) > budget
     if truncated:
-        code = code[:max(0, budget - len(TRUNCATION_MARK))] + TRUNCATION_MARK
-    return template.format_map({**item.fields, "code": code}), truncated
+        code = cut_text(code, budget)
+    fields = item.fields
+    if field_cap is not None and any(len(str(v)) > field_cap for v in fields.values()):
+        fields = {k: cut_text(str(v), field_cap) if len(str(v)) > field_cap else v for k, v in fields.items()}
+        truncated = True
+    return template.format_map({**fields, "code": code}), truncated
+
+
+def placeholder_uses(template: str) -> Counter:
+    """Count how often each {column} appears in the template."""
+    return Counter(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
+
+
+def field_cap(room: int, uses: Counter, fields: dict[str, Any]) -> int | None:
+    """Return the longest value the other columns may keep for all to fit `room` characters
+    (longest cut first), or None if they fit whole."""
+    lengths = sorted((len(str(v)), uses[name]) for name, v in fields.items() if uses[name])
+    if sum(n * times for n, times in lengths) <= room:
+        return None
+    left, times_left = max(0, room), sum(times for _, times in lengths)
+    for n, times in lengths:
+        if n * times_left > left:
+            return max(len(TRUNCATION_MARK), left // times_left)
+        left, times_left = left - n * times, times_left - times
+    return None
+
+
+def prompt_plan(ctx_tokens: int, template: str, item: Item) -> tuple[int, int | None]:
+    """Split a context between the code (characters at each {code}) and the other columns (their
+    cut, or None): the columns are cut only where they would leave the code less than MIN_CODE_CHARS."""
+    uses = placeholder_uses(template)
+    codes = max(1, uses["code"])
+    room = int((ctx_tokens - NUM_PREDICT - CONTEXT_MARGIN) * CHARS_PER_TOKEN) - len(template)
+    cap = field_cap(room - codes * MIN_CODE_CHARS, uses, item.fields)
+    fields = sum(uses[name] * (len(str(v)) if cap is None else min(len(str(v)), cap))
+                 for name, v in item.fields.items())
+    return (room - fields) // codes, cap
 
 
 def code_budget(endpoint: Endpoint, template: str, item: Item) -> int:
-    """Characters of code that fit the endpoint's context beside the instructions and answer."""
-    overhead = len(template) + sum(len(str(v)) for v in item.fields.values())
-    tokens = endpoint.ctx_tokens - NUM_PREDICT - CONTEXT_MARGIN - math.ceil(overhead / CHARS_PER_TOKEN)
-    budget = max(200, int(tokens * CHARS_PER_TOKEN))
+    """Characters of code that fit, at each {code}, the endpoint's context beside the instructions,
+    the other columns and the answer."""
+    budget = max(0, prompt_plan(endpoint.ctx_tokens, template, item)[0])
     return min(budget, item.max_chars) if item.max_chars else budget
+
+
+def fit_prompt(endpoint: Endpoint, config: Config, item: Item) -> tuple[str, bool]:
+    """Render the prompt to fit the endpoint's context, or raise a hopeless ContextOverflow when
+    even the template with the other columns cut leaves too little room for the code at --num-ctx."""
+    budget, _ = prompt_plan(config.num_ctx, config.prompt, item)
+    if budget < min(MIN_CODE_CHARS, len(item.text or "")):
+        raise ContextOverflow(f"the prompt cannot fit --num-ctx {config.num_ctx} even with its columns cut "
+                              f"(template {len(config.prompt):,} characters)", None, None, hopeless=True)
+    _, cap = prompt_plan(endpoint.ctx_tokens, config.prompt, item)
+    return render_prompt(config.prompt, item, code_budget(endpoint, config.prompt, item), cap)
 
 
 def parse_answer(content: str) -> tuple[int, str | None]:
@@ -2329,7 +2384,7 @@ async def request_with_fallbacks(endpoint: Endpoint, config: Config, prompt: str
 async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
     """Score one item on one endpoint: build the prompt, call, validate."""
     temperature, seed = retry_settings(config, item.attempts)
-    prompt, truncated = render_prompt(config.prompt, item, code_budget(endpoint, config.prompt, item))
+    prompt, truncated = fit_prompt(endpoint, config, item)
     started = time.monotonic()
     try:
         async with asyncio.timeout(config.timeout):
@@ -2808,6 +2863,10 @@ class Run:
                     self.changed.notify)
             self.requeue(item)
         elif isinstance(outcome, ContextOverflow):
+            if outcome.hopeless:        # nothing was sent, and no endpoint has more room than --num-ctx
+                if not item.finished:
+                    self.write(item, error_record(item, "too_long", str(outcome), endpoint.model, endpoint.name))
+                return
             endpoint.limiter.on_done(started, now)
             if outcome.limit:
                 endpoint.ctx_tokens = min(endpoint.ctx_tokens, outcome.limit)
