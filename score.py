@@ -4691,7 +4691,10 @@ def print_first_prompt(config: Config, first: list[Item], endpoints: list[Endpoi
     if sample is None:
         return
     usable = next((e for e in endpoints if e.checked), endpoints[0])
-    prompt, _ = render_prompt(config.prompt, sample, code_budget(usable, config.prompt, sample))
+    try:
+        prompt, _ = fit_prompt(usable, config, sample)
+    except ContextOverflow as exc:
+        prompt = f"(not sent: {exc})"
     print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
 
 
