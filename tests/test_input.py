@@ -363,7 +363,9 @@ def test_real_id_reading_like_a_label_is_its_own_row_on_resume_and_export(tmp_pa
     assert again.returncode == 1, again.stderr                # the null id stays unscored
     assert scored(read_records(out))["line:1"]["score"] == expected_score(function_source(1))
     export = tmp_path / "x.parquet"
-    assert run_cli(data, "-o", out, "--report", "--export", export).returncode == 0
+    report = run_cli(data, "-o", out, "--report", "--export", export)
+    assert report.returncode == 0, report.stderr
+    assert "Rows without a score: 1 no_id" in report.stdout + report.stderr     # not hidden by the real row's score
     got = exported(export)
     assert got[0]["score"] is None and "null" in got[0]["error"]
     assert got[1]["score"] == expected_score(function_source(1))

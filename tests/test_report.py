@@ -318,3 +318,17 @@ def test_a_record_with_an_odd_field_is_not_a_record(odd):
 ])
 def test_records_score_py_writes_stay_valid(fields):
     assert score.valid_record({"id": 1, "score": 6, "error_kind": None, **fields})
+
+
+def test_a_null_id_row_never_takes_the_score_of_a_real_id_that_reads_like_its_label(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", [{"id": None, "code": function_source(0)},
+                                                {"id": "line:1", "code": function_source(1)}])
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    checkpoint.write_text(json.dumps({"id": "line:1", "score": None, "error": "line 1: the id column is null",
+                                      "error_kind": "no_id"}) + "\n"
+                          + json.dumps({"id": "line:1", "score": 7, "error_kind": None}) + "\n")
+    out = tmp_path / "out.parquet"
+    result = run_cli(data, "-o", checkpoint, "--report", "--export", out)
+    assert result.returncode == 0, result.stderr
+    assert "Rows without a score: 1 no_id" in result.stdout + result.stderr
+    assert [(r["score"], r["error"]) for r in exported(out)] == [(None, "line 1: the id column is null"), (7, None)]
