@@ -425,10 +425,11 @@ class ItemFault(Exception):
 class ContextOverflow(Exception):
     """The prompt does not fit the server's context: cut the code and resend."""
 
-    def __init__(self, message: str, requested: int | None, limit: int | None) -> None:
+    def __init__(self, message: str, requested: int | None, limit: int | None, hopeless: bool = False) -> None:
         super().__init__(message)
         self.requested = requested
         self.limit = limit
+        self.hopeless = hopeless        # found before sending: no cut of the code can make it fit
 
 
 class EndpointGone(Exception):
@@ -471,12 +472,40 @@ class InputInfo:
     fields: tuple[str, ...]         # template columns besides {code}
 
 
+def hashed_key(data: bytes) -> int:
+    """Return a signed 64-bit digest of data."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+# Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
+# never share a key with a string id that reads the same.
+BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
+LABEL_KINDS = frozenset({"no_id", "bad_id", "malformed"})    # records whose string id is the row's label
+
+
 def id_key(value: int | str) -> int:
     """Return the compact signed 64-bit key that stands for an id in memory."""
-    if type(value) is int and -(1 << 63) <= value < (1 << 63):
-        return value
-    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    if type(value) is int:
+        if -(1 << 63) <= value < (1 << 63):
+            return value
+        return hashed_key(BIG_INT_PREFIX + str(value).encode())
+    return hashed_key(str(value).encode())
+
+
+def label_key(label: str) -> int:
+    """Return the key of a row known only by its label (row:N / line:N), apart from every real id."""
+    return hashed_key(LABEL_PREFIX + label.encode())
+
+
+def row_key(ident: int | str, problem: tuple[str, str] | None) -> int:
+    """Return the key of a row after checked_id: a row whose id gave way to its label keys by label."""
+    return label_key(ident) if problem is not None and type(ident) is str else id_key(ident)
+
+
+def record_key(ident: int | str, kind: str | None) -> int:
+    """Return the key of a checkpoint record: the row's label for a record of a null, bad or
+    unreadable id (the reader's row_key), its id otherwise."""
+    return label_key(ident) if kind in LABEL_KINDS and type(ident) is str else id_key(ident)
 
 
 TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
@@ -737,7 +766,7 @@ def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_c
             if type(ident) is int or type(ident) is str and ident.isascii():   # its own id: no label needed
                 key = id_key(ident)
             else:
-                key = id_key(checked_id(ident, f"row:{start + position}")[0])
+                key = row_key(*checked_id(ident, f"row:{start + position}"))
             if not done(key):
                 todo.append(position)
             position += 1
@@ -759,7 +788,7 @@ def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info
                 ident, problem = checked_id(data[info.id_column][j], f"row:{number}") if info.id_column \
                     else (number, None)
                 fields = {name: data[name][j] for name in info.fields}
-                yield make_item(ident, id_key(ident), data[info.text_column][j], fields, dedup, problem,
+                yield make_item(ident, row_key(ident, problem), data[info.text_column][j], fields, dedup, problem,
                                 f"row {number}", seen if problem is None else None)
         position += batch.num_rows
 
@@ -802,7 +831,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
         label, where = f"line:{number + 1}", line_place(number, info.id_column)
         if obj is None:
             ident = number if numbered else label
-            key = id_key(ident)
+            key = number if numbered else label_key(label)
             if numbered or not done(key):
                 yield Item(id=ident, key=key, text=None, fields={},
                            problem=("malformed", f"{where}: not valid JSON ({why})"))
@@ -811,7 +840,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
             ident, key, problem = number, number, None
         else:
             ident, problem = checked_id(obj.get(info.id_column), label)
-            key = id_key(ident)
+            key = row_key(ident, problem)
             if done(key):
                 continue
         fields = {name: obj.get(name) for name in info.fields}
@@ -990,18 +1019,43 @@ RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|
                            rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
 
 
+def finite(value: Any) -> bool:
+    """Tell whether a JSON value is a finite number (not a bool, NaN or infinity)."""
+    return type(value) is int or type(value) is float and math.isfinite(value)
+
+
+RECORD_TEXTS = ("endpoint", "reason", "model", "error")
+RECORD_COUNTS = ("output_tokens", "prompt_tokens")
+LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
+
+
+def valid_details(record: dict[str, Any]) -> bool:
+    """Tell whether the fields the report and export read hold what score.py writes (absent is null)."""
+    get = record.get
+    ts, expected, latency, original = get("ts"), get("score_expected"), get("latency_s"), get("duplicate_of")
+    return (all(get(name) is None or type(get(name)) is str and writable(get(name)) for name in RECORD_TEXTS)
+            and all(get(name) is None or type(get(name)) is int and get(name) >= 0 for name in RECORD_COUNTS)
+            and (ts is None or finite(ts) and 0 < ts < LATEST_TS)
+            and (expected is None or finite(expected) and 1 <= expected <= 10)
+            and (latency is None or finite(latency) and latency >= 0)
+            and (original is None or type(original) is int or type(original) is str and writable(original))
+            and type(get("truncated", False)) is bool)
+
+
 def valid_record(record: Any) -> bool:
     """Tell whether a decoded line is a record score.py could have written; no other line counts.
 
     The id is an int or a writable string, the score an int in 1..10 or null (and then
-    error_kind says why), error_kind and hash are strings or null.
+    error_kind says why), error_kind and hash are strings or null, and every field the
+    report and export read has the type and range score.py writes (valid_details).
     """
     if not isinstance(record, dict) or "id" not in record or "score" not in record:
         return False
     ident, score, kind, digest = record["id"], record["score"], record.get("error_kind"), record.get("hash")
     return ((type(ident) is int or type(ident) is str and writable(ident))
             and (type(score) is int and 1 <= score <= 10 or score is None and type(kind) is str)
-            and (kind is None or type(kind) is str) and (digest is None or type(digest) is str))
+            and (kind is None or type(kind) is str) and (digest is None or type(digest) is str)
+            and valid_details(record))
 
 
 def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] | None:
@@ -1014,12 +1068,13 @@ def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] |
             score = None if raw_score == b"null" else int(raw_score)
             if score is None and raw_kind == b"null" or score is not None and not 1 <= score <= 10:
                 return None
-            return (id_key(ident), score, None if raw_hash == b"null" else raw_hash[1:-1].decode(),
-                    None if raw_kind == b"null" else raw_kind[1:-1].decode())
+            kind = None if raw_kind == b"null" else raw_kind[1:-1].decode()
+            return record_key(ident, kind), score, None if raw_hash == b"null" else raw_hash[1:-1].decode(), kind
         record = json.loads(line)
         if not valid_record(record):
             return None
-        return id_key(record["id"]), record["score"], record.get("hash"), record.get("error_kind")
+        return record_key(record["id"], record.get("error_kind")), record["score"], record.get("hash"), \
+            record.get("error_kind")
     except ValueError:
         return None
 
@@ -2081,25 +2136,79 @@ def retry_settings(config: Config, attempt: int) -> tuple[float, int]:
     return max(config.temperature, min(1.0, 0.3 * attempt)), config.seed + 1009 * attempt
 
 
-def render_prompt(template: str, item: Item, budget: int) -> tuple[str, bool]:
-    """Fill the template, cutting the code to `budget` characters if it is longer."""
+MIN_CODE_CHARS = 200        # less code than this (where the code is longer) is not worth a verdict
+
+
+def cut_text(text: str, limit: int) -> str:
+    """Cut text to `limit` characters, ending in the truncation mark."""
+    return text[:max(0, limit - len(TRUNCATION_MARK))] + TRUNCATION_MARK
+
+
+def render_prompt(template: str, item: Item, budget: int, field_cap: int | None = None) -> tuple[str, bool]:
+    """Fill the template, cutting the code to `budget` characters and every other column's value
+    to `field_cap` if they are longer; say whether anything was cut."""
     code = item.text or ""
     truncated = len(code) > budget
     if truncated:
-        code = code[:max(0, budget - len(TRUNCATION_MARK))] + TRUNCATION_MARK
-    return template.format_map({**item.fields, "code": code}), truncated
+        code = cut_text(code, budget)
+    fields = item.fields
+    if field_cap is not None and any(len(str(v)) > field_cap for v in fields.values()):
+        fields = {k: cut_text(str(v), field_cap) if len(str(v)) > field_cap else v for k, v in fields.items()}
+        truncated = True
+    return template.format_map({**fields, "code": code}), truncated
+
+
+def placeholder_uses(template: str) -> Counter:
+    """Count how often each {column} appears in the template."""
+    return Counter(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
+
+
+def field_cap(room: int, uses: Counter, fields: dict[str, Any]) -> int | None:
+    """Return the longest value the other columns may keep for all to fit `room` characters
+    (longest cut first), or None if they fit whole."""
+    lengths = sorted((len(str(v)), uses[name]) for name, v in fields.items() if uses[name])
+    if sum(n * times for n, times in lengths) <= room:
+        return None
+    left, times_left = max(0, room), sum(times for _, times in lengths)
+    for n, times in lengths:
+        if n * times_left > left:
+            return max(len(TRUNCATION_MARK), left // times_left)
+        left, times_left = left - n * times, times_left - times
+    return None
+
+
+def prompt_plan(ctx_tokens: int, template: str, item: Item) -> tuple[int, int | None]:
+    """Split a context between the code (characters at each {code}) and the other columns (their
+    cut, or None): the columns are cut only where they would leave the code less than MIN_CODE_CHARS."""
+    uses = placeholder_uses(template)
+    codes = max(1, uses["code"])
+    room = int((ctx_tokens - NUM_PREDICT - CONTEXT_MARGIN) * CHARS_PER_TOKEN) - len(template)
+    cap = field_cap(room - codes * MIN_CODE_CHARS, uses, item.fields)
+    fields = sum(uses[name] * (len(str(v)) if cap is None else min(len(str(v)), cap))
+                 for name, v in item.fields.items())
+    return (room - fields) // codes, cap
 
 
 def code_budget(endpoint: Endpoint, template: str, item: Item) -> int:
-    """Characters of code that fit the endpoint's context beside the instructions and answer."""
-    overhead = len(template) + sum(len(str(v)) for v in item.fields.values())
-    tokens = endpoint.ctx_tokens - NUM_PREDICT - CONTEXT_MARGIN - math.ceil(overhead / CHARS_PER_TOKEN)
-    budget = max(200, int(tokens * CHARS_PER_TOKEN))
+    """Characters of code that fit, at each {code}, the endpoint's context beside the instructions,
+    the other columns and the answer."""
+    budget = max(0, prompt_plan(endpoint.ctx_tokens, template, item)[0])
     return min(budget, item.max_chars) if item.max_chars else budget
 
 
-def parse_answer(content: str) -> tuple[int, str]:
-    """Validate the model's JSON: an integer score 1..10 and a reason."""
+def fit_prompt(endpoint: Endpoint, config: Config, item: Item) -> tuple[str, bool]:
+    """Render the prompt to fit the endpoint's context, or raise a hopeless ContextOverflow when
+    even the template with the other columns cut leaves too little room for the code at --num-ctx."""
+    budget, _ = prompt_plan(config.num_ctx, config.prompt, item)
+    if budget < min(MIN_CODE_CHARS, len(item.text or "")):
+        raise ContextOverflow(f"the prompt cannot fit --num-ctx {config.num_ctx} even with its columns cut "
+                              f"(template {len(config.prompt):,} characters)", None, None, hopeless=True)
+    _, cap = prompt_plan(endpoint.ctx_tokens, config.prompt, item)
+    return render_prompt(config.prompt, item, code_budget(endpoint, config.prompt, item), cap)
+
+
+def parse_answer(content: str) -> tuple[int, str | None]:
+    """Validate the model's JSON: an integer score 1..10 and a reason (None if missing or null)."""
     text = content.strip()
     try:
         data = json.loads(text)
@@ -2118,8 +2227,8 @@ def parse_answer(content: str) -> tuple[int, str]:
         raise ItemFault(f"score is not an integer: {score!r}")
     if not 1 <= score <= 10:
         raise ItemFault(f"score {score} is outside 1..10")
-    reason = data.get("reason", "")
-    return score, reason if isinstance(reason, str) else json.dumps(reason)
+    reason = data.get("reason")
+    return score, reason if reason is None or isinstance(reason, str) else json.dumps(reason)
 
 
 SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
@@ -2142,17 +2251,32 @@ def token_entries(api: str, data: dict[str, Any]) -> list[dict[str, Any]] | None
     return entries
 
 
-def alternatives(entry: dict[str, Any]) -> dict[str, float]:
-    """Return {token text: probability} at one position: the model's top alternatives and its pick."""
+LOGPROB_SLACK = 1e-6        # a log-probability is at most 0; rounding may leave a hair above
+
+
+def probability(logprob: int | float) -> float | None:
+    """Turn a log-probability into a probability, or None if it cannot be one (NaN, +inf, above 0)."""
+    if math.isnan(logprob) or logprob > LOGPROB_SLACK:
+        return None
+    return math.exp(min(0.0, logprob))
+
+
+def alternatives(entry: dict[str, Any]) -> dict[str, float] | None:
+    """Return {token text: probability} at one position: the model's top alternatives and its pick;
+    None if a log-probability there is not one (a position that cannot be read, never a guess)."""
     out: dict[str, float] = {}
     for alt in entry.get("top_logprobs") if isinstance(entry.get("top_logprobs"), list) else []:
         logprob = alt.get("logprob") if isinstance(alt, dict) else None
-        if isinstance(alt, dict) and isinstance(alt.get("token"), str) and isinstance(logprob, (int, float)) \
-                and not math.isnan(logprob):
-            out[alt["token"]] = out.get(alt["token"], 0.0) + math.exp(min(0.0, logprob))
+        if isinstance(alt, dict) and isinstance(alt.get("token"), str) and isinstance(logprob, (int, float)):
+            if (p := probability(logprob)) is None:
+                return None
+            out[alt["token"]] = out.get(alt["token"], 0.0) + p
     logprob = entry.get("logprob")
-    if out and entry["token"] not in out and isinstance(logprob, (int, float)) and not math.isnan(logprob):
-        out[entry["token"]] = math.exp(min(0.0, logprob))
+    if isinstance(logprob, (int, float)):
+        if (p := probability(logprob)) is None:
+            return None
+        if out and entry["token"] not in out:
+            out[entry["token"]] = p
     return out
 
 
@@ -2167,12 +2291,16 @@ def read_digits(token: str, prefix: str) -> tuple[int, bool] | None:
     return value, not (value == 1 and not found.group(2))     # a bare "1" may be the start of 10
 
 
-def ten_share(entries: list[dict[str, Any]], index: int, prefix: str, mass: dict[int, float], score: int) -> float:
-    """Return how much of a bare "1" at entries[index] means 10 rather than 1."""
+def ten_share(entries: list[dict[str, Any]], index: int, prefix: str, mass: dict[int, float],
+              score: int) -> float | None:
+    """Return how much of a bare "1" at entries[index] means 10 rather than 1 (None: unreadable)."""
     taken = entries[index]["token"][len(prefix):] == "1"
     if taken and index + 1 < len(entries):
         ten = one = 0.0
-        for token, p in alternatives(entries[index + 1]).items():
+        following = alternatives(entries[index + 1])
+        if following is None:
+            return None
+        for token, p in following.items():
             if token[:1] == "0" and SCORE_TAIL.fullmatch(token[1:]):
                 ten += p
             elif token and SCORE_TAIL.fullmatch(token):
@@ -2201,7 +2329,10 @@ def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | 
     prefix = text[starts[index]:at]
     mass: dict[int, float] = {}
     ones = 0.0
-    for token, p in alternatives(entries[index]).items():
+    picks = alternatives(entries[index])
+    if picks is None:
+        return None
+    for token, p in picks.items():
         reading = read_digits(token, prefix)
         if reading is None:
             continue                      # forbidden by the grammar: dropped, the rest renormalized
@@ -2212,6 +2343,8 @@ def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | 
             ones += p
     if ones:
         share = ten_share(entries, index, prefix, mass, score)
+        if share is None:
+            return None
         mass[10] = mass.get(10, 0.0) + ones * share
         mass[1] = mass.get(1, 0.0) + ones * (1 - share)
     total = sum(mass.values())
@@ -2368,7 +2501,7 @@ async def request_with_fallbacks(endpoint: Endpoint, config: Config, prompt: str
 async def score_item(endpoint: Endpoint, item: Item, config: Config) -> Answer:
     """Score one item on one endpoint: build the prompt, call, validate."""
     temperature, seed = retry_settings(config, item.attempts)
-    prompt, truncated = render_prompt(config.prompt, item, code_budget(endpoint, config.prompt, item))
+    prompt, truncated = fit_prompt(endpoint, config, item)
     started = time.monotonic()
     try:
         async with asyncio.timeout(config.timeout):
@@ -2997,6 +3130,10 @@ class Run:
                     self.changed.notify)
             self.requeue(item)
         elif isinstance(outcome, ContextOverflow):
+            if outcome.hopeless:        # nothing was sent, and no endpoint has more room than --num-ctx
+                if not item.finished:
+                    self.write(item, error_record(item, "too_long", str(outcome), endpoint.model, endpoint.name))
+                return
             endpoint.limiter.on_done(started, now)
             if outcome.limit:
                 endpoint.ctx_tokens = min(endpoint.ctx_tokens, outcome.limit)
@@ -3815,7 +3952,7 @@ def read_stats(path: Path) -> Stats:
     scored_keys, repeated_keys = array("q"), array("q")
     last_error: dict[int, str] = {}
     for record in iter_records(path, stats.skipped):
-        key = id_key(record["id"])
+        key = record_key(record["id"], record.get("error_kind"))
         score = record["score"]
         if score is None:
             if record["error_kind"] == "duplicate_id":
@@ -4261,7 +4398,7 @@ def answer_table(path: Path) -> pa.Table:
             continue                   # a later row's note; the id's own row has its own record
         position += 1
         ok = record["score"] is not None
-        columns["key"].append(id_key(record["id"]))
+        columns["key"].append(record_key(record["id"], record.get("error_kind")))
         columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
         for name in EXPORT_COLUMNS:
             value = record.get(name)
@@ -4284,7 +4421,7 @@ def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tupl
     keys, repeated = array("q"), []
     for value, label in zip(values, labels):
         ident, problem = checked_id(value, label)
-        key = id_key(ident)
+        key = row_key(ident, problem)
         keys.append(key)
         repeated.append(problem is None and not seen.add(key))
     return arrow_int64(keys), pa.array(repeated, pa.bool_())
@@ -4303,17 +4440,19 @@ def clean_strings(value: Any) -> Any:
 
 def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
     """Build an Arrow table from JSONL objects; when Arrow refuses them, a column whose values mix
-    types (1 and "1") becomes text and unwritable strings are mended, so the row is still exported."""
+    types (1 and "1") or hold integers beyond 64 bits becomes text and unwritable strings are mended,
+    so the row is still exported."""
     try:
         return pa.Table.from_pylist(records, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError, OverflowError):
         pass
     kinds: dict[str, set] = {}
     for record in records:
         for name, value in record.items():
             if value is not None:
-                kinds.setdefault(name, set()).add(type(value))
-    mixed = {name for name, types in kinds.items() if len(types) > 1}
+                big = type(value) is int and not -(1 << 63) <= value < (1 << 63)
+                kinds.setdefault(name, set()).add("big" if big else type(value))
+    mixed = {name for name, types in kinds.items() if len(types) > 1 or "big" in types}
     mended = [{name: clean_strings(str(value) if name in mixed and value is not None else value)
                for name, value in record.items()} for record in records]
     return pa.Table.from_pylist(mended, schema=schema)
@@ -4917,7 +5056,10 @@ def print_first_prompt(config: Config, first: list[Item], endpoints: list[Endpoi
     if sample is None:
         return
     usable = next((e for e in endpoints if e.checked), endpoints[0])
-    prompt, _ = render_prompt(config.prompt, sample, code_budget(usable, config.prompt, sample))
+    try:
+        prompt, _ = fit_prompt(usable, config, sample)
+    except ContextOverflow as exc:
+        prompt = f"(not sent: {exc})"
     print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
 
 

@@ -111,6 +111,19 @@ def logprob_entries(content: str, score: int, spaced: bool) -> list[dict]:
     return entries
 
 
+def damaged(entries: list[dict], values: str) -> list[dict]:
+    """Spoil the log-probabilities as the behaviour asks: "probs" turns each into its probability,
+    "inf" sets the first position with alternatives (the score's digit) to +infinity."""
+    if values == "probs":
+        for e in entries:
+            for item in [e, *e["top_logprobs"]]:
+                item["logprob"] = math.exp(item["logprob"])
+    elif values == "inf":
+        digit = next(e for e in entries if len(e["top_logprobs"]) > 1)
+        digit["logprob"] = digit["top_logprobs"][0]["logprob"] = math.inf
+    return entries
+
+
 def asked_reason(schema: Any) -> str:
     """Which reason the request's schema allows: full, short (maxLength) or none."""
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
@@ -161,9 +174,12 @@ class Behaviour:
     trickle: tuple[str, ...] = ()         # "root" (GET /) and/or "load" (empty chat): one byte at a time, forever
     logprobs: str = "on"                  # "on": give them when asked; "spaced": digit tokens carry a leading
                                           # space; "off": never (older Ollama); "reject": 400 when asked
+    logprob_values: str = "log"           # "log"; "probs": probabilities 0..1 where log-probabilities belong;
+                                          # "inf": the score digit's logprob is Infinity (Python's json.dumps)
     verdict: str = "hash"                 # "hash": expected_score(code); "docs": 8 for documented code, 2
                                           # otherwise; "flat": 5 for everything (a model that cannot tell)
     reason_first: bool = False            # write the reason before the score in the JSON object
+    null_reason: bool = False             # write "reason": null (a model the schema does not hold to a string)
     per_token: float = 0.0                # extra seconds of work per generated token
     queued_rejections: bool = False       # llama-cpp-python: requests wait their turn (slots) even to be rejected
     full_tokens: int = 12                 # generated tokens per answer for each reason mode
@@ -466,12 +482,14 @@ class FakeOllama:
         answer = {"score": score}
         if reason != "none":
             answer["reason"] = f"fake verdict for {len(code)} chars"[:30 if reason == "short" else None]
+            if b.null_reason:
+                answer["reason"] = None
         if b.reason_first:
             answer = dict(reversed(answer.items()))
         content = json.dumps(answer)
         logprobs = None
         if body.get("logprobs") and b.logprobs in ("on", "spaced") and 1 <= score <= 10:
-            logprobs = logprob_entries(content, score, spaced=b.logprobs == "spaced")
+            logprobs = damaged(logprob_entries(content, score, spaced=b.logprobs == "spaced"), b.logprob_values)
         if fault == "garbage":
             content, logprobs = "Sure! Here is my rating: great code", None
         self.answered += 1

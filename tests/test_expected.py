@@ -53,6 +53,27 @@ def test_unreadable_probabilities_give_none_never_a_guess():
     assert score.expected_score(answer(entry("7", 0.9, [("x", 0.9)])), 7) == 7.0          # its own pick remains
 
 
+def test_a_log_probability_above_zero_makes_its_position_unreadable():
+    sure = answer(entry("7", 0.6, [("7", 0.6), ("8", 0.4)]))
+    assert score.expected_score(sure, 7) == pytest.approx(7.4, abs=1e-3)
+    for bad in (math.inf, 0.5, math.nan):
+        spoiled = answer(entry("7", 0.6, [("7", 0.6), ("8", 0.4)]))
+        spoiled[4]["top_logprobs"][1]["logprob"] = bad
+        assert score.expected_score(spoiled, 7) is None, bad
+        picked = answer(entry("7", 0.6, [("7", 0.6), ("8", 0.4)]))
+        picked[4]["logprob"] = bad
+        assert score.expected_score(picked, 7) is None, bad
+    rounded = answer(entry("7", 1.0, [("7", 1.0)]))
+    rounded[4]["logprob"] = rounded[4]["top_logprobs"][0]["logprob"] = 1e-7      # rounding, not a fault
+    assert score.expected_score(rounded, 7) == 7.0
+    first = entry("1", 0.5, [("1", 0.5), ("9", 0.5)])                     # the "1" or "10" position spoiled
+    second = entry("0", 0.6, [("0", 0.6), ("}", 0.4)])
+    second["top_logprobs"][1]["logprob"] = math.inf
+    assert score.expected_score(answer(first, second), 10) is None
+    assert score.alternatives({"token": "7", "logprob": 0.3, "top_logprobs": []}) is None
+    assert score.alternatives({"token": "7", "logprob": -0.1, "top_logprobs": []}) == {}
+
+
 @pytest.mark.parametrize("spaced", [False, True])
 @pytest.mark.parametrize("content", ['{{"score": {s}, "reason": "fine"}}', '{{"reason": "fine", "score": {s}}}',
                                      '{{"score": {s}}}'])
@@ -87,6 +108,32 @@ def test_records_carry_the_expected_score_of_the_known_distribution(tmp_path, se
     assert "40 of 40 answers carry score_expected" in result.stderr
     for line in (tmp_path / "fns.scores.jsonl").read_bytes().splitlines(keepends=True):
         assert score.RECORD_FIELDS.match(line), line          # resume keeps its fast scanner
+
+
+@pytest.mark.parametrize("api,values", [("ollama", "probs"), ("openai", "inf")])
+def test_log_probabilities_that_are_not_give_null_never_an_invented_score(tmp_path, serve, api, values):
+    server = serve(api=api, logprob_values=values)
+    if api == "openai":
+        server.behaviour.models = {"m": ""}
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(12))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]),
+                     "--model", "m" if api == "openai" else "qwen2.5-coder:7b")
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert len(records) == 12 and all(r["score"] is not None for r in records)
+    assert [r["score_expected"] for r in records] == [None] * 12
+
+
+def test_a_null_reason_is_recorded_and_exported_as_null_not_as_text(tmp_path, serve):
+    server = serve(null_reason=True)
+    data = write_parquet(tmp_path / "fns.parquet", rows(6))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]))
+    assert result.returncode == 0, result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert len(records) == 6 and all(r["score"] is not None and r["reason"] is None for r in records)
+    out = tmp_path / "x.parquet"
+    assert run_cli(data, "--report", "--export", out).returncode == 0
+    assert pq.read_table(out, columns=["reason"]).column("reason").to_pylist() == [None] * 6
 
 
 def test_server_without_probabilities_gives_null_and_says_so(tmp_path, serve):

@@ -341,3 +341,83 @@ def test_seen_keys_notice_repeats_across_compactions():
     assert len(seen) == 150_000
     assert not seen.add(7919) and not seen.add(149_999 * 7919 % 200_003)
     assert seen.add(-5) and not seen.add(-5)
+
+
+# ── a row's label and a real id that reads the same
+
+
+def test_real_id_reading_like_a_label_is_its_own_row_on_resume_and_export(tmp_path, serve):
+    server = serve(bad_for="compute_1(", seed=5)
+    table = [{"id": None, "code": function_source(0)}, {"id": "line:1", "code": function_source(1)},
+             {"id": "fn-2", "code": function_source(2)}]
+    data = write_jsonl(tmp_path / "fns.jsonl", table)
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    first = run_cli(data, "--endpoints", endpoints, "--max-attempts", "2", "--no-progress")
+    assert first.returncode == 1, first.stderr
+    out = tmp_path / "fns.scores.jsonl"
+    kinds = [(r["id"], r["error_kind"]) for r in read_records(out)]
+    assert ("line:1", "no_id") in kinds and ("line:1", "attempts_exhausted") in kinds
+    # the real row "line:1" failed, the null-id row of line 1 is permanent: resume retries only the real one
+    server.behaviour.bad_for = None
+    again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
+    assert again.returncode == 1, again.stderr                # the null id stays unscored
+    assert scored(read_records(out))["line:1"]["score"] == expected_score(function_source(1))
+    export = tmp_path / "x.parquet"
+    report = run_cli(data, "-o", out, "--report", "--export", export)
+    assert report.returncode == 0, report.stderr
+    assert "Rows without a score: 1 no_id" in report.stdout + report.stderr     # not hidden by the real row's score
+    got = exported(export)
+    assert got[0]["score"] is None and "null" in got[0]["error"]
+    assert got[1]["score"] == expected_score(function_source(1))
+    assert got[2]["score"] == expected_score(function_source(2))
+
+
+def test_parquet_real_id_reading_like_a_row_label_is_scored_after_a_failure(tmp_path, serve):
+    server = serve(bad_for="compute_1(", seed=6)
+    data = write_parquet(tmp_path / "fns.parquet", [{"id": None, "code": function_source(0)},
+                                                    {"id": "row:0", "code": function_source(1)}])
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    assert run_cli(data, "--endpoints", endpoints, "--max-attempts", "2", "--no-progress").returncode == 1
+    server.behaviour.bad_for = None
+    again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
+    assert again.returncode == 1, again.stderr
+    out = tmp_path / "fns.scores.jsonl"
+    assert scored(read_records(out))["row:0"]["score"] == expected_score(function_source(1))
+    export = tmp_path / "x.parquet"
+    assert run_cli(data, "-o", out, "--report", "--export", export).returncode == 0
+    assert [r["score"] for r in exported(export)] == [None, expected_score(function_source(1))]
+
+
+def test_big_int_id_and_the_string_of_its_digits_are_two_rows(tmp_path, serve):
+    server = serve()
+    big = 2 ** 64
+    data = write_jsonl(tmp_path / "fns.jsonl", [{"id": big, "code": function_source(0)},
+                                                {"id": str(big), "code": function_source(1)}])
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "fns.scores.jsonl"
+    records = read_records(out)
+    assert all(r["error_kind"] is None for r in records) and len(records) == 2
+    assert scored(records)[big]["score"] == expected_score(function_source(0))
+    assert scored(records)[str(big)]["score"] == expected_score(function_source(1))
+    export = tmp_path / "x.parquet"
+    result = run_cli(data, "-o", out, "--report", "--export", export)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [r["score"] for r in exported(export)] == [expected_score(function_source(i)) for i in (0, 1)]
+
+
+def test_labels_and_big_ints_have_keys_of_their_own():
+    assert score.label_key("line:1") != score.id_key("line:1")
+    assert score.id_key(2 ** 64) != score.id_key(str(2 ** 64))
+    assert score.id_key(-(2 ** 64)) != score.id_key(str(-(2 ** 64)))
+    assert score.row_key("line:1", ("no_id", "null")) == score.label_key("line:1")
+    assert score.row_key("line:1", None) == score.id_key("line:1")
+    assert score.record_key("line:1", "no_id") == score.record_key("line:1", "bad_id") == score.label_key("line:1")
+    assert score.record_key("line:1", "malformed") == score.label_key("line:1")
+    assert score.record_key("line:1", "attempts_exhausted") == score.record_key("line:1", None) == score.id_key("line:1")
+    assert score.record_key(4, "malformed") == 4                  # a numbered line keeps its number
+    line = written({"id": "row:3", "score": None, "hash": None, "error_kind": "no_id"})
+    assert score.scan_record(line)[0] == score.label_key("row:3")
+    assert score.scan_record(b'{"id": "row:3", "score": null, "hash": null, "error_kind": "no_id", "x": 1}\n')[0] \
+        == score.label_key("row:3")

@@ -277,3 +277,58 @@ def test_html_endpoint_histograms_share_one_scale(tmp_path):
         heights[name] = max(float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)"', row))
     assert heights["torn"] == pytest.approx(heights["sure"] / 2)       # half the share, half the height
     assert "unknown (no sidecar)" in page and "nan" not in page
+
+
+ODD_FIELDS = [
+    '"endpoint": 5', '"ts": 1e300', '"ts": NaN', '"ts": -5', '"score_expected": Infinity', '"score_expected": 11.5',
+    '"score_expected": "7"', '"output_tokens": -3', '"output_tokens": 2.5', '"prompt_tokens": "many"',
+    '"latency_s": -1', '"latency_s": NaN', '"reason": 7', '"model": ["m"]', '"error": {"x": 1}',
+    '"duplicate_of": 1.5', '"truncated": "yes"', '"reason": "\\ud800"',
+]
+
+
+def test_report_and_export_skip_lines_whose_fields_score_py_never_writes(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", [{"id": i, "code": function_source(i)} for i in range(len(ODD_FIELDS) + 1)])
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    lines = [f'{{"id": {i}, "score": 6, {odd}, "error_kind": null}}' for i, odd in enumerate(ODD_FIELDS)]
+    good = len(ODD_FIELDS)
+    lines.append(json.dumps({"id": good, "score": 4, "score_expected": 4.2, "endpoint": "a", "ts": 1.7e9,
+                             "latency_s": 0.5, "output_tokens": 7, "truncated": True, "error_kind": None}))
+    checkpoint.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.parquet"
+    result = run_cli(data, "-o", checkpoint, "--report", "--export", out, "--report-html", tmp_path / "r.html")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"skipped {len(ODD_FIELDS)} line(s) that are not records" in result.stderr
+    got = exported(out)
+    assert [r["score"] for r in got] == [None] * len(ODD_FIELDS) + [4]
+    assert got[-1]["score_expected"] == 4.2
+
+
+@pytest.mark.parametrize("odd", ODD_FIELDS)
+def test_a_record_with_an_odd_field_is_not_a_record(odd):
+    assert not score.valid_record(json.loads(f'{{"id": 1, "score": 6, {odd}, "error_kind": null}}'))
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"endpoint": None, "ts": None, "score_expected": None, "output_tokens": None, "latency_s": None},
+    {"endpoint": "a", "ts": 1_764_000_000.123, "score_expected": 1, "prompt_tokens": 0, "latency_s": 0.0,
+     "reason": "", "model": "m", "error": None, "duplicate_of": "fn-1", "truncated": False},
+    {"score_expected": 10.0, "duplicate_of": 3, "truncated": True, "output_tokens": 12},
+])
+def test_records_score_py_writes_stay_valid(fields):
+    assert score.valid_record({"id": 1, "score": 6, "error_kind": None, **fields})
+
+
+def test_a_null_id_row_never_takes_the_score_of_a_real_id_that_reads_like_its_label(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", [{"id": None, "code": function_source(0)},
+                                                {"id": "line:1", "code": function_source(1)}])
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    checkpoint.write_text(json.dumps({"id": "line:1", "score": None, "error": "line 1: the id column is null",
+                                      "error_kind": "no_id"}) + "\n"
+                          + json.dumps({"id": "line:1", "score": 7, "error_kind": None}) + "\n")
+    out = tmp_path / "out.parquet"
+    result = run_cli(data, "-o", checkpoint, "--report", "--export", out)
+    assert result.returncode == 0, result.stderr
+    assert "Rows without a score: 1 no_id" in result.stdout + result.stderr
+    assert [(r["score"], r["error"]) for r in exported(out)] == [(None, "line 1: the id column is null"), (7, None)]

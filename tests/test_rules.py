@@ -25,7 +25,9 @@ import score
     ('{"score": 1, "reason": "lowest"}', (1, "lowest")),
     ('{"score": 10, "reason": "highest"}', (10, "highest")),
     ('{"reason": "reason first", "score": 4}', (4, "reason first")),
-    ('{"score": 6}', (6, "")),
+    ('{"score": 6}', (6, None)),
+    ('{"score": 6, "reason": null}', (6, None)),
+    ('{"score": 6, "reason": ""}', (6, "")),
 ])
 def test_parse_answer_accepts_a_json_object_with_a_score_in_range(content, expected):
     assert score.parse_answer(content) == expected
@@ -458,3 +460,37 @@ def test_normalize_url_refuses_what_is_not_http(text):
 ])
 def test_model_matches_treats_a_missing_tag_as_latest(wanted, name, same):
     assert score.model_matches(wanted, name) is same
+
+
+# ── prompt_plan / render_prompt: what fits the context
+
+
+def plan_item(code: str, **fields) -> score.Item:
+    return score.Item(id="x", key=1, text=code, fields=fields)
+
+
+def test_code_used_twice_gets_half_the_room_each():
+    once, twice = "Rate:\n{code}\n", "Rate:\n{code}\nAgain:\n{code}\n"
+    budget_once, _ = score.prompt_plan(2048, once, plan_item("x" * 9000))
+    budget_twice, _ = score.prompt_plan(2048, twice, plan_item("x" * 9000))
+    room = int((2048 - score.NUM_PREDICT - score.CONTEXT_MARGIN) * score.CHARS_PER_TOKEN)
+    assert budget_once == room - len(once)
+    assert budget_twice == (room - len(twice)) // 2
+
+
+def test_other_columns_are_cut_longest_first_only_when_the_code_would_starve():
+    template = "{a} {b}\n{code}"
+    room = int((2048 - score.NUM_PREDICT - score.CONTEXT_MARGIN) * score.CHARS_PER_TOKEN) - len(template)
+    assert score.prompt_plan(2048, template, plan_item("c", a="x" * 100, b="y" * 100)) == (room - 200, None)
+    budget, cap = score.prompt_plan(2048, template, plan_item("c", a="x" * 100, b="y" * 60_000))
+    assert cap is not None and budget == score.MIN_CODE_CHARS and 100 + cap == room - score.MIN_CODE_CHARS
+    text, cut = score.render_prompt(template, plan_item("c" * 50, a="x" * 100, b="y" * 60_000), budget, cap)
+    assert cut and text.startswith("x" * 100 + " ") and len(text) <= room + len(template)
+    assert score.TRUNCATION_MARK in text and text.endswith("c" * 50)
+
+
+def test_a_template_beyond_the_context_leaves_no_room_for_code():
+    budget, _ = score.prompt_plan(2048, "x" * 5000 + "{code}", plan_item("def f(): pass"))
+    assert budget < 0
+    budget, cap = score.prompt_plan(2048, "x" * 4200 + "{doc}{code}", plan_item("def f(): pass", doc="d" * 900))
+    assert cap == len(score.TRUNCATION_MARK) and budget < score.MIN_CODE_CHARS

@@ -172,6 +172,55 @@ def test_long_function_is_cut_to_fit_the_context(tmp_path, serve):
     assert len(big_prompt) > 2000                          # but still carries most of what fits
 
 
+def test_every_prompt_fits_the_context_whatever_the_template_and_columns(tmp_path, serve):
+    server = serve()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Answer with JSON only: rate this code.\nDocs: {doc}\n```\n{code}\n```\n"
+                      "Once more:\n```\n{code}\n```\n")
+    huge = "def big():\n" + "".join(f"    x{i} = {i} * {i}\n" for i in range(4000))
+    table = [{"id": "long-doc", "code": function_source(1), "doc": "word " * 12_000},
+             {"id": "long-code", "code": huge, "doc": "short"},
+             {"id": "both", "code": huge.replace("big", "bigger"), "doc": "word " * 12_000},
+             {"id": "small", "code": function_source(2), "doc": "fine"}]
+    data = write_jsonl(tmp_path / "fns.jsonl", table)
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    result = run_cli(data, "--endpoints", endpoints, "--num-ctx", "2048", "--prompt-file", prompt, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = {r["id"]: r for r in read_records(tmp_path / "fns.scores.jsonl")}
+    assert all(r["score"] is not None for r in out.values()) and len(out) == 4
+    assert {k: r["truncated"] for k, r in out.items()} == {"long-doc": True, "long-code": True, "both": True,
+                                                          "small": False}
+    prompts = [b["messages"][0]["content"] for b in server.chat_bodies()]
+    assert len(prompts) == 4
+    for sent in prompts:
+        assert sent.startswith("Answer with JSON only")                  # the instructions are never dropped
+        assert len(sent) / 2.5 + 256 <= 2048, len(sent)                   # fits with room for the answer
+    small = next(p for p in prompts if "fine" in p)
+    assert small.count(function_source(2)) == 2                          # a prompt that fits is left whole
+    both = next(p for p in prompts if "def bigger" in p)
+    assert both.count("def bigger") == 2 and len(both) > 3000               # still carries most of what fits
+
+
+def test_a_template_too_big_for_the_context_gives_too_long_records_and_sends_nothing(tmp_path, serve):
+    server = serve()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Rate this code. " * 400 + "\n```\n{code}\n```\n")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    result = run_cli(data, "--endpoints", endpoints, "--num-ctx", "2048", "--prompt-file", prompt, "--no-progress")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    records = read_records(tmp_path / "fns.scores.jsonl")
+    assert [r["error_kind"] for r in records] == ["too_long"] * 3
+    assert "--num-ctx 2048" in records[0]["error"]
+    assert not any("compute_" in b["messages"][0]["content"] for b in server.chat_bodies())
+    # a bigger context on resume scores them
+    again = run_cli(data, "--endpoints", endpoints, "--num-ctx", "8192", "--prompt-file", prompt, "--resume",
+                    "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert len(scored(read_records(tmp_path / "fns.scores.jsonl"))) == 3
+
+
 @pytest.mark.parametrize("case", ["missing-file", "missing-column", "corrupt-parquet", "empty-endpoints",
                                   "bad-endpoint-key", "existing-output", "unknown-suffix", "template-field",
                                   "bad-option-value"])
