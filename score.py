@@ -258,7 +258,9 @@ DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint 
 FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
 FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
 OUTCOME_DECAY = 1 / 64      # weight of one request in an endpoint's running fault and bad-answer shares
-UNUSABLE_RUN = 10           # unusable answers in a row, with none usable yet, that take an endpoint out
+UNUSABLE_RUN = 10           # unusable answers in a row (to different rows, once it has answered well) that take
+                            # an endpoint out
+SUSPECT_RUN = 3             # rows in a row answered unusably after which its answers no longer cost rows attempts
 JUDGE_MIN = 8               # unusable answers before an endpoint can be judged against the fleet
 JUDGE_SEEN = 20             # answers the rest of the fleet must have given to compare with
 JUDGE_SHARE = 0.5           # an endpoint is out when this share of its answers is unusable,
@@ -1694,6 +1696,7 @@ class Endpoint:
         # counters for the display and the summary
         self.done = self.errors = self.fault_count = 0
         self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
+        self.bad_rows = 0                            # rows answered unusably (first answers) since the last usable one
         self.last_bad = ""
         self.first_seen = self.first_bad = 0.0       # running counts of first answers to a row, and bad ones
         self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
@@ -1740,8 +1743,9 @@ class Endpoint:
     def note_answer(self, usable: bool, first: bool, message: str = "") -> None:
         """Count an answer; first answers to a row (not repeats of a bad one) are compared across the fleet."""
         if usable:
-            self.bad_run = 0
+            self.bad_run = self.bad_rows = 0
         else:
+            self.bad_rows += first
             self.faults = 0               # it answered: not down, whatever the answer
             self.note_outcome(fault=False)
             self.bad, self.bad_run, self.last_bad = self.bad + 1, self.bad_run + 1, message
@@ -3056,7 +3060,12 @@ class Run:
 
         It is, if it is far worse than the rest of the fleet, or while the rest has
         not answered enough to compare with; a lone endpoint is judged on its own.
+        Whatever the fleet, several different rows in a row answered unusably,
+        with none usable between, say the endpoint has gone bad (a model that
+        started answering prose), not that the rows are.
         """
+        if endpoint.bad_rows >= SUSPECT_RUN:
+            return True
         if self.fleet_share(endpoint) is None:
             return any(e is not endpoint and e.usable for e in self.endpoints)
         return self.worse_than_fleet(endpoint) is not None
@@ -3068,10 +3077,15 @@ class Run:
         answers to each row; rows failed elsewhere count for the rest, which only
         makes it slower to blame an endpoint); alone, after UNUSABLE_RUN answers in
         a row with not one usable, so a lone endpoint answering prose cannot loop.
+        An endpoint that has answered well is out after UNUSABLE_RUN different
+        rows in a row answered unusably: a row bad everywhere is retried between
+        good answers, so it never makes such a run.
         """
         last = endpoint.last_bad[:160]
         if endpoint.done == 0 and endpoint.bad_run >= UNUSABLE_RUN:
             return f"{endpoint.bad_run} answers in a row, none usable (last: {last})"
+        if endpoint.bad_rows >= UNUSABLE_RUN:
+            return f"{endpoint.bad_rows} rows in a row answered, none usable (last: {last})"
         worse = self.worse_than_fleet(endpoint)
         if worse and endpoint.first_bad >= JUDGE_MIN:
             return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"

@@ -142,6 +142,7 @@ class Behaviour:
     busy_503: float = 0.0
     reset: float = 0.0                    # connection closed mid-request
     garbage: float = 0.0                  # 200 with content that is not JSON
+    garbage_after: int | None = None      # after this many good answers, every answer is prose (a model gone bad)
     hang: float = 0.0                     # never answers
     out_of_range: float = 0.0             # answers score 15
     poison: str | None = None             # code containing this crashes the runner (500)
@@ -472,7 +473,7 @@ class FakeOllama:
         logprobs = None
         if body.get("logprobs") and b.logprobs in ("on", "spaced") and 1 <= score <= 10:
             logprobs = logprob_entries(content, score, spaced=b.logprobs == "spaced")
-        if fault == "garbage":
+        if fault == "garbage" or (b.garbage_after is not None and self.answered >= b.garbage_after):
             content, logprobs = "Sure! Here is my rating: great code", None
         self.answered += 1
         if openai:

@@ -534,3 +534,55 @@ def test_a_row_answered_badly_waits_for_another_endpoint_but_the_retry_queue_sta
     assert run.pick(e0).id == "fn-9998"               # below the bound, failed rows still wait
     run.retry.append(row_item(1 + score.RETRY_BOUND, avoid={"e0"}))
     assert run.pick(e0).id == "fn-2"                  # at the bound the oldest waiting row goes first
+
+
+def test_lone_endpoint_that_starts_answering_prose_stops_the_run_and_leaves_the_rest_for_resume(tmp_path, serve):
+    server = serve(latency=0.01, garbage_after=50, seed=14)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(400))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "every endpoint has been taken out" in result.stderr and "none usable" in result.stderr
+    assert "Traceback" not in result.stderr
+    records = read_records(out)
+    assert [r for r in records if r["score"] is None] == []        # no row was given up on
+    assert 40 <= len(records) <= 50
+    assert server.chats <= 50 + score.UNUSABLE_RUN + 10             # judged within a few answers
+    server.behaviour.garbage_after = None                          # the model is fixed: resume scores the rest
+    again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert_complete(read_records(out), [r["id"] for r in rows(400)])
+
+
+def lone_run(config) -> tuple:
+    """A run with one endpoint and nothing to read, to ask its rules about the endpoint."""
+    spec = score.EndpointSpec(url="http://127.0.0.1:1", name="a", api="ollama", model=None, concurrency=None,
+                              key_env=None, line=1)
+    endpoint = score.Endpoint(spec, config)
+    run = score.Run(config, None, [endpoint], None, None, {}, iter([]), [], score.Tally(),
+                    score.Progress(False, None, 0))
+    return run, endpoint
+
+
+def test_a_run_of_different_rows_answered_badly_makes_an_endpoint_suspect_then_takes_it_out():
+    run, endpoint = lone_run(score.parse_args(["x.jsonl"]))
+    endpoint.record_success(0.1, 0.0)
+    endpoint.note_answer(True, first=True)
+    for n in range(1, score.UNUSABLE_RUN + 1):
+        assert run.unusable_reason(endpoint) is None
+        endpoint.note_answer(False, first=True, message="not a JSON object")
+        endpoint.note_answer(False, first=False, message="not a JSON object")   # a repeat does not lengthen it
+        assert run.suspect(endpoint) == (n >= score.SUSPECT_RUN)
+    assert "none usable" in run.unusable_reason(endpoint)
+    endpoint.note_answer(True, first=True)
+    assert not run.suspect(endpoint) and run.unusable_reason(endpoint) is None
+
+
+def test_one_row_answered_badly_again_and_again_never_takes_a_proven_endpoint_out():
+    run, endpoint = lone_run(score.parse_args(["x.jsonl"]))
+    endpoint.record_success(0.1, 0.0)
+    endpoint.note_answer(False, first=True, message="score 0 outside 1..10")
+    for _ in range(3 * score.UNUSABLE_RUN):
+        endpoint.note_answer(False, first=False, message="score 0 outside 1..10")
+    assert not run.suspect(endpoint) and run.unusable_reason(endpoint) is None
