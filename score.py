@@ -1416,6 +1416,16 @@ def normalize_url(text: str) -> tuple[str, str | None]:
     return base, None
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """Read a UTF-8 text file the user named; any problem is one usage line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
     """Parse `URL [key=value ...]` from one line of an endpoints file."""
     where = f"{source}:{number}"
@@ -1434,6 +1444,8 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
             raise UsageError(f"{where}: expected key=value, got {pair!r}")
         if key not in ENDPOINT_KEYS:
             raise UsageError(f"{where}: unknown key {key!r} (known: {', '.join(ENDPOINT_KEYS)})")
+        if key in options:
+            raise UsageError(f"{where}: {key}= given twice ({options[key]!r} and {value!r}); keep one")
         options[key] = value
     concurrency: int | None = None
     if "concurrency" in options and options["concurrency"] != "auto":
@@ -1459,10 +1471,7 @@ def parse_endpoints(path: Path | None) -> tuple[EndpointSpec, ...]:
     """Read endpoints.txt (or fall back to the local Ollama)."""
     if path is None:
         return (parse_endpoint_line(DEFAULT_ENDPOINT, 0, "default"),)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read endpoints file ({exc.strerror})") from None
+    lines = read_text_file(path, "endpoints file").splitlines()
     specs = []
     for number, raw in enumerate(lines, 1):
         text = raw.split("#", 1)[0].strip()
@@ -4497,6 +4506,44 @@ def positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
 
 
+def at_least_a_second(text: str) -> float:
+    """Parse a duration that paces the run: below a second, requests and probes would spin."""
+    seconds = parse_duration(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1s, got {text!r}")
+    return seconds
+
+
+def above_zero(text: str) -> float:
+    """Parse a duration that must be longer than nothing."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
+    return seconds
+
+
+def temperature_arg(text: str) -> float:
+    """Parse a sampling temperature: a finite number from 0 to 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 2:             # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 2, got {text!r}")
+    return value
+
+
+def score_arg(text: str) -> int:
+    """Parse a score threshold: a whole number from 1 to 10."""
+    try:
+        value = int(text)
+        if 1 <= value <= 10:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a whole score from 1 to 10, got {text!r}")
+
+
 def concurrency_arg(text: str) -> int | None:
     return None if text == "auto" else positive_int(text)
 
@@ -4508,6 +4555,8 @@ def top_arg(text: str) -> tuple[float, bool]:
         value, percent = float(found.group(1)), bool(found.group(2))
         if (percent and 0 < value <= 100) or (not percent and value >= 1 and value.is_integer()):
             return value, percent
+        if value == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} would keep no row: give at least 1 row or more than 0%")
     raise argparse.ArgumentTypeError(f"expected a row count or a percentage like 20%, got {text!r}")
 
 
@@ -4524,6 +4573,7 @@ DURATION_HELP = "90, 90s, 15m, 2h or 1d"
 def build_parser() -> argparse.ArgumentParser:
     """Declare the options, grouped as a user looks for them: input, fleet, run, output, reports."""
     parser = Parser(
+        allow_abbrev=False,     # an abbreviation would survive into the printed resume command
         prog="score.py", usage="python score.py INPUT [options]   (or: score INPUT [options])",
         description="Score every row of a dataset with a local LLM spread over several machines. Installed with "
                     "pip, the same program is the `score` command.",
@@ -4548,7 +4598,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-mixed-models", action="store_true", help="accept different builds of the model across endpoints")
     add("--pull", action="store_true", help="ask Ollama endpoints that lack the model to pull it")
     add("--check", action="store_true", help="run the preflight, print the first prompt, and exit")
-    add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
+    add("--startup-timeout", type=at_least_a_second, default=300.0, metavar="DURATION",
         help=f"exit 2 if no endpoint has answered at all within this time ({DURATION_HELP}; default 300s)")
     add("--keep-alive", type=keep_alive_arg, default=1800, metavar="DURATION",
         help=f"how long Ollama keeps the model loaded after a request ({DURATION_HELP}; -1 forever, 0 unload; "
@@ -4556,15 +4606,15 @@ def build_parser() -> argparse.ArgumentParser:
     add = groups["run"].add_argument
     add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
         help="requests in flight per endpoint unless its line says (default auto: adaptive)")
-    add("--timeout", type=parse_duration, default=600.0, metavar="DURATION",
+    add("--timeout", type=at_least_a_second, default=600.0, metavar="DURATION",
         help=f"per-request limit ({DURATION_HELP}; default 600s)")
     add("--max-attempts", type=positive_int, default=3, metavar="N",
         help="bad answers allowed per row before it is recorded as failed (default 3)")
-    add("--max-downtime", type=parse_duration, metavar="DURATION",
+    add("--max-downtime", type=above_zero, metavar="DURATION",
         help=f"give up (exit 1, nothing lost) when every endpoint is down and none has answered for this long "
              f"({DURATION_HELP}; default: never)")
     add("--num-ctx", type=positive_int, default=8192, metavar="N", help="context tokens sent to Ollama (default 8192)")
-    add("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default 0)")
+    add("--temperature", type=temperature_arg, default=0.0, metavar="T", help="sampling temperature (default 0)")
     add("--seed", type=int, default=42, metavar="N", help="sampling seed (default 42)")
     add("--no-hedge", dest="hedge", action="store_false", help="never race slow tail requests on faster endpoints")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar or status lines")
@@ -4578,7 +4628,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--report", action="store_true", help="print the run report for the output and exit (scores nothing)")
     add("--report-html", type=Path, metavar="PATH", help="also write the report as a self-contained HTML page")
     add("--export", type=Path, metavar="PATH.parquet", help="write the input with score columns added, at the end")
-    add("--min-score", type=int, metavar="N", help="with --export: keep only rows scoring at least N")
+    add("--min-score", type=score_arg, metavar="N", help="with --export: keep only rows scoring at least N")
     add("--top", type=top_arg, metavar="N|P%",
         help="with --export: keep only the best N rows (or P%% of scored rows) by score_expected, else score")
     groups["run"].add_argument(
@@ -4613,10 +4663,7 @@ def parse_args(argv: list[str] | None) -> Config:
         endpoints_file = Path("endpoints.txt")
     prompt, source = DEFAULT_PROMPT, "built-in"
     if args.prompt_file:
-        try:
-            prompt, source = args.prompt_file.read_text(), str(args.prompt_file)
-        except OSError as exc:
-            raise UsageError(f"{args.prompt_file}: cannot read prompt file ({exc.strerror})") from None
+        prompt, source = read_text_file(args.prompt_file, "prompt file"), str(args.prompt_file)
     if args.min_score is not None and not args.export:
         raise UsageError("--min-score only applies with --export")
     if args.top is not None and not args.export:
