@@ -1416,6 +1416,11 @@ def normalize_url(text: str) -> tuple[str, str | None]:
     return base, None
 
 
+def hide_password(text: str) -> str:
+    """Mask the password of any URL in text (user:***@host): it must reach neither the screen nor the sidecar."""
+    return re.sub(r"(://[^/@:\s]*):[^/@\s]+@", r"\1:***@", text)
+
+
 def read_text_file(path: Path, what: str) -> str:
     """Read a UTF-8 text file the user named; any problem is one usage line."""
     try:
@@ -1433,10 +1438,10 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
     try:
         url, implied_api = normalize_url(first)
     except (ValueError, httpx.InvalidURL) as exc:
-        raise UsageError(f"{where}: bad endpoint {first!r} ({one_line(exc)})") from None
+        raise UsageError(hide_password(f"{where}: bad endpoint {first!r} ({one_line(exc)})")) from None
     port = httpx.URL(url).port
     if port is not None and not 1 <= port <= 65535:
-        raise UsageError(f"{where}: bad endpoint {first!r} (port {port} is outside 1-65535)")
+        raise UsageError(hide_password(f"{where}: bad endpoint {first!r} (port {port} is outside 1-65535)"))
     options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -1484,7 +1489,7 @@ def parse_endpoints(path: Path | None) -> tuple[EndpointSpec, ...]:
         for spec in specs:
             value = getattr(spec, kind)
             if value in seen:
-                raise UsageError(f"{path}:{spec.line}: {kind} {value} already on line {seen[value]}")
+                raise UsageError(f"{path}:{spec.line}: {kind} {hide_password(value)} already on line {seen[value]}")
             seen[value] = spec.line
     return tuple(specs)
 
@@ -1675,7 +1680,8 @@ class Endpoint:
     def __init__(self, spec: EndpointSpec, config: Config) -> None:
         self.spec = spec
         self.name = spec.name
-        self.url = spec.url
+        self.url = hide_password(spec.url)          # what is shown and stored
+        self.base_url = spec.url                    # what requests use, with any user:password
         self.model = spec.model or config.model
         self.api = spec.api
         fixed = config.concurrency if spec.concurrency == -1 else spec.concurrency
@@ -1718,7 +1724,7 @@ class Endpoint:
         """The absolute scoring URL, parsed once (httpx re-parses relative ones per request)."""
         path = "/api/chat" if self.api == "ollama" else "/v1/chat/completions"
         if self._chat_url is None or not self._chat_url.path.endswith(path):
-            self._chat_url = httpx.URL(self.url + path)
+            self._chat_url = httpx.URL(self.base_url + path)
         return self._chat_url
 
     @property
@@ -1828,7 +1834,7 @@ def tls_context() -> ssl.SSLContext:
 def make_client(endpoint: Endpoint, config: Config) -> httpx.AsyncClient:
     """Create the endpoint's keep-alive pool; per-request timeouts are set by callers."""
     return httpx.AsyncClient(
-        base_url=endpoint.url,
+        base_url=endpoint.base_url,
         headers=endpoint.headers(),
         verify=tls_context(),
         timeout=httpx.Timeout(config.timeout, connect=10.0),

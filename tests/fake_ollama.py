@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gzip
 import hashlib
 import json
@@ -151,6 +152,7 @@ class Behaviour:
     reject_json_schema: bool = False      # llama-cpp-python: 500 on response_format json_schema
     n_ctx: int | None = None              # OpenAI mode: 400 when prompt tokens exceed this
     api_key: str | None = None            # demand "Authorization: Bearer <key>" (401 otherwise)
+    basic_auth: str | None = None         # a proxy demanding "Authorization: Basic" of this "user:password"
     error_200: str | None = None          # LM Studio: answer chats 200 {"error": this}
     redirect: int | None = None           # answer scoring chats with this 3xx status, pointing elsewhere
     raw_200: str | None = None            # answer scoring chats 200 with this text/html body (a proxy's page)
@@ -325,6 +327,9 @@ class FakeOllama:
                 if self.behaviour.api_key and headers.get("authorization") != f"Bearer {self.behaviour.api_key}":
                     reply = (401, {"error": {"message": "Invalid API key", "type": "invalid_request_error"}},
                              "application/json")
+                elif self.behaviour.basic_auth and headers.get("authorization") != \
+                        "Basic " + base64.b64encode(self.behaviour.basic_auth.encode()).decode():
+                    reply = 401, b"401 Authorization Required", "text/html"
                 else:
                     reply = await self._route(method, path, body, reader, writer)
                 if reply is None:          # connection dropped on purpose
