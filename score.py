@@ -1347,12 +1347,23 @@ def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str
     return changes
 
 
+def sha256_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def schema_sha256(reason: str) -> str:
+    """Hash the answer schema of a --reason mode, as the sidecar pins it."""
+    return sha256_of(json.dumps(score_schema(reason), sort_keys=True))
+
+
 def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
     """Describe what makes two runs' scores comparable, and pin the input's content."""
     return {
         "model": config.model,
-        "prompt_sha256": hashlib.sha256(config.prompt.encode()).hexdigest(),
-        "schema_sha256": hashlib.sha256(json.dumps(score_schema(config.reason), sort_keys=True).encode()).hexdigest(),
+        "reason": config.reason,
+        "prompt_source": config.prompt_source,
+        "prompt_sha256": sha256_of(config.prompt),
+        "schema_sha256": schema_sha256(config.reason),
         "input": str(config.input.resolve()),
         "id_column": info.id_column,
         "text_column": info.text_column,
@@ -1360,17 +1371,79 @@ def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
     }
 
 
+def written_reason(old: dict[str, Any]) -> str | None:
+    """Say which --reason mode wrote a sidecar (older sidecars tell only by the schema's hash)."""
+    if old.get("reason") in REASON_MODES:
+        return old["reason"]
+    return next((mode for mode in REASON_MODES if schema_sha256(mode) == old.get("schema_sha256")), None)
+
+
+def prompt_difference(config: Config, old: dict[str, Any], reason: str) -> str | None:
+    """Say how the prompt differs from the one that wrote the output, and which option gives that one back."""
+    raw = DEFAULT_PROMPT if config.prompt_source == "built-in" else config.prompt
+    if sha256_of(prompt_for(raw, reason)) == old.get("prompt_sha256"):
+        return None
+    source = old.get("prompt_source")
+    if source == "built-in" and config.prompt_source != "built-in":
+        return "written with the built-in prompt: drop --prompt-file"
+    if source and source != config.prompt_source:
+        return f"written with --prompt-file {source}: add --prompt-file {shlex.quote(source)}"
+    if config.prompt_source == "built-in":
+        return "written with another version's built-in prompt"
+    return f"written with another text of the prompt (has {config.prompt_source} been edited?)"
+
+
+def same_content(old: Any, new: list[dict[str, Any]]) -> bool:
+    """Tell whether the input files are the pinned ones, whatever they are called now."""
+    def bare(pins: Any) -> list:
+        return [{k: v for k, v in pin.items() if k != "file"} for pin in pins] if isinstance(pins, list) else []
+    return bool(new) and bare(old) == bare(new)
+
+
+def setup_differences(config: Config, info: InputInfo, old: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Say, option by option, how this run differs from the one that wrote the output; note a moved input."""
+    lines = []
+    reason = written_reason(old)
+    if reason is None:
+        lines.append("written with another version's answer schema")
+    elif reason != config.reason:
+        lines.append(f"written with --reason {reason}: add --reason {reason}")
+    if (prompt := prompt_difference(config, old, reason or config.reason)) is not None:
+        lines.append(prompt)
+    if old.get("model") != config.model:
+        lines.append(f"written with --model {old.get('model')}: add --model {shlex.quote(str(old.get('model')))}")
+    for key, flag in (("id_column", "--id-column"), ("text_column", "--text-column")):
+        if old.get(key) != current[key]:
+            fix = f": add {flag} {shlex.quote(old[key])}" if old.get(key) else ""
+            lines.append(f"{flag.removeprefix('--').replace('-', ' ')}: was {old.get(key)!r}, now {current[key]!r}{fix}")
+    if old.get("input") != current["input"]:
+        if info.id_column is not None or same_content(old.get("input_files"), current["input_files"]):
+            why = "ids pair the scores" if info.id_column is not None else "its content is unchanged"
+            warn(f"note: the input was {old.get('input')}, now {current['input']}; resuming, as {why}")
+        else:
+            lines.append(f"input: was {old.get('input')}, now {current['input']}")
+    return ["  " + line for line in lines]
+
+
+def warn_unchecked(config: Config, info: InputInfo) -> None:
+    """Warn loudly when a resumed output has lost the sidecar that pins its setup (ids still pair the rows)."""
+    if config.resume and info.id_column is not None and config.output.exists() \
+            and not meta_path(config.output).exists():
+        warn(f"WARNING: {meta_path(config.output)} is missing, so the model, prompt and input that wrote "
+             f"{config.output} cannot be checked; resuming as if they were this run's")
+
+
 def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     """Compare the run with the checkpoint's sidecar; refuse to mix, or to mispair rows, unless --force."""
     current = fingerprint(config, info)
     path = meta_path(config.output)
     if not (config.resume and path.exists()):
+        warn_unchecked(config, info)
         return {"fingerprint": current, "endpoints": {}}
     try:
         meta = json.loads(path.read_text())
         old = meta["fingerprint"]
-        setup = [f"  {k}: was {old.get(k)!r}, now {current[k]!r}"
-                 for k in current if k != "input_files" and old.get(k) != current[k]]
+        setup = setup_differences(config, info, old, current)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         warn(f"{path}: unreadable ({one_line(exc)}); it will be rewritten")
         return {"fingerprint": current, "endpoints": {}}
@@ -1378,7 +1451,8 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     if setup:
         problems.append(f"{config.output} was written with a different setup; "
                         "resuming would mix incomparable scores:\n" + "\n".join(setup))
-    if info.id_column is None and isinstance(old.get("input_files"), list):
+    if info.id_column is None and isinstance(old.get("input_files"), list) \
+            and not same_content(old["input_files"], current["input_files"]):
         changes = input_changes(info, old["input_files"], current["input_files"])
         if changes:
             problems.append(f"{config.input} changed since {config.output} was written; without an id column, "
@@ -1387,8 +1461,7 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     if problems:
         message = "\n".join(problems)
         if not config.force:
-            raise UsageError(message + "\nrerun with --force to resume anyway, or start over with --overwrite "
-                                       "or another -o")
+            raise UsageError(message + "\nrerun with --force to resume anyway, or score into another -o")
         warn("WARNING: " + message + "\n(--force given: resuming anyway)")
     meta["fingerprint"] = current
     if not isinstance(meta.get("endpoints"), dict):

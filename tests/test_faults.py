@@ -283,7 +283,8 @@ def test_resume_with_another_prompt_needs_force(tmp_path, serve):
     out = tmp_path / "fns.scores.jsonl"
     before = out.read_bytes()
     refused = run_cli(data, "--endpoints", endpoints, "--resume", "--prompt-file", prompt)
-    assert refused.returncode == 2 and "prompt_sha256" in refused.stderr and "--force" in refused.stderr
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+    assert "written with the built-in prompt: drop --prompt-file" in refused.stderr
     assert out.read_bytes() == before
     forced = run_cli(data, "--endpoints", endpoints, "--resume", "--prompt-file", prompt, "--force")
     assert forced.returncode == 0 and "WARNING" in forced.stderr
