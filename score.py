@@ -504,11 +504,16 @@ def parse_digest(text: str) -> int:
 def template_fields(template: str) -> tuple[str, ...]:
     """Return the {column} names a prompt template uses, raising ValueError if malformed."""
     names = []
-    for _, name, _, _ in string.Formatter().parse(template):
+    braces = "write literal braces as {{ and }}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {braces}") from None
+    for _, name, _, _ in parts:
         if name is None:
             continue
         if not name.isidentifier():
-            raise ValueError(f"unsupported placeholder {{{name}}}: use {{column}} names only")
+            raise ValueError(f"unsupported placeholder {{{name}}}: use {{column}} names only, and {braces}")
         if name not in names:
             names.append(name)
     return tuple(names)
@@ -1329,12 +1334,12 @@ def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str
     new_by = {pin["file"]: pin for pin in new}
     changes = [f"{name}: removed" for name in old_by if name not in new_by]
     kept = [i for i, pin in enumerate(new) if pin["file"] in old_by]
-    last_kept = new[kept[-1]]["file"] if kept else None
     for i, pin in enumerate(new):
         name, before = pin["file"], old_by.get(pin["file"])
         if before is None:
             if kept and i < kept[-1]:
-                changes.append(f"{name}: new, and read before {last_kept}, so every later row moves")
+                follows = new[next(k for k in kept if k > i)]["file"]
+                changes.append(f"{name}: new, and read before {follows}, so every later row moves")
         elif before != pin:
             if info.kind == "jsonl" and appended_to(info.files[i], before):
                 continue
@@ -3363,7 +3368,7 @@ class Run:
                 # Counted from the last good answer, not from the last rejoin: a server that answers
                 # probes but fails every request keeps rejoining, and must not reset the clock.
                 raise StopRun(f"every endpoint is down and none has answered for "
-                              f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g} s)")
+                              f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
             self.progress.show(self.endpoints, paused=self.all_down_since is not None)
 
 
@@ -4962,6 +4967,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     progress: Progress | None = None
     run: Run | None = None
     code = EXIT_OK
+    stopped = False
     started = time.monotonic()
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -4994,6 +5000,8 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         code = EXIT_SIGNAL[received[0]]
     except StopRun as problem:                # from preflight: nothing was sent
         warn(f"score.py: stopped: {problem}")
+        if problem.code == EXIT_INCOMPLETE:
+            warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
         return problem.code
     except ExceptionGroup as group:
         expected, rest = group.split((StopRun, UsageError))
@@ -5005,7 +5013,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         if isinstance(problem, UsageError):
             raise problem from None
         warn(f"score.py: stopped: {problem}")
-        code = problem.code
+        code, stopped = problem.code, True
     finally:
         if progress is not None:
             progress.close()
@@ -5024,6 +5032,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     if config.overwrite and checkpoint.untouched:
         warn(f"Nothing new was written: {config.output} is left as it was.")
         return code
+    if stopped:
+        warn(f"Stopped early. Every finished row is saved in {config.output}; once that is fixed, continue with:\n"
+             f"  {resume_command(config)}")
     return finish_outputs(config, code)
 
 
@@ -5085,6 +5096,11 @@ def resume_command(config: Config) -> str:
     """Spell out, shell-quoted, the command that continues this run."""
     words = [w for w in config.command or ("score.py", str(config.input)) if w not in ("--overwrite", "--resume")]
     return shlex.join([*words, "--resume"])
+
+
+def rerun_command(config: Config) -> str:
+    """Spell out, shell-quoted, this very command (nothing was written: run it again as it was)."""
+    return shlex.join(config.command) if config.command else resume_command(config)
 
 
 def finish_outputs(config: Config, code: int) -> int:

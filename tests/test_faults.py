@@ -177,7 +177,8 @@ def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve,
         a.behaviour.fail_500 = 1.0        # it keeps rejoining after probes, which must not reset the clock
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
-    assert "none has answered" in err and "--max-downtime" in err and "Traceback" not in err
+    assert "none has answered" in err and "--max-downtime 3s)" in err and "Traceback" not in err
+    assert f"continue with:\n  " in err and "--max-downtime 3 --resume\n" in err
     assert all(r["score"] is not None for r in read_records(out))      # nothing charged to rows
     if outage == "port closed":
         a.come_back()
@@ -545,7 +546,8 @@ def test_lone_endpoint_that_starts_answering_prose_stops_the_run_and_leaves_the_
     result = run_cli(data, "--endpoints", endpoints, "--no-progress", timeout=60)
     assert result.returncode == 1, result.stderr
     assert "every endpoint has been taken out" in result.stderr and "none usable" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "continue with:" in result.stderr
+    assert "--no-progress --resume\n" in result.stderr
     records = read_records(out)
     assert [r for r in records if r["score"] is None] == []        # no row was given up on
     assert 40 <= len(records) <= 50

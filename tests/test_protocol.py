@@ -124,6 +124,7 @@ def test_no_endpoint_can_load_the_model_stops_with_the_servers_message(tmp_path,
     stopped = result.stderr.split("stopped:")[1]
     assert "no endpoint can serve: e0: cannot load qwen2.5-coder:7b" in stopped and OOM in stopped
     assert "Traceback" not in result.stderr and a.chats == b.chats == 0
+    assert "run again with:" in result.stderr and "e.txt --no-progress\n" in result.stderr
 
 
 def test_max_downtime_waits_for_a_model_that_cannot_load_and_says_why(tmp_path, serve):
@@ -132,7 +133,8 @@ def test_max_downtime_waits_for_a_model_that_cannot_load_and_says_why(tmp_path, 
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [a]), "--no-progress",
                      "--max-downtime", "3", timeout=60)
     assert result.returncode == 1, result.stderr
-    assert OOM in result.stderr and "--max-downtime 3 s" in result.stderr
+    assert OOM in result.stderr and "--max-downtime 3s" in result.stderr
+    assert "continue with:" in result.stderr and "--max-downtime 3 --resume\n" in result.stderr
     loads = [body for method, path, body in a.requests if path == "/api/chat"]
     assert len(loads) >= 2                                 # it kept trying while it waited
 

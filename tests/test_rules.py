@@ -458,3 +458,20 @@ def test_normalize_url_refuses_what_is_not_http(text):
 ])
 def test_model_matches_treats_a_missing_tag_as_latest(wanted, name, same):
     assert score.model_matches(wanted, name) is same
+
+
+def test_a_new_parquet_file_is_named_with_the_file_it_now_precedes():
+    def pin(name: str) -> dict:
+        return {"file": name, "size": 10, "head": "h", "tail": "t", "rows": 1}
+    info = score.InputInfo("parquet", (), ("code",), 2, None, "code", ())
+    old = [pin("part-b.parquet"), pin("part-c.parquet")]
+    new = [pin("part-a.parquet"), *old]
+    assert score.input_changes(info, old, new) == [
+        "part-a.parquet: new, and read before part-b.parquet, so every later row moves"]
+    assert score.input_changes(info, old, [*old, pin("part-d.parquet")]) == []
+
+
+@pytest.mark.parametrize("template", ['Rate {code}. Answer {"score": 5}', "Rate {code} {"])
+def test_a_prompt_with_literal_braces_says_to_double_them(template):
+    with pytest.raises(ValueError, match=r"write literal braces as \{\{ and \}\}"):
+        score.template_fields(template)
