@@ -4785,16 +4785,28 @@ def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
         raise exc
 
 
+def try_it_command() -> str | None:
+    """Spell the command that runs examples/try_it.py from this folder, if it ships beside score.py."""
+    path = Path(__file__).resolve().parent / "examples" / "try_it.py"
+    if not path.is_file():
+        return None
+    relative = os.path.relpath(path)
+    shown = relative if not relative.startswith("..") else str(path)
+    return shlex.join([interpreter(), shown])
+
+
 def first_run_hint(endpoints: list[Endpoint], config: Config) -> str:
-    """Say what to do when the default local Ollama is not there and no endpoints file was given."""
-    if len(endpoints) != 1 or endpoints[0].spec.line != 0 or "refused" not in endpoints[0].detail:
+    """Say what to do when the fleet is one local Ollama that is not running (the quick start, as shipped)."""
+    if len(endpoints) != 1 or "refused" not in endpoints[0].detail \
+            or httpx.URL(endpoints[0].url).host not in ("localhost", "127.0.0.1", "::1"):
         return ""
-    return (f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine, and no endpoints "
-            "file was given. To go on, either\n"
-            f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;\n"
-            "  - or list your machines in endpoints.txt, one URL per line, and pass --endpoints endpoints.txt;\n"
-            "  - or try score.py without Ollama: python examples/try_it.py\n"
-            "Ctrl-C stops the wait; nothing has been scored.")
+    lines = [f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine.",
+             "To go on, either",
+             f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;",
+             "  - or list your machines in endpoints.txt, one URL per line (or name a file with --endpoints);"]
+    if (command := try_it_command()) is not None:
+        lines += ["  - or try score.py without Ollama:", f"      {command}"]
+    return "\n".join(lines + ["Ctrl-C stops the wait; nothing has been scored."])
 
 
 async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[Endpoint, asyncio.Task]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -217,3 +218,18 @@ def test_model_that_stops_loading_mid_run_is_noted_and_ends_the_run_with_nothing
     records = read_records(out)
     assert records and all(r["score"] == expected_score(TEXTS[r["id"]]) for r in records)   # no row charged
     assert len({r["id"] for r in records}) == len(records)
+
+
+def test_the_shipped_endpoints_file_without_ollama_still_says_what_to_do_from_any_folder(tmp_path):
+    if port_open(score.OLLAMA_PORT):
+        pytest.skip("something listens on the default Ollama port here")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    shipped = Path(score.__file__).with_name("endpoints.txt").read_text()
+    (tmp_path / "endpoints.txt").write_text(shipped)              # the quick start, as it ships
+    result = run_cli(data, "--startup-timeout", "2", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    hint = result.stderr.split("Nothing listens at", 1)[1].split("nothing has been scored", 1)[0]
+    assert "ollama serve" in hint and "endpoints.txt" in hint
+    assert all(len(line) <= 100 for line in hint.splitlines()), hint
+    command = hint.split("without Ollama:\n", 1)[1].splitlines()[0].split()
+    assert command[-1].endswith("try_it.py") and (tmp_path / command[-1]).is_file()   # right from this folder
