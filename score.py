@@ -2889,13 +2889,14 @@ class Run:
         now = time.monotonic()
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
+        self.drop_finished()
         if self.producer_done and not self.worth_starting(endpoint, now):
             if (item := self.left_for(endpoint, now)) is not None:
                 return item
             return self.hedge_candidate(endpoint, now) if self.config.hedge else None
         fallback = None
         for i, item in enumerate(self.retry):
-            if item.finished or item.tasks:
+            if item.tasks:
                 continue
             if (item.avoid or item.fault_endpoints) and self.leave_to_others(endpoint, item):
                 continue
@@ -2918,6 +2919,18 @@ class Run:
             return self.hedge_candidate(endpoint, now)
         endpoint.limiter.on_starved()
         return None
+
+    def drop_finished(self) -> None:
+        """Forget retries a raced copy finished meanwhile, so they are neither scanned nor counted again."""
+        if any(item.finished for item in self.retry):
+            for _ in range(len(self.retry)):
+                item = self.retry.popleft()
+                if not item.finished:
+                    self.retry.append(item)
+
+    def queued(self) -> int:
+        """Count the rows waiting that an endpoint could take now (not finished, no copy in flight)."""
+        return len(self.fresh) + sum(1 for item in self.retry if not (item.finished or item.tasks))
 
     def leave_to_others(self, endpoint: Endpoint, item: Item) -> bool:
         """Say whether a row this endpoint failed should wait for other work or another endpoint.
@@ -2955,13 +2968,13 @@ class Run:
 
     def prefers(self, endpoint: Endpoint, now: float) -> bool:
         """Say whether the end-of-input rule lets this endpoint take one of the queued rows (no side effects)."""
-        queued = len(self.fresh) + len(self.retry)
+        queued = self.queued()
         others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
         return not queued or takes_queued_row(lane_of(endpoint), others, queued, now)
 
     def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
         """At the end of the input, leave the last rows to endpoints that will finish them sooner."""
-        queued = len(self.fresh) + len(self.retry)
+        queued = self.queued()
         if not queued:
             return True         # nothing to take: pick() goes on to racing
         me = lane_of(endpoint)
