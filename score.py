@@ -258,7 +258,9 @@ DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint 
 FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
 FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
 OUTCOME_DECAY = 1 / 64      # weight of one request in an endpoint's running fault and bad-answer shares
-UNUSABLE_RUN = 10           # unusable answers in a row, with none usable yet, that take an endpoint out
+UNUSABLE_RUN = 10           # unusable answers in a row (to different rows, once it has answered well) that take
+                            # an endpoint out
+SUSPECT_RUN = 3             # rows in a row answered unusably after which its answers no longer cost rows attempts
 JUDGE_MIN = 8               # unusable answers before an endpoint can be judged against the fleet
 JUDGE_SEEN = 20             # answers the rest of the fleet must have given to compare with
 JUDGE_SHARE = 0.5           # an endpoint is out when this share of its answers is unusable,
@@ -531,11 +533,16 @@ def parse_digest(text: str) -> int:
 def template_fields(template: str) -> tuple[str, ...]:
     """Return the {column} names a prompt template uses, raising ValueError if malformed."""
     names = []
-    for _, name, _, _ in string.Formatter().parse(template):
+    braces = "write literal braces as {{ and }}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {braces}") from None
+    for _, name, _, _ in parts:
         if name is None:
             continue
         if not name.isidentifier():
-            raise ValueError(f"unsupported placeholder {{{name}}}: use {{column}} names only")
+            raise ValueError(f"unsupported placeholder {{{name}}}: use {{column}} names only, and {braces}")
         if name not in names:
             names.append(name)
     return tuple(names)
@@ -1382,12 +1389,12 @@ def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str
     new_by = {pin["file"]: pin for pin in new}
     changes = [f"{name}: removed" for name in old_by if name not in new_by]
     kept = [i for i, pin in enumerate(new) if pin["file"] in old_by]
-    last_kept = new[kept[-1]]["file"] if kept else None
     for i, pin in enumerate(new):
         name, before = pin["file"], old_by.get(pin["file"])
         if before is None:
             if kept and i < kept[-1]:
-                changes.append(f"{name}: new, and read before {last_kept}, so every later row moves")
+                follows = new[next(k for k in kept if k > i)]["file"]
+                changes.append(f"{name}: new, and read before {follows}, so every later row moves")
         elif before != pin:
             if info.kind == "jsonl" and appended_to(info.files[i], before):
                 continue
@@ -1400,12 +1407,23 @@ def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str
     return changes
 
 
+def sha256_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def schema_sha256(reason: str) -> str:
+    """Hash the answer schema of a --reason mode, as the sidecar pins it."""
+    return sha256_of(json.dumps(score_schema(reason), sort_keys=True))
+
+
 def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
     """Describe what makes two runs' scores comparable, and pin the input's content."""
     return {
         "model": config.model,
-        "prompt_sha256": hashlib.sha256(config.prompt.encode()).hexdigest(),
-        "schema_sha256": hashlib.sha256(json.dumps(score_schema(config.reason), sort_keys=True).encode()).hexdigest(),
+        "reason": config.reason,
+        "prompt_source": config.prompt_source,
+        "prompt_sha256": sha256_of(config.prompt),
+        "schema_sha256": schema_sha256(config.reason),
         "input": str(config.input.resolve()),
         "id_column": info.id_column,
         "text_column": info.text_column,
@@ -1413,17 +1431,79 @@ def fingerprint(config: Config, info: InputInfo) -> dict[str, Any]:
     }
 
 
+def written_reason(old: dict[str, Any]) -> str | None:
+    """Say which --reason mode wrote a sidecar (older sidecars tell only by the schema's hash)."""
+    if old.get("reason") in REASON_MODES:
+        return old["reason"]
+    return next((mode for mode in REASON_MODES if schema_sha256(mode) == old.get("schema_sha256")), None)
+
+
+def prompt_difference(config: Config, old: dict[str, Any], reason: str) -> str | None:
+    """Say how the prompt differs from the one that wrote the output, and which option gives that one back."""
+    raw = DEFAULT_PROMPT if config.prompt_source == "built-in" else config.prompt
+    if sha256_of(prompt_for(raw, reason)) == old.get("prompt_sha256"):
+        return None
+    source = old.get("prompt_source")
+    if source == "built-in" and config.prompt_source != "built-in":
+        return "written with the built-in prompt: drop --prompt-file"
+    if source and source != config.prompt_source:
+        return f"written with --prompt-file {source}: add --prompt-file {shlex.quote(source)}"
+    if config.prompt_source == "built-in":
+        return "written with another version's built-in prompt"
+    return f"written with another text of the prompt (has {config.prompt_source} been edited?)"
+
+
+def same_content(old: Any, new: list[dict[str, Any]]) -> bool:
+    """Tell whether the input files are the pinned ones, whatever they are called now."""
+    def bare(pins: Any) -> list:
+        return [{k: v for k, v in pin.items() if k != "file"} for pin in pins] if isinstance(pins, list) else []
+    return bool(new) and bare(old) == bare(new)
+
+
+def setup_differences(config: Config, info: InputInfo, old: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Say, option by option, how this run differs from the one that wrote the output; note a moved input."""
+    lines = []
+    reason = written_reason(old)
+    if reason is None:
+        lines.append("written with another version's answer schema")
+    elif reason != config.reason:
+        lines.append(f"written with --reason {reason}: add --reason {reason}")
+    if (prompt := prompt_difference(config, old, reason or config.reason)) is not None:
+        lines.append(prompt)
+    if old.get("model") != config.model:
+        lines.append(f"written with --model {old.get('model')}: add --model {shlex.quote(str(old.get('model')))}")
+    for key, flag in (("id_column", "--id-column"), ("text_column", "--text-column")):
+        if old.get(key) != current[key]:
+            fix = f": add {flag} {shlex.quote(old[key])}" if old.get(key) else ""
+            lines.append(f"{flag.removeprefix('--').replace('-', ' ')}: was {old.get(key)!r}, now {current[key]!r}{fix}")
+    if old.get("input") != current["input"]:
+        if info.id_column is not None or same_content(old.get("input_files"), current["input_files"]):
+            why = "ids pair the scores" if info.id_column is not None else "its content is unchanged"
+            warn(f"note: the input was {old.get('input')}, now {current['input']}; resuming, as {why}")
+        else:
+            lines.append(f"input: was {old.get('input')}, now {current['input']}")
+    return ["  " + line for line in lines]
+
+
+def warn_unchecked(config: Config, info: InputInfo) -> None:
+    """Warn loudly when a resumed output has lost the sidecar that pins its setup (ids still pair the rows)."""
+    if config.resume and info.id_column is not None and config.output.exists() \
+            and not meta_path(config.output).exists():
+        warn(f"WARNING: {meta_path(config.output)} is missing, so the model, prompt and input that wrote "
+             f"{config.output} cannot be checked; resuming as if they were this run's")
+
+
 def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     """Compare the run with the checkpoint's sidecar; refuse to mix, or to mispair rows, unless --force."""
     current = fingerprint(config, info)
     path = meta_path(config.output)
     if not (config.resume and path.exists()):
+        warn_unchecked(config, info)
         return {"fingerprint": current, "endpoints": {}}
     try:
         meta = json.loads(path.read_text())
         old = meta["fingerprint"]
-        setup = [f"  {k}: was {old.get(k)!r}, now {current[k]!r}"
-                 for k in current if k != "input_files" and old.get(k) != current[k]]
+        setup = setup_differences(config, info, old, current)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         warn(f"{path}: unreadable ({one_line(exc)}); it will be rewritten")
         return {"fingerprint": current, "endpoints": {}}
@@ -1431,7 +1511,8 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     if setup:
         problems.append(f"{config.output} was written with a different setup; "
                         "resuming would mix incomparable scores:\n" + "\n".join(setup))
-    if info.id_column is None and isinstance(old.get("input_files"), list):
+    if info.id_column is None and isinstance(old.get("input_files"), list) \
+            and not same_content(old["input_files"], current["input_files"]):
         changes = input_changes(info, old["input_files"], current["input_files"])
         if changes:
             problems.append(f"{config.input} changed since {config.output} was written; without an id column, "
@@ -1440,8 +1521,7 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     if problems:
         message = "\n".join(problems)
         if not config.force:
-            raise UsageError(message + "\nrerun with --force to resume anyway, or start over with --overwrite "
-                                       "or another -o")
+            raise UsageError(message + "\nrerun with --force to resume anyway, or score into another -o")
         warn("WARNING: " + message + "\n(--force given: resuming anyway)")
     meta["fingerprint"] = current
     if not isinstance(meta.get("endpoints"), dict):
@@ -1469,6 +1549,21 @@ def normalize_url(text: str) -> tuple[str, str | None]:
     return base, None
 
 
+def hide_password(text: str) -> str:
+    """Mask the password of any URL in text (user:***@host): it must reach neither the screen nor the sidecar."""
+    return re.sub(r"(://[^/@:\s]*):[^/@\s]+@", r"\1:***@", text)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """Read a UTF-8 text file the user named; any problem is one usage line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
     """Parse `URL [key=value ...]` from one line of an endpoints file."""
     where = f"{source}:{number}"
@@ -1476,10 +1571,10 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
     try:
         url, implied_api = normalize_url(first)
     except (ValueError, httpx.InvalidURL) as exc:
-        raise UsageError(f"{where}: bad endpoint {first!r} ({one_line(exc)})") from None
+        raise UsageError(hide_password(f"{where}: bad endpoint {first!r} ({one_line(exc)})")) from None
     port = httpx.URL(url).port
     if port is not None and not 1 <= port <= 65535:
-        raise UsageError(f"{where}: bad endpoint {first!r} (port {port} is outside 1-65535)")
+        raise UsageError(hide_password(f"{where}: bad endpoint {first!r} (port {port} is outside 1-65535)"))
     options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -1487,6 +1582,8 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
             raise UsageError(f"{where}: expected key=value, got {pair!r}")
         if key not in ENDPOINT_KEYS:
             raise UsageError(f"{where}: unknown key {key!r} (known: {', '.join(ENDPOINT_KEYS)})")
+        if key in options:
+            raise UsageError(f"{where}: {key}= given twice ({options[key]!r} and {value!r}); keep one")
         options[key] = value
     concurrency: int | None = None
     if "concurrency" in options and options["concurrency"] != "auto":
@@ -1512,10 +1609,7 @@ def parse_endpoints(path: Path | None) -> tuple[EndpointSpec, ...]:
     """Read endpoints.txt (or fall back to the local Ollama)."""
     if path is None:
         return (parse_endpoint_line(DEFAULT_ENDPOINT, 0, "default"),)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read endpoints file ({exc.strerror})") from None
+    lines = read_text_file(path, "endpoints file").splitlines()
     specs = []
     for number, raw in enumerate(lines, 1):
         text = raw.split("#", 1)[0].strip()
@@ -1528,7 +1622,7 @@ def parse_endpoints(path: Path | None) -> tuple[EndpointSpec, ...]:
         for spec in specs:
             value = getattr(spec, kind)
             if value in seen:
-                raise UsageError(f"{path}:{spec.line}: {kind} {value} already on line {seen[value]}")
+                raise UsageError(f"{path}:{spec.line}: {kind} {hide_password(value)} already on line {seen[value]}")
             seen[value] = spec.line
     return tuple(specs)
 
@@ -1719,7 +1813,8 @@ class Endpoint:
     def __init__(self, spec: EndpointSpec, config: Config) -> None:
         self.spec = spec
         self.name = spec.name
-        self.url = spec.url
+        self.url = hide_password(spec.url)          # what is shown and stored
+        self.base_url = spec.url                    # what requests use, with any user:password
         self.model = spec.model or config.model
         self.api = spec.api
         fixed = config.concurrency if spec.concurrency == -1 else spec.concurrency
@@ -1749,6 +1844,7 @@ class Endpoint:
         # counters for the display and the summary
         self.done = self.errors = self.fault_count = 0
         self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
+        self.bad_rows = 0                            # rows answered unusably (first answers) since the last usable one
         self.last_bad = ""
         self.first_seen = self.first_bad = 0.0       # running counts of first answers to a row, and bad ones
         self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
@@ -1761,7 +1857,7 @@ class Endpoint:
         """The absolute scoring URL, parsed once (httpx re-parses relative ones per request)."""
         path = "/api/chat" if self.api == "ollama" else "/v1/chat/completions"
         if self._chat_url is None or not self._chat_url.path.endswith(path):
-            self._chat_url = httpx.URL(self.url + path)
+            self._chat_url = httpx.URL(self.base_url + path)
         return self._chat_url
 
     @property
@@ -1795,8 +1891,9 @@ class Endpoint:
     def note_answer(self, usable: bool, first: bool, message: str = "") -> None:
         """Count an answer; first answers to a row (not repeats of a bad one) are compared across the fleet."""
         if usable:
-            self.bad_run = 0
+            self.bad_run = self.bad_rows = 0
         else:
+            self.bad_rows += first
             self.faults = 0               # it answered: not down, whatever the answer
             self.note_outcome(fault=False)
             self.bad, self.bad_run, self.last_bad = self.bad + 1, self.bad_run + 1, message
@@ -1870,7 +1967,7 @@ def tls_context() -> ssl.SSLContext:
 def make_client(endpoint: Endpoint, config: Config) -> httpx.AsyncClient:
     """Create the endpoint's keep-alive pool; per-request timeouts are set by callers."""
     return httpx.AsyncClient(
-        base_url=endpoint.url,
+        base_url=endpoint.base_url,
         headers=endpoint.headers(),
         verify=tls_context(),
         timeout=httpx.Timeout(config.timeout, connect=10.0),
@@ -2925,13 +3022,14 @@ class Run:
         now = time.monotonic()
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
+        self.drop_finished()
         if self.producer_done and not self.worth_starting(endpoint, now):
             if (item := self.left_for(endpoint, now)) is not None:
                 return item
             return self.hedge_candidate(endpoint, now) if self.config.hedge else None
         fallback = None
         for i, item in enumerate(self.retry):
-            if item.finished or item.tasks:
+            if item.tasks:
                 continue
             if (item.avoid or item.fault_endpoints) and self.leave_to_others(endpoint, item):
                 continue
@@ -2954,6 +3052,18 @@ class Run:
             return self.hedge_candidate(endpoint, now)
         endpoint.limiter.on_starved()
         return None
+
+    def drop_finished(self) -> None:
+        """Forget retries a raced copy finished meanwhile, so they are neither scanned nor counted again."""
+        if any(item.finished for item in self.retry):
+            for _ in range(len(self.retry)):
+                item = self.retry.popleft()
+                if not item.finished:
+                    self.retry.append(item)
+
+    def queued(self) -> int:
+        """Count the rows waiting that an endpoint could take now (not finished, no copy in flight)."""
+        return len(self.fresh) + sum(1 for item in self.retry if not (item.finished or item.tasks))
 
     def leave_to_others(self, endpoint: Endpoint, item: Item) -> bool:
         """Say whether a row this endpoint failed should wait for other work or another endpoint.
@@ -2991,13 +3101,13 @@ class Run:
 
     def prefers(self, endpoint: Endpoint, now: float) -> bool:
         """Say whether the end-of-input rule lets this endpoint take one of the queued rows (no side effects)."""
-        queued = len(self.fresh) + len(self.retry)
+        queued = self.queued()
         others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
         return not queued or takes_queued_row(lane_of(endpoint), others, queued, now)
 
     def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
         """At the end of the input, leave the last rows to endpoints that will finish them sooner."""
-        queued = len(self.fresh) + len(self.retry)
+        queued = self.queued()
         if not queued:
             return True         # nothing to take: pick() goes on to racing
         me = lane_of(endpoint)
@@ -3193,7 +3303,12 @@ class Run:
 
         It is, if it is far worse than the rest of the fleet, or while the rest has
         not answered enough to compare with; a lone endpoint is judged on its own.
+        Whatever the fleet, several different rows in a row answered unusably,
+        with none usable between, say the endpoint has gone bad (a model that
+        started answering prose), not that the rows are.
         """
+        if endpoint.bad_rows >= SUSPECT_RUN:
+            return True
         if self.fleet_share(endpoint) is None:
             return any(e is not endpoint and e.usable for e in self.endpoints)
         return self.worse_than_fleet(endpoint) is not None
@@ -3205,10 +3320,15 @@ class Run:
         answers to each row; rows failed elsewhere count for the rest, which only
         makes it slower to blame an endpoint); alone, after UNUSABLE_RUN answers in
         a row with not one usable, so a lone endpoint answering prose cannot loop.
+        An endpoint that has answered well is out after UNUSABLE_RUN different
+        rows in a row answered unusably: a row bad everywhere is retried between
+        good answers, so it never makes such a run.
         """
         last = endpoint.last_bad[:160]
         if endpoint.done == 0 and endpoint.bad_run >= UNUSABLE_RUN:
             return f"{endpoint.bad_run} answers in a row, none usable (last: {last})"
+        if endpoint.bad_rows >= UNUSABLE_RUN:
+            return f"{endpoint.bad_rows} rows in a row answered, none usable (last: {last})"
         worse = self.worse_than_fleet(endpoint)
         if worse and endpoint.first_bad >= JUDGE_MIN:
             return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"
@@ -3398,7 +3518,7 @@ class Run:
                 # Counted from the last good answer, not from the last rejoin: a server that answers
                 # probes but fails every request keeps rejoining, and must not reset the clock.
                 raise StopRun(f"every endpoint is down and none has answered for "
-                              f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g} s)")
+                              f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
             self.progress.show(self.endpoints, paused=self.all_down_since is not None)
 
 
@@ -4622,6 +4742,44 @@ def positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
 
 
+def at_least_a_second(text: str) -> float:
+    """Parse a duration that paces the run: below a second, requests and probes would spin."""
+    seconds = parse_duration(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1s, got {text!r}")
+    return seconds
+
+
+def above_zero(text: str) -> float:
+    """Parse a duration that must be longer than nothing."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
+    return seconds
+
+
+def temperature_arg(text: str) -> float:
+    """Parse a sampling temperature: a finite number from 0 to 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 2:             # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 2, got {text!r}")
+    return value
+
+
+def score_arg(text: str) -> int:
+    """Parse a score threshold: a whole number from 1 to 10."""
+    try:
+        value = int(text)
+        if 1 <= value <= 10:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a whole score from 1 to 10, got {text!r}")
+
+
 def concurrency_arg(text: str) -> int | None:
     return None if text == "auto" else positive_int(text)
 
@@ -4633,6 +4791,8 @@ def top_arg(text: str) -> tuple[float, bool]:
         value, percent = float(found.group(1)), bool(found.group(2))
         if (percent and 0 < value <= 100) or (not percent and value >= 1 and value.is_integer()):
             return value, percent
+        if value == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} would keep no row: give at least 1 row or more than 0%")
     raise argparse.ArgumentTypeError(f"expected a row count or a percentage like 20%, got {text!r}")
 
 
@@ -4649,6 +4809,7 @@ DURATION_HELP = "90, 90s, 15m, 2h or 1d"
 def build_parser() -> argparse.ArgumentParser:
     """Declare the options, grouped as a user looks for them: input, fleet, run, output, reports."""
     parser = Parser(
+        allow_abbrev=False,     # an abbreviation would survive into the printed resume command
         prog="score.py", usage="python score.py INPUT [options]   (or: score INPUT [options])",
         description="Score every row of a dataset with a local LLM spread over several machines. Installed with "
                     "pip, the same program is the `score` command.",
@@ -4673,7 +4834,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-mixed-models", action="store_true", help="accept different builds of the model across endpoints")
     add("--pull", action="store_true", help="ask Ollama endpoints that lack the model to pull it")
     add("--check", action="store_true", help="run the preflight, print the first prompt, and exit")
-    add("--startup-timeout", type=parse_duration, default=300.0, metavar="DURATION",
+    add("--startup-timeout", type=at_least_a_second, default=300.0, metavar="DURATION",
         help=f"exit 2 if no endpoint has answered at all within this time ({DURATION_HELP}; default 300s)")
     add("--keep-alive", type=keep_alive_arg, default=1800, metavar="DURATION",
         help=f"how long Ollama keeps the model loaded after a request ({DURATION_HELP}; -1 forever, 0 unload; "
@@ -4681,15 +4842,15 @@ def build_parser() -> argparse.ArgumentParser:
     add = groups["run"].add_argument
     add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
         help="requests in flight per endpoint unless its line says (default auto: adaptive)")
-    add("--timeout", type=parse_duration, default=600.0, metavar="DURATION",
+    add("--timeout", type=at_least_a_second, default=600.0, metavar="DURATION",
         help=f"per-request limit ({DURATION_HELP}; default 600s)")
     add("--max-attempts", type=positive_int, default=3, metavar="N",
         help="bad answers allowed per row before it is recorded as failed (default 3)")
-    add("--max-downtime", type=parse_duration, metavar="DURATION",
+    add("--max-downtime", type=above_zero, metavar="DURATION",
         help=f"give up (exit 1, nothing lost) when every endpoint is down and none has answered for this long "
              f"({DURATION_HELP}; default: never)")
     add("--num-ctx", type=positive_int, default=8192, metavar="N", help="context tokens sent to Ollama (default 8192)")
-    add("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default 0)")
+    add("--temperature", type=temperature_arg, default=0.0, metavar="T", help="sampling temperature (default 0)")
     add("--seed", type=int, default=42, metavar="N", help="sampling seed (default 42)")
     add("--no-hedge", dest="hedge", action="store_false", help="never race slow tail requests on faster endpoints")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar or status lines")
@@ -4703,7 +4864,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--report", action="store_true", help="print the run report for the output and exit (scores nothing)")
     add("--report-html", type=Path, metavar="PATH", help="also write the report as a self-contained HTML page")
     add("--export", type=Path, metavar="PATH.parquet", help="write the input with score columns added, at the end")
-    add("--min-score", type=int, metavar="N", help="with --export: keep only rows scoring at least N")
+    add("--min-score", type=score_arg, metavar="N", help="with --export: keep only rows scoring at least N")
     add("--top", type=top_arg, metavar="N|P%",
         help="with --export: keep only the best N rows (or P%% of scored rows) by score_expected, else score")
     groups["run"].add_argument(
@@ -4738,10 +4899,7 @@ def parse_args(argv: list[str] | None) -> Config:
         endpoints_file = Path("endpoints.txt")
     prompt, source = DEFAULT_PROMPT, "built-in"
     if args.prompt_file:
-        try:
-            prompt, source = args.prompt_file.read_text(), str(args.prompt_file)
-        except OSError as exc:
-            raise UsageError(f"{args.prompt_file}: cannot read prompt file ({exc.strerror})") from None
+        prompt, source = read_text_file(args.prompt_file, "prompt file"), str(args.prompt_file)
     if args.min_score is not None and not args.export:
         raise UsageError("--min-score only applies with --export")
     if args.top is not None and not args.export:
@@ -4779,16 +4937,28 @@ def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
         raise exc
 
 
+def try_it_command() -> str | None:
+    """Spell the command that runs examples/try_it.py from this folder, if it ships beside score.py."""
+    path = Path(__file__).resolve().parent / "examples" / "try_it.py"
+    if not path.is_file():
+        return None
+    relative = os.path.relpath(path)
+    shown = relative if not relative.startswith("..") else str(path)
+    return shlex.join([interpreter(), shown])
+
+
 def first_run_hint(endpoints: list[Endpoint], config: Config) -> str:
-    """Say what to do when the default local Ollama is not there and no endpoints file was given."""
-    if len(endpoints) != 1 or endpoints[0].spec.line != 0 or "refused" not in endpoints[0].detail:
+    """Say what to do when the fleet is one local Ollama that is not running (the quick start, as shipped)."""
+    if len(endpoints) != 1 or "refused" not in endpoints[0].detail \
+            or httpx.URL(endpoints[0].url).host not in ("localhost", "127.0.0.1", "::1"):
         return ""
-    return (f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine, and no endpoints "
-            "file was given. To go on, either\n"
-            f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;\n"
-            "  - or list your machines in endpoints.txt, one URL per line, and pass --endpoints endpoints.txt;\n"
-            "  - or try score.py without Ollama: python examples/try_it.py\n"
-            "Ctrl-C stops the wait; nothing has been scored.")
+    lines = [f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine.",
+             "To go on, either",
+             f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;",
+             "  - or list your machines in endpoints.txt, one URL per line (or name a file with --endpoints);"]
+    if (command := try_it_command()) is not None:
+        lines += ["  - or try score.py without Ollama:", f"      {command}"]
+    return "\n".join(lines + ["Ctrl-C stops the wait; nothing has been scored."])
 
 
 async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[Endpoint, asyncio.Task]) -> None:
@@ -4961,6 +5131,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     progress: Progress | None = None
     run: Run | None = None
     code = EXIT_OK
+    stopped = False
     started = time.monotonic()
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -4993,6 +5164,8 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         code = EXIT_SIGNAL[received[0]]
     except StopRun as problem:                # from preflight: nothing was sent
         warn(f"score.py: stopped: {problem}")
+        if problem.code == EXIT_INCOMPLETE:
+            warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
         return problem.code
     except ExceptionGroup as group:
         expected, rest = group.split((StopRun, UsageError))
@@ -5004,7 +5177,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
         if isinstance(problem, UsageError):
             raise problem from None
         warn(f"score.py: stopped: {problem}")
-        code = problem.code
+        code, stopped = problem.code, True
     finally:
         if progress is not None:
             progress.close()
@@ -5023,6 +5196,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     if config.overwrite and checkpoint.untouched:
         warn(f"Nothing new was written: {config.output} is left as it was.")
         return code
+    if stopped:
+        warn(f"Stopped early. Every finished row is saved in {config.output}; once that is fixed, continue with:\n"
+             f"  {resume_command(config)}")
     return finish_outputs(config, code)
 
 
@@ -5087,6 +5263,11 @@ def resume_command(config: Config) -> str:
     """Spell out, shell-quoted, the command that continues this run."""
     words = [w for w in config.command or ("score.py", str(config.input)) if w not in ("--overwrite", "--resume")]
     return shlex.join([*words, "--resume"])
+
+
+def rerun_command(config: Config) -> str:
+    """Spell out, shell-quoted, this very command (nothing was written: run it again as it was)."""
+    return shlex.join(config.command) if config.command else resume_command(config)
 
 
 def finish_outputs(config: Config, code: int) -> int:

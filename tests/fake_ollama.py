@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gzip
 import hashlib
 import json
@@ -155,6 +156,7 @@ class Behaviour:
     busy_503: float = 0.0
     reset: float = 0.0                    # connection closed mid-request
     garbage: float = 0.0                  # 200 with content that is not JSON
+    garbage_after: int | None = None      # after this many good answers, every answer is prose (a model gone bad)
     hang: float = 0.0                     # never answers
     out_of_range: float = 0.0             # answers score 15
     poison: str | None = None             # code containing this crashes the runner (500)
@@ -163,6 +165,7 @@ class Behaviour:
     reject_json_schema: bool = False      # llama-cpp-python: 500 on response_format json_schema
     n_ctx: int | None = None              # OpenAI mode: 400 when prompt tokens exceed this
     api_key: str | None = None            # demand "Authorization: Bearer <key>" (401 otherwise)
+    basic_auth: str | None = None         # a proxy demanding "Authorization: Basic" of this "user:password"
     error_200: str | None = None          # LM Studio: answer chats 200 {"error": this}
     redirect: int | None = None           # answer scoring chats with this 3xx status, pointing elsewhere
     raw_200: str | None = None            # answer scoring chats 200 with this text/html body (a proxy's page)
@@ -340,6 +343,9 @@ class FakeOllama:
                 if self.behaviour.api_key and headers.get("authorization") != f"Bearer {self.behaviour.api_key}":
                     reply = (401, {"error": {"message": "Invalid API key", "type": "invalid_request_error"}},
                              "application/json")
+                elif self.behaviour.basic_auth and headers.get("authorization") != \
+                        "Basic " + base64.b64encode(self.behaviour.basic_auth.encode()).decode():
+                    reply = 401, b"401 Authorization Required", "text/html"
                 else:
                     reply = await self._route(method, path, body, reader, writer)
                 if reply is None:          # connection dropped on purpose
@@ -490,7 +496,7 @@ class FakeOllama:
         logprobs = None
         if body.get("logprobs") and b.logprobs in ("on", "spaced") and 1 <= score <= 10:
             logprobs = damaged(logprob_entries(content, score, spaced=b.logprobs == "spaced"), b.logprob_values)
-        if fault == "garbage":
+        if fault == "garbage" or (b.garbage_after is not None and self.answered >= b.garbage_after):
             content, logprobs = "Sure! Here is my rating: great code", None
         self.answered += 1
         if openai:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 
 import score
@@ -183,3 +184,38 @@ def test_a_mixed_fleet_keeps_laptops_busy_to_the_end_and_leaves_the_tail_to_the_
     last_laptop = max(r["ts"] for r in records if r["endpoint"] != "gpu")
     after = sum(r["ts"] > last_laptop for r in records)
     assert after <= 16, after      # laptops idle while the GPU works alone: at most two of its rounds
+
+
+def fleet_run(n: int) -> tuple[score.Run, list[score.Endpoint]]:
+    """A run over n endpoints with its input read to the end, to ask its dispatch rules."""
+    config = score.parse_args(["x.jsonl"])
+    endpoints = [score.Endpoint(score.EndpointSpec(url=f"http://127.0.0.1:{9 + i}", name=f"e{i}", api="ollama",
+                                                   model=None, concurrency=None, key_env=None, line=i + 1), config)
+                 for i in range(n)]
+    run = score.Run(config, None, endpoints, None, None, {}, iter([]), [], score.Tally(),
+                    score.Progress(False, None, 0))
+    run.producer_done = True
+    return run, endpoints
+
+
+def item(i: int, **state) -> score.Item:
+    return score.Item(id=i, key=i, text=f"def f{i}(): pass", fields={}, **state)
+
+
+def test_retries_finished_or_in_flight_elsewhere_neither_count_as_queued_nor_stay_queued():
+    run, (fast, slow) = fleet_run(2)
+    for endpoint, service in ((fast, 1.0), (slow, 3.5)):
+        endpoint.state = "ready"
+        endpoint.limiter.service = service
+    fast.inflight = {item(100): time.monotonic()}           # the fast machine has just started one row
+    done = [item(i, finished=True) for i in range(5)]       # raced copies finished these meanwhile
+    running = item(5, tasks={fast: None})                   # a copy of this one is running on the fast machine
+    waiting = item(6)
+    run.retry.extend([*done, running, waiting])
+    assert run.queued() == 1
+    picked = run.pick(slow)
+    # one row left: the fast machine finishes it sooner, so the slow one leaves it; with seven rows
+    # really queued it would take one, as the fast machine can do only two before the slow one's first
+    assert score.takes_queued_row(score.lane_of(slow), iter([score.lane_of(fast)]), 7, time.monotonic())
+    assert picked is None, picked
+    assert list(run.retry) == [running, waiting]            # finished rows are gone from the queue

@@ -177,7 +177,8 @@ def test_max_downtime_ends_the_run_with_exit_1_and_nothing_lost(tmp_path, serve,
         a.behaviour.fail_500 = 1.0        # it keeps rejoining after probes, which must not reset the clock
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
-    assert "none has answered" in err and "--max-downtime" in err and "Traceback" not in err
+    assert "none has answered" in err and "--max-downtime 3s)" in err and "Traceback" not in err
+    assert f"continue with:\n  " in err and "--max-downtime 3 --resume\n" in err
     assert all(r["score"] is not None for r in read_records(out))      # nothing charged to rows
     if outage == "port closed":
         a.come_back()
@@ -283,7 +284,8 @@ def test_resume_with_another_prompt_needs_force(tmp_path, serve):
     out = tmp_path / "fns.scores.jsonl"
     before = out.read_bytes()
     refused = run_cli(data, "--endpoints", endpoints, "--resume", "--prompt-file", prompt)
-    assert refused.returncode == 2 and "prompt_sha256" in refused.stderr and "--force" in refused.stderr
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+    assert "written with the built-in prompt: drop --prompt-file" in refused.stderr
     assert out.read_bytes() == before
     forced = run_cli(data, "--endpoints", endpoints, "--resume", "--prompt-file", prompt, "--force")
     assert forced.returncode == 0 and "WARNING" in forced.stderr
@@ -534,3 +536,56 @@ def test_a_row_answered_badly_waits_for_another_endpoint_but_the_retry_queue_sta
     assert run.pick(e0).id == "fn-9998"               # below the bound, failed rows still wait
     run.retry.append(row_item(1 + score.RETRY_BOUND, avoid={"e0"}))
     assert run.pick(e0).id == "fn-2"                  # at the bound the oldest waiting row goes first
+
+
+def test_lone_endpoint_that_starts_answering_prose_stops_the_run_and_leaves_the_rest_for_resume(tmp_path, serve):
+    server = serve(latency=0.01, garbage_after=50, seed=14)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(400))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "every endpoint has been taken out" in result.stderr and "none usable" in result.stderr
+    assert "Traceback" not in result.stderr and "continue with:" in result.stderr
+    assert "--no-progress --resume\n" in result.stderr
+    records = read_records(out)
+    assert [r for r in records if r["score"] is None] == []        # no row was given up on
+    assert 40 <= len(records) <= 50
+    assert server.chats <= 50 + score.UNUSABLE_RUN + 10             # judged within a few answers
+    server.behaviour.garbage_after = None                          # the model is fixed: resume scores the rest
+    again = run_cli(data, "--endpoints", endpoints, "--resume", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert_complete(read_records(out), [r["id"] for r in rows(400)])
+
+
+def lone_run(config) -> tuple:
+    """A run with one endpoint and nothing to read, to ask its rules about the endpoint."""
+    spec = score.EndpointSpec(url="http://127.0.0.1:1", name="a", api="ollama", model=None, concurrency=None,
+                              key_env=None, line=1)
+    endpoint = score.Endpoint(spec, config)
+    run = score.Run(config, None, [endpoint], None, None, {}, iter([]), [], score.Tally(),
+                    score.Progress(False, None, 0))
+    return run, endpoint
+
+
+def test_a_run_of_different_rows_answered_badly_makes_an_endpoint_suspect_then_takes_it_out():
+    run, endpoint = lone_run(score.parse_args(["x.jsonl"]))
+    endpoint.record_success(0.1, 0.0)
+    endpoint.note_answer(True, first=True)
+    for n in range(1, score.UNUSABLE_RUN + 1):
+        assert run.unusable_reason(endpoint) is None
+        endpoint.note_answer(False, first=True, message="not a JSON object")
+        endpoint.note_answer(False, first=False, message="not a JSON object")   # a repeat does not lengthen it
+        assert run.suspect(endpoint) == (n >= score.SUSPECT_RUN)
+    assert "none usable" in run.unusable_reason(endpoint)
+    endpoint.note_answer(True, first=True)
+    assert not run.suspect(endpoint) and run.unusable_reason(endpoint) is None
+
+
+def test_one_row_answered_badly_again_and_again_never_takes_a_proven_endpoint_out():
+    run, endpoint = lone_run(score.parse_args(["x.jsonl"]))
+    endpoint.record_success(0.1, 0.0)
+    endpoint.note_answer(False, first=True, message="score 0 outside 1..10")
+    for _ in range(3 * score.UNUSABLE_RUN):
+        endpoint.note_answer(False, first=False, message="score 0 outside 1..10")
+    assert not run.suspect(endpoint) and run.unusable_reason(endpoint) is None

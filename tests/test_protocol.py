@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -124,6 +125,7 @@ def test_no_endpoint_can_load_the_model_stops_with_the_servers_message(tmp_path,
     stopped = result.stderr.split("stopped:")[1]
     assert "no endpoint can serve: e0: cannot load qwen2.5-coder:7b" in stopped and OOM in stopped
     assert "Traceback" not in result.stderr and a.chats == b.chats == 0
+    assert "run again with:" in result.stderr and "e.txt --no-progress\n" in result.stderr
 
 
 def test_max_downtime_waits_for_a_model_that_cannot_load_and_says_why(tmp_path, serve):
@@ -132,7 +134,8 @@ def test_max_downtime_waits_for_a_model_that_cannot_load_and_says_why(tmp_path, 
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [a]), "--no-progress",
                      "--max-downtime", "3", timeout=60)
     assert result.returncode == 1, result.stderr
-    assert OOM in result.stderr and "--max-downtime 3 s" in result.stderr
+    assert OOM in result.stderr and "--max-downtime 3s" in result.stderr
+    assert "continue with:" in result.stderr and "--max-downtime 3 --resume\n" in result.stderr
     loads = [body for method, path, body in a.requests if path == "/api/chat"]
     assert len(loads) >= 2                                 # it kept trying while it waited
 
@@ -215,3 +218,18 @@ def test_model_that_stops_loading_mid_run_is_noted_and_ends_the_run_with_nothing
     records = read_records(out)
     assert records and all(r["score"] == expected_score(TEXTS[r["id"]]) for r in records)   # no row charged
     assert len({r["id"] for r in records}) == len(records)
+
+
+def test_the_shipped_endpoints_file_without_ollama_still_says_what_to_do_from_any_folder(tmp_path):
+    if port_open(score.OLLAMA_PORT):
+        pytest.skip("something listens on the default Ollama port here")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    shipped = Path(score.__file__).with_name("endpoints.txt").read_text()
+    (tmp_path / "endpoints.txt").write_text(shipped)              # the quick start, as it ships
+    result = run_cli(data, "--startup-timeout", "2", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    hint = result.stderr.split("Nothing listens at", 1)[1].split("nothing has been scored", 1)[0]
+    assert "ollama serve" in hint and "endpoints.txt" in hint
+    assert all(len(line) <= 100 for line in hint.splitlines()), hint
+    command = hint.split("without Ollama:\n", 1)[1].splitlines()[0].split()
+    assert command[-1].endswith("try_it.py") and (tmp_path / command[-1]).is_file()   # right from this folder

@@ -494,3 +494,20 @@ def test_a_template_beyond_the_context_leaves_no_room_for_code():
     assert budget < 0
     budget, cap = score.prompt_plan(2048, "x" * 4200 + "{doc}{code}", plan_item("def f(): pass", doc="d" * 900))
     assert cap == len(score.TRUNCATION_MARK) and budget < score.MIN_CODE_CHARS
+
+
+def test_a_new_parquet_file_is_named_with_the_file_it_now_precedes():
+    def pin(name: str) -> dict:
+        return {"file": name, "size": 10, "head": "h", "tail": "t", "rows": 1}
+    info = score.InputInfo("parquet", (), ("code",), 2, None, "code", ())
+    old = [pin("part-b.parquet"), pin("part-c.parquet")]
+    new = [pin("part-a.parquet"), *old]
+    assert score.input_changes(info, old, new) == [
+        "part-a.parquet: new, and read before part-b.parquet, so every later row moves"]
+    assert score.input_changes(info, old, [*old, pin("part-d.parquet")]) == []
+
+
+@pytest.mark.parametrize("template", ['Rate {code}. Answer {"score": 5}', "Rate {code} {"])
+def test_a_prompt_with_literal_braces_says_to_double_them(template):
+    with pytest.raises(ValueError, match=r"write literal braces as \{\{ and \}\}"):
+        score.template_fields(template)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import score
+
 from conftest import (SCORE, expected_score, function_source, lines_in, read_records, rows, run_cli, scored,
                       start_cli, wait_for, write_endpoints, write_jsonl, write_parquet)
 
@@ -374,3 +376,77 @@ def test_resume_export_with_nothing_left_exits_0_and_still_lists_permanent_error
     assert "1 empty" in result.stderr and target.exists()
     kinds = {r["id"]: r["error_kind"] for r in read_records(tmp_path / "fns.scores.jsonl")}
     assert kinds["fn-2"] == "empty" and list(kinds.values()).count(None) == 5
+
+
+# ── what the sidecar says when a resume does not match
+
+def test_resume_of_a_reason_none_run_says_which_option_to_add_and_never_advises_overwrite(tmp_path, serve):
+    server = serve()
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(10))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    assert run_cli(data, "--endpoints", endpoints, "--reason", "none", "--limit", "4").returncode == 0
+    before = snapshot(tmp_path)
+    refused = run_cli(data, "--endpoints", endpoints, "--resume", "--export", tmp_path / "best.parquet",
+                      "--top", "20%")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "written with --reason none: add --reason none" in refused.stderr
+    assert "sha256" not in refused.stderr and "--overwrite" not in refused.stderr and "--force" in refused.stderr
+    assert snapshot(tmp_path) == before
+    fixed = run_cli(data, "--endpoints", endpoints, "--resume", "--reason", "none", "--export",
+                    tmp_path / "best.parquet", "--top", "20%")
+    assert fixed.returncode == 0, fixed.stderr
+    assert len(scored(read_records(out))) == 10
+
+
+def test_a_sidecar_without_the_reason_mode_still_names_it_from_the_schema(tmp_path):
+    config = score.parse_args([str(tmp_path / "x.jsonl"), "--reason", "short"])
+    old = {"schema_sha256": score.schema_sha256("none"), "model": config.model}
+    assert score.written_reason(old) == "none"
+    assert score.written_reason({"schema_sha256": "0" * 64}) is None
+    assert score.prompt_difference(config, {"prompt_sha256": score.sha256_of(score.prompt_for(
+        score.DEFAULT_PROMPT, "none"))}, "none") is None
+
+
+@pytest.mark.parametrize("ids", [True, False])
+def test_a_moved_input_resumes_with_a_note_when_ids_or_content_pair_the_scores(tmp_path, serve, ids):
+    server = serve()
+    records = rows(10) if ids else [{"code": r["code"]} for r in rows(10)]
+    (tmp_path / "old").mkdir()
+    data = write_jsonl(tmp_path / "old" / "fns.jsonl", records)
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    assert run_cli(data, "--endpoints", endpoints, "-o", out, "--limit", "4").returncode == 0
+    moved = tmp_path / "new" / "fns.jsonl"
+    moved.parent.mkdir()
+    data.rename(moved)
+    result = run_cli(moved, "--endpoints", endpoints, "-o", out, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "note: the input was" in result.stderr and "different setup" not in result.stderr
+    assert len(scored(read_records(out))) == 10
+
+
+def test_a_moved_and_changed_input_without_ids_is_still_refused(tmp_path, serve):
+    server = serve()
+    for folder in ("old", "new"):
+        (tmp_path / folder).mkdir()
+    data = write_jsonl(tmp_path / "old" / "fns.jsonl", [{"code": r["code"]} for r in rows(10)])
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    assert run_cli(data, "--endpoints", endpoints, "-o", out, "--limit", "4").returncode == 0
+    moved = write_jsonl(tmp_path / "new" / "fns.jsonl", [{"code": r["code"]} for r in rows(10)[2:]])
+    refused = run_cli(moved, "--endpoints", endpoints, "-o", out, "--resume")
+    assert refused.returncode == 2 and "input: was" in refused.stderr and "--overwrite" not in refused.stderr
+
+
+def test_resume_without_the_sidecar_warns_that_the_setup_cannot_be_checked(tmp_path, serve):
+    server = serve()
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(10))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = tmp_path / "fns.scores.jsonl"
+    assert run_cli(data, "--endpoints", endpoints, "--limit", "4").returncode == 0
+    score.meta_path(out).unlink()
+    result = run_cli(data, "--endpoints", endpoints, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr and "cannot be checked" in result.stderr
+    assert len(scored(read_records(out))) == 10

@@ -303,3 +303,45 @@ def test_check_prints_preflight_and_first_prompt_without_scoring(tmp_path, serve
     sent = [m["content"] for b in server.chat_bodies() for m in b.get("messages") or []]
     assert not any(function_source(i) in text for text in sent for i in range(4))   # calibration samples only
     assert not (tmp_path / "fns.scores.jsonl").exists()
+
+
+@pytest.mark.parametrize("case, extra, expect", [
+    ("endpoints-latin1", [], "endpoints file is not UTF-8"),
+    ("prompt-latin1", [], "prompt file is not UTF-8"),
+    ("duplicate-key", [], "e.txt:1: name= given twice"),
+    ("option", ["--temperature", "nan"], "--temperature: expected a number from 0 to 2"),
+    ("option", ["--temperature", "inf"], "--temperature: expected a number from 0 to 2"),
+    ("option", ["--temperature", "-0.5"], "--temperature: expected a number from 0 to 2"),
+    ("option", ["--timeout", "0"], "--timeout: must be at least 1s"),
+    ("option", ["--timeout", "0.2s"], "--timeout: must be at least 1s"),
+    ("option", ["--startup-timeout", "0"], "--startup-timeout: must be at least 1s"),
+    ("option", ["--max-downtime", "0"], "--max-downtime: must be longer than 0"),
+    ("option", ["--export", "o.parquet", "--min-score", "11"], "--min-score: expected a whole score from 1 to 10"),
+    ("option", ["--export", "o.parquet", "--min-score", "0"], "--min-score: expected a whole score from 1 to 10"),
+    ("option", ["--export", "o.parquet", "--top", "0"], "would keep no row"),
+    ("option", ["--overw"], "unrecognized arguments: --overw"),
+])
+def test_unusable_file_or_option_value_is_one_line_and_exit_2(tmp_path, serve, case, extra, expect):
+    server = serve()
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    args = [data, "--endpoints", endpoints, *extra]
+    if case == "endpoints-latin1":
+        endpoints.write_bytes(f"{server.url} name=caf\xe9\n".encode("latin-1"))
+    elif case == "prompt-latin1":
+        prompt = tmp_path / "p.txt"
+        prompt.write_bytes("Rate {code} \xe0 10\n".encode("latin-1"))
+        args += ["--prompt-file", prompt]
+    elif case == "duplicate-key":
+        endpoints.write_text(f"{server.url} name=a name=b\n")
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("score.py: error:") and expect in lines[0], result.stderr
+    assert server.chat_bodies() == [] and not (tmp_path / "fns.scores.jsonl").exists()
+
+
+def test_a_finite_temperature_up_to_2_and_a_one_second_timeout_are_accepted():
+    config = score.parse_args(["x.jsonl", "--temperature", "2", "--timeout", "1", "--startup-timeout", "1s",
+                               "--max-downtime", "0.5"])
+    assert (config.temperature, config.timeout, config.startup_timeout, config.max_downtime) == (2.0, 1.0, 1.0, 0.5)

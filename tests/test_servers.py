@@ -122,3 +122,20 @@ def test_per_endpoint_model_override_is_sent_and_recorded(tmp_path, serve):
     records = read_records(tmp_path / "fns.scores.jsonl")
     assert {(r["endpoint"], r["model"]) for r in records} <= {("big", "qwen2.5-coder:7b"),
                                                              ("small", "qwen2.5-coder:3b")}
+
+
+def test_a_password_in_an_endpoint_url_is_used_but_never_shown_or_stored(tmp_path, serve):
+    server = serve(basic_auth="alice:s3cret-pw")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(5))
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text(server.url.replace("http://", "http://alice:s3cret-pw@") + "\n")
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress")
+    assert result.returncode == 0, result.stderr              # the proxy let every request through
+    assert len(read_records(tmp_path / "fns.scores.jsonl")) == 5
+    shown = result.stdout + result.stderr + (tmp_path / "fns.scores.jsonl").read_text() \
+        + score.meta_path(tmp_path / "fns.scores.jsonl").read_text()
+    assert "s3cret-pw" not in shown
+    assert "alice:***@127.0.0.1" in result.stderr + result.stdout
+    endpoints.write_text(f"{endpoints.read_text()}{endpoints.read_text()}")   # the same URL twice
+    again = run_cli(data, "--endpoints", endpoints, "--overwrite")
+    assert again.returncode == 2 and "already on line 1" in again.stderr and "s3cret-pw" not in again.stderr
