@@ -4502,6 +4502,9 @@ def check_outputs(config: Config, info: InputInfo) -> None:
     """Refuse, before anything is opened for writing, outputs that would overwrite the input or each other."""
     if not config.output.name:
         raise UsageError(f"-o {str(config.output)!r}: needs a file name")
+    if config.output.absolute().parts[1:2] in (("dev",), ("proc",)):
+        # /dev/stdout can be a regular file when redirected, but its sidecar would land in /dev
+        raise UsageError(f"-o {config.output}: a checkpoint must be a file of its own, not a device or stream")
     outputs = [(flag, path) for flag, path in (("-o", config.output), ("the sidecar", meta_path(config.output)),
                                                ("--export", config.export), ("--report-html", config.report_html))
                if path is not None]
