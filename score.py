@@ -4517,8 +4517,6 @@ def check_outputs(config: Config, info: InputInfo) -> None:
         key = path_key(path)
         if key in read:
             raise UsageError(f"{flag} {path} is {read[key]}, which this run reads; choose another path")
-        if flag in ("-o", "the sidecar"):
-            replaceable(flag, path)
         if key in inputs or (folder is not None and path.resolve().is_relative_to(folder)):
             where = "is" if key in inputs else "is inside"
             raise UsageError(f"{flag} {path} {where} the input {config.input}: writing there would destroy "
@@ -4526,6 +4524,8 @@ def check_outputs(config: Config, info: InputInfo) -> None:
         if key in seen:
             raise UsageError(f"{flag} {path} is the same file as {seen[key]}; choose another path")
         seen[key] = f"{flag} {path}"
+        if flag in ("-o", "the sidecar"):
+            replaceable(flag, path)
     for flag, path in outputs[2:]:
         check_writable(flag, path, probe=not config.check)
 
