@@ -3977,7 +3977,7 @@ def answer_table(path: Path) -> pa.Table:
         columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
         for name in EXPORT_COLUMNS:
             value = record.get(name)
-            columns[name].append(value if name in NUMERIC_COLUMNS or value is None else str(value))
+            columns[name].append(value if name in NUMERIC_COLUMNS or value is None else clean_strings(str(value)))
         if len(columns["key"]) >= 65536:
             flush()
     flush()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import (SCORE, function_source, read_records, rows, run_cli, scored, write_endpoints, write_jsonl,
@@ -44,8 +45,10 @@ def test_an_answer_with_a_lone_surrogate_is_saved_on_one_line_and_resumes(tmp_pa
     records = read_records(out)
     assert len(records) == 6 and len(scored(records)) == 6
     assert all(r["reason"] == "looks fine \ud800 until encoded" for r in records)
-    again = run_cli(data, "--endpoints", endpoints, "--resume")
+    again = run_cli(data, "--endpoints", endpoints, "--resume", "--export", tmp_path / "x.parquet")
     assert again.returncode == 0 and "Nothing to do" in again.stderr, again.stderr
+    exported = pq.read_table(tmp_path / "x.parquet").column("reason").to_pylist()
+    assert exported == ["looks fine ? until encoded"] * 6      # Parquet strings are UTF-8: replaced, not lost
 
 
 # ── --resume only continues a checkpoint
@@ -191,7 +194,6 @@ def test_export_and_report_replace_their_own_earlier_file(tmp_path, serve, flag,
     assert result.returncode == 0, result.stderr
     assert target.read_bytes() != first
     if flag == "--export":
-        import pyarrow.parquet as pq
         assert pq.read_table(target).column("score").null_count == 0
 
 
