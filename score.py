@@ -66,6 +66,7 @@ import shlex
 import shutil
 import signal
 import ssl
+import stat
 import statistics
 import string
 import sys
@@ -352,6 +353,8 @@ class Config:
     top: tuple[float, bool] | None = None    # --top: (N, False) rows or (P, True) percent of scored rows
     calibration: bool | None = None          # None: calibrate jobs of CALIBRATE_MIN_ROWS or more
     require_calibration: bool = False
+    endpoints_file: Path | None = None       # files the run reads: never an output
+    prompt_file: Path | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -1040,7 +1043,10 @@ def valid_details(record: dict[str, Any]) -> bool:
     """Tell whether the fields the report and export read hold what score.py writes (absent is null)."""
     get = record.get
     ts, expected, latency, original = get("ts"), get("score_expected"), get("latency_s"), get("duplicate_of")
-    return (all(get(name) is None or type(get(name)) is str and writable(get(name)) for name in RECORD_TEXTS)
+    # A reason or an error is a server's text and may hold a lone surrogate (record_line writes it escaped);
+    # an endpoint's name and a model's come from us and never do.
+    return (all(get(name) is None or type(get(name)) is str for name in RECORD_TEXTS)
+            and all(writable(get(name)) for name in ("endpoint", "model"))
             and all(get(name) is None or type(get(name)) is int and get(name) >= 0 for name in RECORD_COUNTS)
             and (ts is None or finite(ts) and 0 < ts < LATEST_TS)
             and (expected is None or finite(expected) and 1 <= expected <= 10)
@@ -1115,6 +1121,22 @@ def lock_output(path: Path) -> tuple[int, bool]:
     raise UsageError(f"{path}: keeps disappearing while being opened; is another program removing it?")
 
 
+def record_line(record: dict[str, Any]) -> bytes:
+    """Encode a record as one JSONL line, whatever text a server put in it.
+
+    A lone surrogate (valid in JSON, not in UTF-8) is kept as its \\u escape rather than
+    crashing the run on this row and every resume after it.
+    """
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode()
+
+
+TAIL_MAX = 1 << 20           # a last line longer than this, without its newline, is no record of ours
+HOLD_MAX = (10_000, 4 << 20)    # --overwrite keeps at most this many records / bytes back
+
+
 class Checkpoint:
     """Append-only JSONL of finished items: the only source of truth for resume.
 
@@ -1132,6 +1154,9 @@ class Checkpoint:
         self._created = created          # we made the file: remove it if nothing gets written
         self._cut_to: int | None = None  # length to cut the file to before the first write
         self._started = False
+        self._newline = False            # the last line lacks its newline: add it before the first record
+        self._held: list[bytes] | None = None   # --overwrite: records kept back until a row is scored
+        self._held_bytes = 0
         self.meta: dict[str, Any] | None = None
 
     @property
@@ -1149,7 +1174,7 @@ class Checkpoint:
         if path.exists() and not path.is_file():
             raise UsageError(f"{path}: the output must be a regular file")
         exists = path.exists() and path.stat().st_size > 0
-        if exists and not (resume or overwrite):
+        if exists and not (resume or overwrite or check):
             raise UsageError(f"{path} already holds results ({path.stat().st_size:,} bytes); "
                              "continue it with --resume or start over with --overwrite")
         if path.parent and not path.parent.is_dir():
@@ -1166,12 +1191,30 @@ class Checkpoint:
         state = ResumeState(KeySet(array("q")), KeySet(array("q")), DigestIndex())
         if overwrite and not resume and checkpoint.size:
             checkpoint._cut_to = 0
+            checkpoint._held = []
         elif resume and checkpoint.size:
-            end = checkpoint._complete_end()
-            if end < checkpoint.size:
-                checkpoint._cut_to = end
-            state = checkpoint._scan(end, checkpoint.size - end)
+            try:
+                state = checkpoint._resume_state()
+            except UsageError:
+                checkpoint.close()
+                raise
         return checkpoint, state
+
+    def _resume_state(self) -> ResumeState:
+        """Scan the file to resume; plan to cut only a torn record, and refuse a file that is no checkpoint."""
+        end = self._complete_end()
+        tail = os.pread(self._fd, min(self.size - end, TAIL_MAX), end) if end < self.size else b""
+        torn = tail.startswith(b'{"id": ') and (len(tail) == TAIL_MAX or scan_record(tail) is None)
+        if torn:
+            self._cut_to = end
+        else:
+            self._newline = bool(tail)      # a complete last line (ours or not) only lacks its newline
+            end = self.size
+        state = self._scan(end, self.size - end)
+        if not state.records and not meta_path(self.path).exists():
+            raise UsageError(f"{self.path} is not a score.py checkpoint (no record in it and no sidecar), so "
+                             "--resume would write into it; choose another -o")
+        return state
 
     def _complete_end(self) -> int:
         """Return where the last complete line ends (a crash mid-write can leave a torn one)."""
@@ -1196,6 +1239,8 @@ class Checkpoint:
                 os.ftruncate(self._fd, self._cut_to)
                 os.fsync(self._fd)
                 self.size = self._cut_to
+            if self._newline:
+                self.size += os.write(self._fd, b"\n")
             if self.meta is not None:
                 write_meta(self.path, self.meta)
         except OSError as exc:
@@ -1253,9 +1298,26 @@ class Checkpoint:
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record as one complete line; return its offset."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        data = record_line(record)
+        if self._held is not None:
+            if record["score"] is None and len(self._held) < HOLD_MAX[0] and self._held_bytes < HOLD_MAX[1]:
+                self._held.append(data)
+                self._held_bytes += len(data)
+                return self._held_bytes - len(data)     # where it will land once the file is emptied
+            self.release()
         if not self._started:
             self._start()
+        return self._write(data)
+
+    def release(self) -> None:
+        """Write the records held back under --overwrite: the run has scored a row or ended normally."""
+        held, self._held = self._held, None
+        if held:
+            self._start()
+            self._write(b"".join(held))
+
+    def _write(self, data: bytes) -> int:
+        """Append bytes at the end of the file; return where they start."""
         offset = self.size
         view = memoryview(data)
         try:
@@ -1313,7 +1375,11 @@ def write_meta(output: Path, meta: dict[str, Any]) -> None:
     target = meta_path(output)
     temp = target.with_name(target.name + ".tmp")
     try:
-        temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        try:
+            text = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:      # a server's text with a lone surrogate: keep it escaped
+            text = (json.dumps(meta, indent=2) + "\n").encode()
+        temp.write_bytes(text)
         os.replace(temp, target)
     except OSError:
         with contextlib.suppress(OSError):
@@ -1493,18 +1559,32 @@ def warn_unchecked(config: Config, info: InputInfo) -> None:
              f"{config.output} cannot be checked; resuming as if they were this run's")
 
 
+def unpinned(config: Config, info: InputInfo, why: str) -> None:
+    """Refuse to resume by row position when nothing pins the input the records were made from."""
+    if not (config.resume and info.id_column is None and not config.force):
+        return
+    with contextlib.suppress(OSError), open(config.output, "rb") as f:
+        if f.read(7) == b'{"id": ':         # else not a checkpoint at all: Checkpoint.open says so
+            raise UsageError(f"{config.output} {why}, so nothing shows whether {config.input} changed since it "
+                             "was written; without an id column, rows are paired with their scores by position, "
+                             "so a changed input would give old scores to other rows; rerun with --force to "
+                             "resume it as it is, or score into another -o")
+
+
 def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     """Compare the run with the checkpoint's sidecar; refuse to mix, or to mispair rows, unless --force."""
     current = fingerprint(config, info)
     path = meta_path(config.output)
     if not (config.resume and path.exists()):
         warn_unchecked(config, info)
+        unpinned(config, info, f"has no sidecar ({path.name})")
         return {"fingerprint": current, "endpoints": {}}
     try:
         meta = json.loads(path.read_text())
         old = meta["fingerprint"]
         setup = setup_differences(config, info, old, current)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        unpinned(config, info, f"has an unreadable sidecar ({path.name}: {one_line(exc)})")
         warn(f"{path}: unreadable ({one_line(exc)}); it will be rewritten")
         return {"fingerprint": current, "endpoints": {}}
     problems = []
@@ -4522,7 +4602,7 @@ def answer_table(path: Path) -> pa.Table:
         columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
         for name in EXPORT_COLUMNS:
             value = record.get(name)
-            columns[name].append(value if name in NUMERIC_COLUMNS or value is None else str(value))
+            columns[name].append(value if name in NUMERIC_COLUMNS or value is None else clean_strings(str(value)))
         if len(columns["key"]) >= 65536:
             flush()
     flush()
@@ -4918,7 +4998,8 @@ def parse_args(argv: list[str] | None) -> Config:
         allow_mixed_models=args.allow_mixed_models, pull=args.pull, check=args.check, hedge=args.hedge,
         dedup=args.dedup, progress=args.progress, export=args.export, min_score=args.min_score,
         report=args.report, report_html=args.report_html, reason=args.reason, top=args.top,
-        calibration=args.calibration, require_calibration=args.require_calibration)
+        calibration=args.calibration, require_calibration=args.require_calibration,
+        endpoints_file=endpoints_file, prompt_file=args.prompt_file)
 
 
 def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
@@ -5050,12 +5131,39 @@ def path_key(path: Path) -> tuple:
         return ("path", str(path.resolve()))
 
 
+def replaceable(flag: str, path: Path) -> None:
+    """Refuse a target that exists and is not a regular file; for --export / --report-html, one we did not write."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot check it ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{flag} {path}: exists and is not a regular file; choose another path")
+    if flag not in ("--export", "--report-html") or not info.st_size:
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    if flag == "--export" and not head.startswith(b"PAR1"):
+        raise UsageError(f"{flag} {path}: exists and is not a Parquet file, so it is not an export to replace; "
+                         "choose another path or remove it")
+    if flag == "--report-html" and not (head.lower().startswith(b"<!doctype html>")
+                                        and b"<title>score.py report: " in head):
+        raise UsageError(f"{flag} {path}: exists and is not a report score.py wrote, so it is not one to replace; "
+                         "choose another path or remove it")
+
+
 def check_writable(flag: str, path: Path, probe: bool) -> None:
     """Fail at the start, not after days of scoring, if a report or export path cannot be written."""
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
     if not path.parent.is_dir():
         raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
+    replaceable(flag, path)
     if not probe:
         return
     existed = path.exists()
@@ -5069,14 +5177,23 @@ def check_writable(flag: str, path: Path, probe: bool) -> None:
 
 def check_outputs(config: Config, info: InputInfo) -> None:
     """Refuse, before anything is opened for writing, outputs that would overwrite the input or each other."""
+    if not config.output.name:
+        raise UsageError(f"-o {str(config.output)!r}: needs a file name")
+    if config.output.absolute().parts[1:2] in (("dev",), ("proc",)):
+        # /dev/stdout can be a regular file when redirected, but its sidecar would land in /dev
+        raise UsageError(f"-o {config.output}: a checkpoint must be a file of its own, not a device or stream")
     outputs = [(flag, path) for flag, path in (("-o", config.output), ("the sidecar", meta_path(config.output)),
                                                ("--export", config.export), ("--report-html", config.report_html))
                if path is not None]
     inputs = {path_key(file) for file in info.files}
     folder = config.input.resolve() if config.input.is_dir() else None
+    read = {path_key(path): f"{what} {path}" for what, path in (("the endpoints file", config.endpoints_file),
+                                                               ("the prompt file", config.prompt_file)) if path}
     seen: dict[tuple, str] = {}
     for flag, path in outputs:
         key = path_key(path)
+        if key in read:
+            raise UsageError(f"{flag} {path} is {read[key]}, which this run reads; choose another path")
         if key in inputs or (folder is not None and path.resolve().is_relative_to(folder)):
             where = "is" if key in inputs else "is inside"
             raise UsageError(f"{flag} {path} {where} the input {config.input}: writing there would destroy "
@@ -5084,6 +5201,8 @@ def check_outputs(config: Config, info: InputInfo) -> None:
         if key in seen:
             raise UsageError(f"{flag} {path} is the same file as {seen[key]}; choose another path")
         seen[key] = f"{flag} {path}"
+        if flag in ("-o", "the sidecar"):
+            replaceable(flag, path)
     for flag, path in outputs[2:]:
         check_writable(flag, path, probe=not config.check)
 
@@ -5156,6 +5275,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                 counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))
             started = time.monotonic()
             await run.run()
+            checkpoint.release()
             code = exit_code(run.tally)
     except asyncio.CancelledError:
         if not received:
@@ -5189,12 +5309,12 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     if received and run is None:
         warn("Interrupted before scoring began: nothing was scored in this run.")
         return code
+    if config.overwrite and checkpoint.untouched:
+        warn(f"Nothing new was written: {config.output} is left as it was.")
+        return code
     if received:
         warn(f"Interrupted. Every finished row is saved in {config.output}; continue with:\n"
              f"  {resume_command(config)}")
-        return code
-    if config.overwrite and checkpoint.untouched:
-        warn(f"Nothing new was written: {config.output} is left as it was.")
         return code
     if stopped:
         warn(f"Stopped early. Every finished row is saved in {config.output}; once that is fixed, continue with:\n"

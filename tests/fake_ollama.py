@@ -183,6 +183,7 @@ class Behaviour:
                                           # otherwise; "flat": 5 for everything (a model that cannot tell)
     reason_first: bool = False            # write the reason before the score in the JSON object
     null_reason: bool = False             # write "reason": null (a model the schema does not hold to a string)
+    reason_text: str | None = None        # the reason every answer gives (JSON-escaped as any other text)
     per_token: float = 0.0                # extra seconds of work per generated token
     queued_rejections: bool = False       # llama-cpp-python: requests wait their turn (slots) even to be rejected
     full_tokens: int = 12                 # generated tokens per answer for each reason mode
@@ -487,7 +488,8 @@ class FakeOllama:
             score = 15 if fault == "range" else 0
         answer = {"score": score}
         if reason != "none":
-            answer["reason"] = f"fake verdict for {len(code)} chars"[:30 if reason == "short" else None]
+            answer["reason"] = (b.reason_text if b.reason_text is not None
+                                else f"fake verdict for {len(code)} chars")[:30 if reason == "short" else None]
             if b.null_reason:
                 answer["reason"] = None
         if b.reason_first:

@@ -283,7 +283,7 @@ ODD_FIELDS = [
     '"endpoint": 5', '"ts": 1e300', '"ts": NaN', '"ts": -5', '"score_expected": Infinity', '"score_expected": 11.5',
     '"score_expected": "7"', '"output_tokens": -3', '"output_tokens": 2.5', '"prompt_tokens": "many"',
     '"latency_s": -1', '"latency_s": NaN', '"reason": 7', '"model": ["m"]', '"error": {"x": 1}',
-    '"duplicate_of": 1.5', '"truncated": "yes"', '"reason": "\\ud800"',
+    '"duplicate_of": 1.5', '"truncated": "yes"', '"endpoint": "\\ud800"',
 ]
 
 
