@@ -1933,7 +1933,9 @@ async def identify(endpoint: Endpoint, timeout: float) -> None:
         raise EndpointGone("neither Ollama nor an OpenAI-compatible server (no /v1/models list)")
     endpoint.api = "openai"
     owner = next((m.get("owned_by") for m in models["data"] if isinstance(m, dict) and m.get("owned_by")), None)
-    endpoint.server = f"openai ({owner})" if owner else "openai"
+    # llama.cpp's server says "llamacpp", vLLM "vllm"; llama-cpp-python says "me", which names nobody
+    known = {"llamacpp": "llama.cpp", "me": None, "system": None, "owner": None}.get(owner or "", owner)
+    endpoint.server = f"openai ({known})" if known else "openai"
 
 
 async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | None]:
@@ -2461,7 +2463,7 @@ def calibration_table(endpoints: list[Endpoint], results: dict[str, dict[str, An
         verdict = r["verdict"] + (f" ({r['detail']})" if r.get("detail") else "") + \
             (" (integer scores)" if r.get("measure") == "score" else "")
         rows.append([e.name, "yes" if r.get("probabilities") else "no", *numbers, verdict])
-    return table(rows, right={2, 3, 4})
+    return table(cut_names(rows), right={2, 3, 4})
 
 
 def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -2478,7 +2480,7 @@ def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
                          "template, and mixing its scores with theirs would skew the ranking.")
         elif r["verdict"] == "failed":
             lines.append(f"WARNING: {name} could not be calibrated: {r['detail']}")
-    return lines
+    return [textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ") for line in lines]
 
 
 async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict[str, Any]]:
@@ -3547,24 +3549,77 @@ class Progress:
         self.bar.close()
 
 
+def preflight_status(e: Endpoint) -> str:
+    """Say whether an endpoint is ready, and if not, why."""
+    if e.state == "gone":
+        return f"left out: {e.detail}"
+    if e.load_error:
+        return e.load_error
+    if not e.checked:
+        return f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
+    if e.state == "warming":
+        return "loading the model (continues in the background)"
+    if e.state == "down":
+        return f"down: {e.detail} (will keep trying)"
+    return "ok"
+
+
+def squeeze(rows: list[list[str]], cuttable: tuple[int, ...], limit: int, floor: int = 12) -> list[list[str]]:
+    """Cut the widest of the `cuttable` columns in the middle until the table fits `limit` columns."""
+    rows = [list(r) for r in rows]
+    while True:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        over = sum(widths) + 2 * (len(widths) - 1) - limit
+        wide = max(cuttable, key=lambda i: widths[i])
+        if over <= 0 or widths[wide] <= floor:
+            return rows
+        second = max((widths[i] for i in cuttable if i != wide), default=0)
+        width = max(floor, widths[wide] - over, min(widths[wide] - 1, second))
+        for r in rows[1:]:
+            r[wide] = short_name(r[wide], width)
+
+
 def preflight_table(endpoints: list[Endpoint]) -> str:
-    """Show each endpoint's server, model build and readiness."""
-    rows = [["endpoint", "url", "api", "server", "model", "build", "status"]]
+    """Show each endpoint's server, model build and readiness within REPORT_WIDTH columns.
+
+    A long status goes on an indented line of its own; a large fleet lists the
+    endpoints that are not ok, and counts the ok ones by server and build.
+    """
+    status = {e: preflight_status(e) for e in endpoints}
+    listed = endpoints if len(endpoints) <= FLEET_ROWS else [e for e in endpoints if status[e] != "ok"]
+    rows = [["endpoint", "url", "api", "server", "model", "build"]]
+    rows += [[e.name, e.url.removeprefix("http://"), e.api, e.server or "-", e.model, (e.digest or "-")[:12]]
+             for e in listed]
+    rows = squeeze(rows, (1, 4, 0, 3), REPORT_WIDTH - 12)
+    prefix = len(table(rows).splitlines()[0]) if listed else 0
+    wide = [i for i, e in enumerate(listed, 1) if prefix + 2 + len(status[e]) > REPORT_WIDTH]
+    for i, e in enumerate(listed, 1):
+        rows[i].append("" if i in wide else status[e])
+    rows[0].append("status")
+    lines = table(rows).splitlines() if listed else []
+    for i in reversed(wide):
+        lines.insert(i + 1, textwrap.fill(status[listed[i - 1]], REPORT_WIDTH, initial_indent="    ",
+                                          subsequent_indent="    "))
+    ok = Counter((e.server or "-", e.model, (e.digest or "-")[:12]) for e in endpoints if e not in listed)
+    lines += [f"{n} ok: {server}, {model} {build}" for (server, model, build), n in ok.most_common()]
+    return "\n".join(lines)
+
+
+def waiting_lines(endpoints: list[Endpoint], default: str) -> str:
+    """List endpoints that do not answer yet, each on its own line; those failing alike together."""
+    groups: dict[str, list[Endpoint]] = {}
     for e in endpoints:
-        if e.state == "gone":
-            status = f"left out: {e.detail}"
-        elif e.load_error:
-            status = e.load_error
-        elif not e.checked:
-            status = f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
-        elif e.state == "warming":
-            status = "loading the model (continues in the background)"
-        elif e.state == "down":
-            status = f"down: {e.detail} (will keep trying)"
+        groups.setdefault(e.detail or default, []).append(e)
+    lines = []
+    for detail, group in groups.items():
+        if len(group) == 1 or len(endpoints) <= FLEET_ROWS:
+            lines += [textwrap.fill(f"{e.name} ({e.url}): {detail}", REPORT_WIDTH, initial_indent="  ",
+                                    subsequent_indent="      ") for e in group]
         else:
-            status = "ok"
-        rows.append([e.name, e.url, e.api, e.server or "-", e.model, (e.digest or "-")[:12], status])
-    return table(rows)
+            lines.append(textwrap.fill(f"{len(group)} endpoints: {detail}", REPORT_WIDTH, initial_indent="  ",
+                                       subsequent_indent="      "))
+            lines.append("      " + clip([e.name for e in group], REPORT_WIDTH - 6))
+    return "\n".join(lines)
 
 
 FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
@@ -3575,6 +3630,24 @@ def fit(lines: list[str]) -> str:
     """Join report lines, wrapping prose (never tables) to REPORT_WIDTH columns."""
     return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ")
                      if len(line) > REPORT_WIDTH and "\n" not in line else line for line in lines)
+
+
+NAME_WIDTH = 28             # endpoint names longer than this are cut in the middle in tables and charts
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """Cut a long name in the middle, keeping both ends, so `mac-pro-2019-alice` and `-bob` stay apart."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return name[:width - 1 - tail] + "…" + name[len(name) - tail:]
+
+
+def cut_names(rows: list[list[str]], limit: int = REPORT_WIDTH) -> list[list[str]]:
+    """Cut the first column's names as little as lets the table fit `limit` columns (never below 16)."""
+    others = sum(max(len(r[i]) for r in rows) + 2 for i in range(1, len(rows[0])))
+    width = max(16, min(NAME_WIDTH, limit - others))
+    return [[short_name(r[0], width), *r[1:]] for r in rows]
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:
@@ -3610,8 +3683,9 @@ def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, 
     tokens = sum(e.output_tokens for e in group)
     limits = sorted(e.limiter.limit for e in group)
     limit = str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"
-    return [label[:16], state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
-            figure(sum(e.latency_sum for e in group) / done, "s") if done else "-",
+    service = [e.limiter.service for e in group if e.limiter.service is not None]
+    return [label, state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
+            figure(statistics.median(service), "s") if service else "-",
             figure(tokens / max(elapsed, 1e-9)) if tokens else "-", str(sum(e.errors for e in group)),
             str(sum(e.fault_count for e in group)),
             limit + (" auto" if len(group) == 1 and group[0].limiter.auto else "")]
@@ -3627,13 +3701,13 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
         (lambda n: by_name[n].errors + by_name[n].fault_count, 3),
         (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
     total = sum(e.done for e in run.endpoints) or 1
-    rows = [["endpoint", "state", "items", "share", "items/s", "latency", "tok/s", "errors", "faults", "limit"]]
+    rows = [["endpoint", "state", "items", "share", "items/s", "service", "tok/s", "errors", "faults", "limit"]]
     rows += [endpoint_row(n, by_name[n].status, [by_name[n]], elapsed, total) for n in shown]
     rest = [e for e in run.endpoints if e.name not in shown]
     if rest:
         state = "ok" if all(e.state == "ready" for e in rest) else "mixed"
         rows.append(endpoint_row(f"{len(rest)} others", state, rest, elapsed, total))
-    return rows
+    return cut_names(rows)
 
 
 def stop_line(run: Run) -> str:
@@ -3686,7 +3760,8 @@ def summary(run: Run, elapsed: float) -> str:
         lines.append(f"Raced {plural(t.hedges, 'slow tail request')} on faster endpoints; {t.hedges_won} won.")
     missing = dict(t.errors)
     if t.skipped_permanent:
-        missing["earlier permanent errors"] = t.skipped_permanent
+        missing["earlier permanent error" if t.skipped_permanent == 1 else "earlier permanent errors"] = \
+            t.skipped_permanent
     if missing:
         parts = ", ".join(f"{n:,} {k}" for k, n in sorted(missing.items()))
         retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
@@ -4013,19 +4088,19 @@ def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
     top = max((max(v) for v in shares.values()), default=1.0)
     rows = [["endpoint", "items", "mean", *(["expected"] if stats.expected_rows else []), "scores 1..10"]]
     for name, counts in groups.items():
-        rows.append([name[:24], f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
+        rows.append([name, f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
                      *([format_mean(expected[name].mean)] if stats.expected_rows else []),
                      "|" + spark(shares[name], top) + "|"])
-    laid = table(rows, right={1, 2, 3} if stats.expected_rows else {1, 2})
+    laid = table(cut_names(rows, REPORT_WIDTH - 2), right={1, 2, 3} if stats.expected_rows else {1, 2})
     return ["Per endpoint (histograms share one scale):", *("  " + line for line in laid.splitlines())]
 
 
-def text_report(stats: Stats) -> str:
+def text_report(stats: Stats, tokens: bool = True) -> str:
     """The terminal report: histograms, means, ties, errors, throughput over time; within 100 columns."""
     shown = report_endpoints(stats)
     lines = distribution_lines(stats)
     lines += filter(None, [tie_line(stats)])
-    if stats.token_rows:
+    if stats.token_rows and tokens:
         lines.append(f"Generated {stats.tokens / stats.token_rows:.1f} tokens per answer on average "
                      f"(output_tokens of {stats.token_rows:,} records).")
     if stats.per_endpoint:
@@ -4039,8 +4114,9 @@ def text_report(stats: Stats) -> str:
         rest = [n for n in series if n not in shown]
         series = {n: series[n] for n in shown if n in series} | (
             {f"{len(rest)} others": [sum(v) for v in zip(*(series[n] for n in rest))]} if rest else {})
+        width = min(NAME_WIDTH, max(map(len, series)))
         for name, values in series.items():
-            lines.append(f"  {name[:16]:<16} {spark(values)} {max(values):.2f}")
+            lines.append(f"  {short_name(name, width):<{width}} {spark(values)} {max(values):.2f}")
         for a, b in find_gaps(stats):
             lines.append(f"  no answers for {format_duration(b - a)}, {clock(a, b - a + 3600)} to "
                          f"{clock(b, b - a + 3600)} UTC (stopped, or every endpoint down)")
@@ -4428,14 +4504,17 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog 
     return written, scored
 
 
-def write_reports(config: Config) -> int:
-    """Write --export / --report / --report-html from the checkpoint; print the text report."""
+def write_reports(config: Config, ran: bool = False) -> int:
+    """Write --export / --report / --report-html from the checkpoint; print the text report.
+
+    After a run (`ran`), the run's summary has already said what an answer cost in tokens.
+    """
     if not config.output.exists():
         raise UsageError(f"{config.output}: no checkpoint to report on (score something first)")
     stats = read_stats(config.output)
     if stats.skipped.count:
         warn(stats.skipped.describe(config.output))
-    warn(text_report(stats))
+    warn(text_report(stats, tokens=not ran))
     if config.report_html:
         config.report_html.write_text(html_report(stats, config.output))
         warn(f"Report written to {config.report_html}")
@@ -4443,9 +4522,10 @@ def write_reports(config: Config) -> int:
         info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
         log = InputLog(config.input, warn)
         written, scored = export_parquet(config, info, config.export, log)
-        warn(f"Exported {written:,} rows ({scored:,} scored) to {config.export}"
-             + (f" (--min-score {config.min_score})" if config.min_score is not None else "")
-             + (f" (--top {config.top[0]:g}{'%' if config.top[1] else ''})" if config.top else ""))
+        filters = ([f"--min-score {config.min_score}"] if config.min_score is not None else []) + (
+            [f"--top {config.top[0]:g}{'%' if config.top[1] else ''}"] if config.top else [])
+        warn(f"Exported {plural(written, 'row')} ({scored:,} scored) to {config.export}"
+             + (f" ({', '.join(filters)})" if filters else ""))
         if log.unreadable:
             return EXIT_INCOMPLETE
     return EXIT_OK
@@ -4680,12 +4760,11 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
             return
         if not answered and now >= give_up:
             raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
-                             + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer'}"
-                                         for e in endpoints))
+                             + waiting_lines(endpoints, "no complete answer"))
         if not answered and not told and (all(e in retry_at for e in endpoints) or now - started >= 10.0):
             told = True
             warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:\n"
-                 + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer yet'}" for e in endpoints)
+                 + waiting_lines(endpoints, "no complete answer yet")
                  + first_run_hint(endpoints, config))
         if told and not answered and now >= next_left:
             next_left += 15.0
@@ -4694,7 +4773,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
         loading = [e.name for e in tasks if e.state == "warming"]
         if loading and not told_loading and ready_at is None and now - started >= 3.0:
             told_loading = True
-            warn(f"Loading the model on {', '.join(loading)} (a cold start can take minutes)")
+            warn(f"Loading the model on {clip(loading, REPORT_WIDTH - 60)} (a cold start can take minutes)")
 
 
 async def preflight(endpoints: list[Endpoint], config: Config) -> None:
@@ -4949,7 +5028,7 @@ def resume_command(config: Config) -> str:
 
 def finish_outputs(config: Config, code: int) -> int:
     """Print the run report, write the export and HTML asked for; keep the run's exit code."""
-    return write_reports(config) or code
+    return write_reports(config, ran=True) or code
 
 
 def guard_streams() -> Callable[[], None]:
