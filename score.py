@@ -3460,7 +3460,26 @@ def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None
         listed = clip(names, budget - len(head) - 3, sep=" ")
         if not names or (listed and not listed.startswith("+")):
             break
+    else:                                       # not one name fits: a bare "+N" would only repeat the counts
+        head, listed = " · ".join(parts), ""
     return (head + " | " + listed if listed else head)[:budget]
+
+
+class Bar(tqdm):
+    """A tqdm bar whose ETA follows the recent rate, so it shows "?" rather than freezing while nothing completes."""
+
+    recent_rate: float | None = None
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        found = super().format_dict
+        if self.recent_rate is not None:
+            found["rate"] = self.recent_rate
+        return found
+
+
+def format_rate(rate: float) -> str:
+    return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
 
 
 class Progress:
@@ -3469,7 +3488,7 @@ class Progress:
     def __init__(self, enabled: bool, total: int | None, initial: int) -> None:
         self.tty = sys.stderr.isatty()
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
+        self.bar = Bar(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
                         disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5,
                         bar_format=BAR_FORMAT)
         self.count, self.total, self.initial = initial, total, initial
@@ -3499,7 +3518,8 @@ class Progress:
             columns = 80
         meter = self.bar.format_meter(**{**self.bar.format_dict, "postfix": None, "ncols": None,
                                          "bar_format": BAR_FORMAT.replace("{bar}", "")})
-        return columns - len(meter) - len(", ") - MIN_BAR - 3      # 3: room for the ETA to grow
+        grow = 8 if "<?]" in meter else 3       # room for the ETA to grow before the next refresh ("?" → 12:34:56)
+        return columns - len(meter) - len(", ") - MIN_BAR - grow
 
     def rate(self, now: float) -> float | None:
         """Items per second over the last RATE_WINDOW seconds."""
@@ -3522,28 +3542,35 @@ class Progress:
         return names
 
     def status(self, endpoints: list[Endpoint], paused: bool, budget: int, now: float) -> str:
-        """Say what the fleet is doing: each endpoint for a handful, else counts and who needs attention."""
-        paused_text = " | PAUSED: all endpoints down" if paused else ""
-        budget -= len(paused_text)
+        """Say what the fleet is doing: a pause first, the recent rate, then each endpoint for a handful,
+        else counts and who needs attention."""
         rate = self.rate(now)
+        if paused:
+            rate = 0.0                      # nothing can complete: the window's older completions are history
+        self.bar.recent_rate = rate
+        head = ("PAUSED: all endpoints down | " if paused else "") + (
+            format_rate(rate) + " | " if rate is not None else "")
+        if len(head) > budget:
+            return head[:budget].rstrip(" |")
+        budget -= len(head)
         if len(endpoints) <= HANDFUL:
             text = " | ".join(e.label() for e in endpoints)
             if len(text) <= budget:
-                return text + paused_text
-        return fleet_status(endpoints, self.erring(endpoints, now), rate, max(0, budget)) + paused_text
+                return head + text
+        return (head + fleet_status(endpoints, self.erring(endpoints, now), None, budget)).rstrip(" |")
 
     def show(self, endpoints: list[Endpoint], paused: bool) -> None:
         """Refresh the fleet's state on the bar; log a status line a minute in non-interactive runs."""
         now = time.monotonic()
         if self.tty and self.enabled:
-            self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now), refresh=False)
+            self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now))   # a pause must show
         if self.enabled and not self.tty and now - self.logged >= 60:
             self.logged = now
             done = self.count - self.initial
             rate = done / max(1e-9, now - self.started)
-            left = f" ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
-            of = f"/{self.total:,}" if self.total else ""
-            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
+            left = f", ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
+            of = f"/{self.total:,}" if self.total else ""         # the status says the recent rate
+            self.note(f"{self.count:,}{of} done{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
 
     def close(self) -> None:
         self.bar.close()
@@ -3587,10 +3614,10 @@ def preflight_table(endpoints: list[Endpoint]) -> str:
     """
     status = {e: preflight_status(e) for e in endpoints}
     listed = endpoints if len(endpoints) <= FLEET_ROWS else [e for e in endpoints if status[e] != "ok"]
-    rows = [["endpoint", "url", "api", "server", "model", "build"]]
-    rows += [[e.name, e.url.removeprefix("http://"), e.api, e.server or "-", e.model, (e.digest or "-")[:12]]
-             for e in listed]
-    rows = squeeze(rows, (1, 4, 0, 3), REPORT_WIDTH - 12)
+    rows = [["endpoint", "url", "server", "model", "build"]]      # the server names the API too
+    rows += [[e.name, e.url.removeprefix("http://"), e.server or (e.api if e.api != "auto" else "-"), e.model,
+              (e.digest or "-")[:12]] for e in listed]
+    rows = squeeze(rows, (1, 3, 0, 2), REPORT_WIDTH - len("  status"))
     prefix = len(table(rows).splitlines()[0]) if listed else 0
     wide = [i for i, e in enumerate(listed, 1) if prefix + 2 + len(status[e]) > REPORT_WIDTH]
     for i, e in enumerate(listed, 1):

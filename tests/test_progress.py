@@ -76,3 +76,46 @@ def test_clip_names_what_fits_and_counts_the_rest():
     assert score.clip(names, 12, " ") == "+4"
     assert score.clip(names, 3, " ") == "+4"
     assert score.clip(names, 1, " ") == ""
+
+
+def tmux_run(tmp_path, command: str) -> tuple[list[str], callable]:
+    """Start `command` in a detached 100-column tmux session; return its argv prefix and a screen reader."""
+    tmux = ["tmux", "-L", f"score-test-{tmp_path.name}"]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "50", "-s", "run", command], check=True)
+    subprocess.run([*tmux, "set-option", "-t", "run", "remain-on-exit", "on"], check=True)
+    return tmux, lambda: subprocess.run([*tmux, "capture-pane", "-p", "-J", "-t", "run"], capture_output=True,
+                                        text=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
+def test_paused_line_with_long_names_says_paused_first_keeps_the_bar_and_shows_no_rate(tmp_path, serve):
+    names = ["p40-in-the-basement", "macbook-pro-2019-alice", "macbook-pro-2019-bob", "workstation-upstairs"]
+    servers = [serve(latency=0.2, slots=1) for _ in names]
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("".join(f"{s.url} name={n}\n" for s, n in zip(servers, names)))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(400))
+    tmux, screen = tmux_run(tmp_path, shlex.join([sys.executable, SCORE, str(data), "--endpoints", str(endpoints)]))
+    bars: list[str] = []
+
+    def bar_shows(*words: str) -> bool:
+        lines = [line for line in screen().splitlines() if BAR.search(line)]
+        if lines and all(w in lines[-1] for w in words):
+            bars.append(lines[-1])
+            return True
+        return False
+
+    try:
+        wait_for(lambda: bar_shows("/s"), timeout=60, what="a progress line with a rate")
+        for s in servers:
+            s.go_down()
+        wait_for(lambda: bar_shows("PAUSED", " 0.0/s"), timeout=60, what="the paused line with a rate of 0")
+    finally:
+        print(screen())
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    print("\n".join(bars))
+    running, paused = bars[0], bars[-1]
+    assert "/s |" in running and " 0.0/s" not in running, running       # a rate while answers come in
+    assert len(running) <= 100 and len(paused) <= 100, bars
+    assert re.search(r"\d+%\|.{10,}\|", paused), paused           # the bar keeps its minimum width
+    status = paused.split("], ", 1)[1]
+    assert status.startswith("PAUSED: all endpoints down"), paused
