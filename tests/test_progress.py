@@ -119,3 +119,38 @@ def test_paused_line_with_long_names_says_paused_first_keeps_the_bar_and_shows_n
     assert re.search(r"\d+%\|.{10,}\|", paused), paused           # the bar keeps its minimum width
     status = paused.split("], ", 1)[1]
     assert status.startswith("PAUSED: all endpoints down"), paused
+
+
+def test_everything_before_the_run_fits_100_columns_on_a_large_fleet_with_long_names(tmp_path, fleet):
+    servers = fleet(37, latency=0.01)
+    asleep = [f"macbook-pro-2019-engineering-floor-{i}" for i in range(3)]
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("".join(f"{refused_url()} name={n}\n" for n in asleep)
+                         + "".join(f"{s.url} name=gpu-box-in-the-basement-{i:02d}\n" for i, s in enumerate(servers)))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(80))
+    result = subprocess.run([sys.executable, SCORE, str(data), "--endpoints", str(endpoints), "--limit", "80"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    before = result.stderr.split("Scored ")[0].splitlines()
+    print(result.stderr)
+    assert max(map(len, before)) <= 100, max(before, key=len)
+    assert "37 ok: ollama 0.5.1, qwen2.5-coder:7b a80c4f17acd5" in before
+    shown = [line for line in before if line.startswith("macbook-pro")]
+    assert len(shown) == 3 and all("127.0.0.1:" in line for line in shown), before   # the ones not ok, in full
+    assert not any(line.startswith("gpu-box") for line in before)
+    assert sum("not answering" in line for line in before) == 3
+    assert max(map(len, result.stderr.splitlines())) <= 100                         # the summary too
+
+
+def test_no_endpoint_answers_lists_a_large_fleet_within_100_columns(tmp_path):
+    endpoints = tmp_path / "e.txt"
+    endpoints.write_text("".join(f"{refused_url()} name=macbook-pro-2019-engineering-{i:02d}\n" for i in range(40)))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(5))
+    result = subprocess.run([sys.executable, SCORE, str(data), "--endpoints", str(endpoints),
+                             "--startup-timeout", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    print(result.stderr)
+    lines = result.stderr.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    assert any(re.match(r"  40 endpoints: .*refused", line) for line in lines), lines
+    assert any("macbook-pro-2019-engineering-00" in line and re.search(r"\+\d+$", line) for line in lines), lines
