@@ -4192,12 +4192,31 @@ def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[f
     return [c / width for c in counts]
 
 
+CURVE_COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#8c6d31",
+                "#17a2b8", "#9a9a1f", "#d4589f", "#1f3f6e", "#c0392b", "#2e7d32"]
+OTHERS_COLOR = "#777777"
+
+
+def svg_legend(colors: dict[str, str], left: float, top: float, width: float) -> tuple[str, float]:
+    """Lay legend entries out in rows that wrap before `width`; return the SVG and the height it takes."""
+    parts, x, y = [], left, top
+    for label, color in colors.items():
+        text = short_name(label)
+        step = 16 + 7 * len(text) + 18          # swatch, text at ~7 px a character at 11 px, spacing
+        if x > left and x + step > left + width:
+            x, y = left, y + 16
+        parts.append(f'<rect x="{x:.0f}" y="{y - 9:.0f}" width="10" height="10" fill="{color}"/>'
+                     f'<text class=legend x="{x + 14:.0f}" y="{y:.0f}" font-size="11" fill="{color}">'
+                     f'<title>{html.escape(label)}</title>{html.escape(text)}</text>')
+        x += step
+    return "".join(parts), y - top + 16
+
+
 def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 180) -> str:
     """An inline SVG chart of items/s over time: a clock axis, and each pause drawn as a narrow gap."""
-    colors = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#777777"]
     gaps = find_gaps(stats)
     spans = active_spans(stats, gaps)
-    groups = curve_groups(stats, names[:len(colors) - 1])
+    groups = curve_groups(stats, names[:len(CURVE_COLORS)])
     times = {label: sorted(itertools.chain.from_iterable(stats.timeline[n] for n in members))
              for label, members in groups.items()}
     active = sum(hi - lo for lo, hi in spans) or 1e-9
@@ -4214,7 +4233,10 @@ def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 18
             curves.append((x, px, {label: span_rates(t, lo, hi, buckets) for label, t in times.items()}))
         x += px + gap_px
     top = max((max(r) for _, _, rates in curves for r in rates.values()), default=1) or 1
-    parts = [f'<svg width="{width + 80}" height="{height + 60}" role="img">',
+    colors = {label: OTHERS_COLOR if len(members) > 1 else CURVE_COLORS[i % len(CURVE_COLORS)]
+              for i, (label, members) in enumerate(groups.items())}
+    legend, legend_height = svg_legend(colors, 40, height + 50, width)
+    parts = [f'<svg width="{width + 80}" height="{height + 42 + legend_height}" role="img">',
              f'<text x="0" y="14" font-size="10">{top:.2f}/s</text><text x="0" y="{height + 5}" font-size="10">0</text>',
              f'<line x1="40" y1="{height + 5}" x2="{width + 40}" y2="{height + 5}" stroke="#999"/>']
     x, last_label = 40.0, -1e9
@@ -4236,16 +4258,14 @@ def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 18
                          f'fill="#777"><tspan x="{x + gap_px / 2:.1f}">no answers</tspan><tspan x="'
                          f'{x + gap_px / 2:.1f}" dy="12">{format_duration(b - a)}</tspan></text>')
             x += gap_px
-    for i, label in enumerate(groups):
-        color = colors[i % len(colors)]
+    for label, color in colors.items():
         for left, px, rates in curves:
             values = rates[label]
             points = " ".join(f"{left + px * (j + 0.5) / len(values):.1f},{height - height * v / top + 5:.1f}"
                               for j, v in enumerate(values))
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{40 + 120 * i}" y="{height + 40}" font-size="11" fill="{color}">'
-                     f'{html.escape(label[:18])}</text>')
-    parts.append(f'<text x="{width + 40}" y="{height + 55}" font-size="10" text-anchor="end">time (UTC)</text></svg>')
+    parts.append(legend)
+    parts.append(f'<text x="{width + 40}" y="{height + 33}" font-size="10" text-anchor="end">time (UTC)</text></svg>')
     return "".join(parts)
 
 
