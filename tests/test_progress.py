@@ -154,3 +154,11 @@ def test_no_endpoint_answers_lists_a_large_fleet_within_100_columns(tmp_path):
     assert max(map(len, lines)) <= 100, max(lines, key=len)
     assert any(re.match(r"  40 endpoints: .*refused", line) for line in lines), lines
     assert any("macbook-pro-2019-engineering-00" in line and re.search(r"\+\d+$", line) for line in lines), lines
+
+
+def test_long_names_are_cut_in_the_middle_and_stay_apart():
+    import score
+    assert score.short_name("macbook-pro-2019-alice") == "macbook-pro-2019-alice"       # 22 fit as they are
+    alice, bob = (score.short_name(f"macbook-pro-2019-engineering-{n}", 20) for n in ("alice", "bob"))
+    assert len(alice) == len(bob) == 20 and alice != bob and "…" in alice
+    assert alice.startswith("macbook-") and alice.endswith("-alice") and bob.endswith("-bob")

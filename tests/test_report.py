@@ -322,3 +322,15 @@ def test_html_chart_names_every_endpoint_of_a_small_fleet_in_a_legend_that_does_
     assert ">a-very-long-na…-old-mac-mini<" in dom and "<title>a-very-long-name-for-the-old-mac-mini</title>" in dom
     # the text report shows them in full too, and the two macbooks stay apart
     assert "macbook-pro-2019-alice" in result.stderr and "macbook-pro-2019-bob " in result.stderr
+
+
+def test_export_line_says_one_row_and_names_its_filters_in_one_parenthesis(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    checkpoint.write_text("".join(json.dumps({"id": f"fn-{i}", "score": s, "endpoint": "e0", "output_tokens": 6,
+                                              "ts": 1_790_000_000.0 + i}) + "\n" for i, s in enumerate([9, 4, 2])))
+    out = tmp_path / "top.parquet"
+    result = run_cli(data, "-o", checkpoint, "--report", "--export", out, "--min-score", "9", "--top", "10%")
+    assert result.returncode == 0, result.stderr
+    assert f"Exported 1 row (1 scored) to {out} (--min-score 9, --top 10%)" in result.stderr, result.stderr
+    assert [r["score"] for r in exported(out)] == [9]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 import score
 from conftest import expected_score, read_records, rows, run_cli, write_endpoints, write_jsonl
 
@@ -122,3 +124,14 @@ def test_per_endpoint_model_override_is_sent_and_recorded(tmp_path, serve):
     records = read_records(tmp_path / "fns.scores.jsonl")
     assert {(r["endpoint"], r["model"]) for r in records} <= {("big", "qwen2.5-coder:7b"),
                                                              ("small", "qwen2.5-coder:3b")}
+
+
+@pytest.mark.parametrize("owner, shown", [("me", "openai "), ("llamacpp", "openai (llama.cpp)"),
+                                          ("vllm", "openai (vllm)")])
+def test_preflight_names_the_openai_server_only_when_its_owner_means_something(tmp_path, serve, owner, shown):
+    server = serve(api="openai", owned_by=owner)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stderr.splitlines() if line.startswith("e0 "))
+    assert shown in row and "(me)" not in row, row
