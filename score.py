@@ -4930,8 +4930,10 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     if resume.skipped.count:
         warn(resume.skipped.describe(config.output))
     if resume.records:
-        warn(f"Resuming {config.output}: {len(resume.scored):,} rows scored, {len(resume.permanent):,} with "
-             f"permanent errors, {resume.retried:,} failed rows to retry.")
+        permanent = "a permanent error" if len(resume.permanent) == 1 else "permanent errors"
+        warn(f"Resuming {config.output}: {plural(len(resume.scored), 'row')} scored, "
+             f"{len(resume.permanent):,} with {permanent}, "
+             f"{plural(resume.retried, 'failed row')} to retry.")
     tally = Tally()
     log = InputLog(config.input, warn, tally.unreadable)
     reader = read_items(info, config.dedup, done_filter(resume, tally), log)
