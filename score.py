@@ -3443,8 +3443,8 @@ def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[s
             for kind, names in groups.items() for i, name in enumerate(names)]
 
 
-def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None, budget: int) -> str:
-    """Summarise the fleet in at most `budget` characters: counts, slots in use, rate, and who needs attention."""
+def fleet_status(endpoints: list[Endpoint], erring: set[str], budget: int) -> str:
+    """Summarise the fleet in at most `budget` characters: counts, slots in use, and who needs attention."""
     now = time.monotonic()
     counts = Counter("down" if e.state in ("down", "pending") else "out" if e.state == "gone"
                      else "loading" if e.state == "warming" else "busy" if e.inflight else "idle"
@@ -3452,10 +3452,8 @@ def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None
     live = [e for e in endpoints if e.state in ("ready", "backoff")]
     parts = [", ".join(f"{counts[k]} {k}" for k in ("busy", "idle", "loading", "down", "out") if counts[k]),
              f"{sum(len(e.inflight) for e in live)}/{sum(e.limiter.limit for e in live)} slots"]
-    if rate is not None:
-        parts.append(f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s")
     names = attention(endpoints, erring, now)
-    for keep in range(len(parts), 0, -1):       # names matter more than the rate, then the slots
+    for keep in range(len(parts), 0, -1):       # names matter more than the slots
         head = " · ".join(parts[:keep])
         listed = clip(names, budget - len(head) - 3, sep=" ")
         if not names or (listed and not listed.startswith("+")):
@@ -3479,6 +3477,7 @@ class Bar(tqdm):
 
 
 def format_rate(rate: float) -> str:
+    """Render items/s with one decimal while small, none once large."""
     return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
 
 
@@ -3557,7 +3556,7 @@ class Progress:
             text = " | ".join(e.label() for e in endpoints)
             if len(text) <= budget:
                 return head + text
-        return (head + fleet_status(endpoints, self.erring(endpoints, now), None, budget)).rstrip(" |")
+        return (head + fleet_status(endpoints, self.erring(endpoints, now), budget)).rstrip(" |")
 
     def show(self, endpoints: list[Endpoint], paused: bool) -> None:
         """Refresh the fleet's state on the bar; log a status line a minute in non-interactive runs."""
