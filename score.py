@@ -2165,7 +2165,9 @@ async def identify(endpoint: Endpoint, timeout: float) -> None:
         raise EndpointGone("neither Ollama nor an OpenAI-compatible server (no /v1/models list)")
     endpoint.api = "openai"
     owner = next((m.get("owned_by") for m in models["data"] if isinstance(m, dict) and m.get("owned_by")), None)
-    endpoint.server = f"openai ({owner})" if owner else "openai"
+    # llama.cpp's server says "llamacpp", vLLM "vllm"; llama-cpp-python says "me", which names nobody
+    known = {"llamacpp": "llama.cpp", "me": None, "system": None, "owner": None}.get(owner or "", owner)
+    endpoint.server = f"openai ({known})" if known else "openai"
 
 
 async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | None]:
@@ -2771,7 +2773,7 @@ def calibration_table(endpoints: list[Endpoint], results: dict[str, dict[str, An
         verdict = r["verdict"] + (f" ({r['detail']})" if r.get("detail") else "") + \
             (" (integer scores)" if r.get("measure") == "score" else "")
         rows.append([e.name, "yes" if r.get("probabilities") else "no", *numbers, verdict])
-    return table(rows, right={2, 3, 4})
+    return table(cut_names(rows), right={2, 3, 4})
 
 
 def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -2788,7 +2790,7 @@ def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
                          "template, and mixing its scores with theirs would skew the ranking.")
         elif r["verdict"] == "failed":
             lines.append(f"WARNING: {name} could not be calibrated: {r['detail']}")
-    return lines
+    return [textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ") for line in lines]
 
 
 async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict[str, Any]]:
@@ -3778,8 +3780,8 @@ def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[s
             for kind, names in groups.items() for i, name in enumerate(names)]
 
 
-def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None, budget: int) -> str:
-    """Summarise the fleet in at most `budget` characters: counts, slots in use, rate, and who needs attention."""
+def fleet_status(endpoints: list[Endpoint], erring: set[str], budget: int) -> str:
+    """Summarise the fleet in at most `budget` characters: counts, slots in use, and who needs attention."""
     now = time.monotonic()
     counts = Counter("down" if e.state in ("down", "pending") else "out" if e.state == "gone"
                      else "loading" if e.state == "warming" else "busy" if e.inflight else "idle"
@@ -3787,15 +3789,33 @@ def fleet_status(endpoints: list[Endpoint], erring: set[str], rate: float | None
     live = [e for e in endpoints if e.state in ("ready", "backoff")]
     parts = [", ".join(f"{counts[k]} {k}" for k in ("busy", "idle", "loading", "down", "out") if counts[k]),
              f"{sum(len(e.inflight) for e in live)}/{sum(e.limiter.limit for e in live)} slots"]
-    if rate is not None:
-        parts.append(f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s")
     names = attention(endpoints, erring, now)
-    for keep in range(len(parts), 0, -1):       # names matter more than the rate, then the slots
+    for keep in range(len(parts), 0, -1):       # names matter more than the slots
         head = " · ".join(parts[:keep])
         listed = clip(names, budget - len(head) - 3, sep=" ")
         if not names or (listed and not listed.startswith("+")):
             break
+    else:                                       # not one name fits: a bare "+N" would only repeat the counts
+        head, listed = " · ".join(parts), ""
     return (head + " | " + listed if listed else head)[:budget]
+
+
+class Bar(tqdm):
+    """A tqdm bar whose ETA follows the recent rate, so it shows "?" rather than freezing while nothing completes."""
+
+    recent_rate: float | None = None
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        found = super().format_dict
+        if self.recent_rate is not None:
+            found["rate"] = self.recent_rate
+        return found
+
+
+def format_rate(rate: float) -> str:
+    """Render items/s with one decimal while small, none once large."""
+    return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
 
 
 class Progress:
@@ -3804,7 +3824,7 @@ class Progress:
     def __init__(self, enabled: bool, total: int | None, initial: int) -> None:
         self.tty = sys.stderr.isatty()
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
+        self.bar = Bar(total=total, initial=initial, unit="fn", file=sys.stderr, dynamic_ncols=True,
                         disable=not (enabled and self.tty), smoothing=0.05, mininterval=0.5,
                         bar_format=BAR_FORMAT)
         self.count, self.total, self.initial = initial, total, initial
@@ -3834,7 +3854,8 @@ class Progress:
             columns = 80
         meter = self.bar.format_meter(**{**self.bar.format_dict, "postfix": None, "ncols": None,
                                          "bar_format": BAR_FORMAT.replace("{bar}", "")})
-        return columns - len(meter) - len(", ") - MIN_BAR - 3      # 3: room for the ETA to grow
+        grow = 8 if "<?]" in meter else 3       # room for the ETA to grow before the next refresh ("?" → 12:34:56)
+        return columns - len(meter) - len(", ") - MIN_BAR - grow
 
     def rate(self, now: float) -> float | None:
         """Items per second over the last RATE_WINDOW seconds."""
@@ -3857,51 +3878,111 @@ class Progress:
         return names
 
     def status(self, endpoints: list[Endpoint], paused: bool, budget: int, now: float) -> str:
-        """Say what the fleet is doing: each endpoint for a handful, else counts and who needs attention."""
-        paused_text = " | PAUSED: all endpoints down" if paused else ""
-        budget -= len(paused_text)
+        """Say what the fleet is doing: a pause first, the recent rate, then each endpoint for a handful,
+        else counts and who needs attention."""
         rate = self.rate(now)
+        if paused:
+            rate = 0.0                      # nothing can complete: the window's older completions are history
+        self.bar.recent_rate = rate
+        head = ("PAUSED: all endpoints down | " if paused else "") + (
+            format_rate(rate) + " | " if rate is not None else "")
+        if len(head) > budget:
+            return head[:budget].rstrip(" |")
+        budget -= len(head)
         if len(endpoints) <= HANDFUL:
             text = " | ".join(e.label() for e in endpoints)
             if len(text) <= budget:
-                return text + paused_text
-        return fleet_status(endpoints, self.erring(endpoints, now), rate, max(0, budget)) + paused_text
+                return head + text
+        return (head + fleet_status(endpoints, self.erring(endpoints, now), budget)).rstrip(" |")
 
     def show(self, endpoints: list[Endpoint], paused: bool) -> None:
         """Refresh the fleet's state on the bar; log a status line a minute in non-interactive runs."""
         now = time.monotonic()
         if self.tty and self.enabled:
-            self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now), refresh=False)
+            self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now))   # a pause must show
         if self.enabled and not self.tty and now - self.logged >= 60:
             self.logged = now
             done = self.count - self.initial
             rate = done / max(1e-9, now - self.started)
-            left = f" ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
-            of = f"/{self.total:,}" if self.total else ""
-            self.note(f"{self.count:,}{of} done, {rate:.2f}/s{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
+            left = f", ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
+            of = f"/{self.total:,}" if self.total else ""         # the status says the recent rate
+            self.note(f"{self.count:,}{of} done{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
 
     def close(self) -> None:
         self.bar.close()
 
 
+def preflight_status(e: Endpoint) -> str:
+    """Say whether an endpoint is ready, and if not, why."""
+    if e.state == "gone":
+        return f"left out: {e.detail}"
+    if e.load_error:
+        return e.load_error
+    if not e.checked:
+        return f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
+    if e.state == "warming":
+        return "loading the model (continues in the background)"
+    if e.state == "down":
+        return f"down: {e.detail} (will keep trying)"
+    return "ok"
+
+
+def squeeze(rows: list[list[str]], cuttable: tuple[int, ...], limit: int, floor: int = 12) -> list[list[str]]:
+    """Cut the widest of the `cuttable` columns in the middle until the table fits `limit` columns."""
+    rows = [list(r) for r in rows]
+    while True:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        over = sum(widths) + 2 * (len(widths) - 1) - limit
+        wide = max(cuttable, key=lambda i: widths[i])
+        if over <= 0 or widths[wide] <= floor:
+            return rows
+        second = max((widths[i] for i in cuttable if i != wide), default=0)
+        width = max(floor, widths[wide] - over, min(widths[wide] - 1, second))
+        for r in rows[1:]:
+            r[wide] = short_name(r[wide], width)
+
+
 def preflight_table(endpoints: list[Endpoint]) -> str:
-    """Show each endpoint's server, model build and readiness."""
-    rows = [["endpoint", "url", "api", "server", "model", "build", "status"]]
+    """Show each endpoint's server, model build and readiness within REPORT_WIDTH columns.
+
+    A long status goes on an indented line of its own; a large fleet lists the
+    endpoints that are not ok, and counts the ok ones by server and build.
+    """
+    status = {e: preflight_status(e) for e in endpoints}
+    listed = endpoints if len(endpoints) <= FLEET_ROWS else [e for e in endpoints if status[e] != "ok"]
+    rows = [["endpoint", "url", "server", "model", "build"]]      # the server names the API too
+    rows += [[e.name, e.url.removeprefix("http://"), e.server or (e.api if e.api != "auto" else "-"), e.model,
+              (e.digest or "-")[:12]] for e in listed]
+    rows = squeeze(rows, (1, 3, 0, 2), REPORT_WIDTH - len("  status"))
+    prefix = len(table(rows).splitlines()[0]) if listed else 0
+    wide = [i for i, e in enumerate(listed, 1) if prefix + 2 + len(status[e]) > REPORT_WIDTH]
+    for i, e in enumerate(listed, 1):
+        rows[i].append("" if i in wide else status[e])
+    rows[0].append("status")
+    lines = table(rows).splitlines() if listed else []
+    for i in reversed(wide):
+        lines.insert(i + 1, textwrap.fill(status[listed[i - 1]], REPORT_WIDTH, initial_indent="    ",
+                                          subsequent_indent="    "))
+    ok = Counter((e.server or "-", e.model, (e.digest or "-")[:12]) for e in endpoints if e not in listed)
+    lines += [f"{n} ok: {server}, {model} {build}" for (server, model, build), n in ok.most_common()]
+    return "\n".join(lines)
+
+
+def waiting_lines(endpoints: list[Endpoint], default: str) -> str:
+    """List endpoints that do not answer yet, each on its own line; those failing alike together."""
+    groups: dict[str, list[Endpoint]] = {}
     for e in endpoints:
-        if e.state == "gone":
-            status = f"left out: {e.detail}"
-        elif e.load_error:
-            status = e.load_error
-        elif not e.checked:
-            status = f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
-        elif e.state == "warming":
-            status = "loading the model (continues in the background)"
-        elif e.state == "down":
-            status = f"down: {e.detail} (will keep trying)"
+        groups.setdefault(e.detail or default, []).append(e)
+    lines = []
+    for detail, group in groups.items():
+        if len(group) == 1 or len(endpoints) <= FLEET_ROWS:
+            lines += [textwrap.fill(f"{e.name} ({e.url}): {detail}", REPORT_WIDTH, initial_indent="  ",
+                                    subsequent_indent="      ") for e in group]
         else:
-            status = "ok"
-        rows.append([e.name, e.url, e.api, e.server or "-", e.model, (e.digest or "-")[:12], status])
-    return table(rows)
+            lines.append(textwrap.fill(f"{len(group)} endpoints: {detail}", REPORT_WIDTH, initial_indent="  ",
+                                       subsequent_indent="      "))
+            lines.append("      " + clip([e.name for e in group], REPORT_WIDTH - 6))
+    return "\n".join(lines)
 
 
 FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
@@ -3912,6 +3993,24 @@ def fit(lines: list[str]) -> str:
     """Join report lines, wrapping prose (never tables) to REPORT_WIDTH columns."""
     return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ")
                      if len(line) > REPORT_WIDTH and "\n" not in line else line for line in lines)
+
+
+NAME_WIDTH = 28             # endpoint names longer than this are cut in the middle in tables and charts
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """Cut a long name in the middle, keeping both ends, so `mac-pro-2019-alice` and `-bob` stay apart."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return name[:width - 1 - tail] + "…" + name[len(name) - tail:]
+
+
+def cut_names(rows: list[list[str]], limit: int = REPORT_WIDTH) -> list[list[str]]:
+    """Cut the first column's names as little as lets the table fit `limit` columns (never below 16)."""
+    others = sum(max(len(r[i]) for r in rows) + 2 for i in range(1, len(rows[0])))
+    width = max(16, min(NAME_WIDTH, limit - others))
+    return [[short_name(r[0], width), *r[1:]] for r in rows]
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:
@@ -3947,8 +4046,9 @@ def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, 
     tokens = sum(e.output_tokens for e in group)
     limits = sorted(e.limiter.limit for e in group)
     limit = str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"
-    return [label[:16], state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
-            figure(sum(e.latency_sum for e in group) / done, "s") if done else "-",
+    service = [e.limiter.service for e in group if e.limiter.service is not None]
+    return [label, state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
+            figure(statistics.median(service), "s") if service else "-",
             figure(tokens / max(elapsed, 1e-9)) if tokens else "-", str(sum(e.errors for e in group)),
             str(sum(e.fault_count for e in group)),
             limit + (" auto" if len(group) == 1 and group[0].limiter.auto else "")]
@@ -3964,13 +4064,13 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
         (lambda n: by_name[n].errors + by_name[n].fault_count, 3),
         (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
     total = sum(e.done for e in run.endpoints) or 1
-    rows = [["endpoint", "state", "items", "share", "items/s", "latency", "tok/s", "errors", "faults", "limit"]]
+    rows = [["endpoint", "state", "items", "share", "items/s", "service", "tok/s", "errors", "faults", "limit"]]
     rows += [endpoint_row(n, by_name[n].status, [by_name[n]], elapsed, total) for n in shown]
     rest = [e for e in run.endpoints if e.name not in shown]
     if rest:
         state = "ok" if all(e.state == "ready" for e in rest) else "mixed"
         rows.append(endpoint_row(f"{len(rest)} others", state, rest, elapsed, total))
-    return rows
+    return cut_names(rows)
 
 
 def stop_line(run: Run) -> str:
@@ -4023,7 +4123,8 @@ def summary(run: Run, elapsed: float) -> str:
         lines.append(f"Raced {plural(t.hedges, 'slow tail request')} on faster endpoints; {t.hedges_won} won.")
     missing = dict(t.errors)
     if t.skipped_permanent:
-        missing["earlier permanent errors"] = t.skipped_permanent
+        missing["earlier permanent error" if t.skipped_permanent == 1 else "earlier permanent errors"] = \
+            t.skipped_permanent
     if missing:
         parts = ", ".join(f"{n:,} {k}" for k, n in sorted(missing.items()))
         retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
@@ -4350,19 +4451,19 @@ def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
     top = max((max(v) for v in shares.values()), default=1.0)
     rows = [["endpoint", "items", "mean", *(["expected"] if stats.expected_rows else []), "scores 1..10"]]
     for name, counts in groups.items():
-        rows.append([name[:24], f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
+        rows.append([name, f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
                      *([format_mean(expected[name].mean)] if stats.expected_rows else []),
                      "|" + spark(shares[name], top) + "|"])
-    laid = table(rows, right={1, 2, 3} if stats.expected_rows else {1, 2})
+    laid = table(cut_names(rows, REPORT_WIDTH - 2), right={1, 2, 3} if stats.expected_rows else {1, 2})
     return ["Per endpoint (histograms share one scale):", *("  " + line for line in laid.splitlines())]
 
 
-def text_report(stats: Stats) -> str:
+def text_report(stats: Stats, tokens: bool = True) -> str:
     """The terminal report: histograms, means, ties, errors, throughput over time; within 100 columns."""
     shown = report_endpoints(stats)
     lines = distribution_lines(stats)
     lines += filter(None, [tie_line(stats)])
-    if stats.token_rows:
+    if stats.token_rows and tokens:
         lines.append(f"Generated {stats.tokens / stats.token_rows:.1f} tokens per answer on average "
                      f"(output_tokens of {stats.token_rows:,} records).")
     if stats.per_endpoint:
@@ -4376,8 +4477,9 @@ def text_report(stats: Stats) -> str:
         rest = [n for n in series if n not in shown]
         series = {n: series[n] for n in shown if n in series} | (
             {f"{len(rest)} others": [sum(v) for v in zip(*(series[n] for n in rest))]} if rest else {})
+        width = min(NAME_WIDTH, max(map(len, series)))
         for name, values in series.items():
-            lines.append(f"  {name[:16]:<16} {spark(values)} {max(values):.2f}")
+            lines.append(f"  {short_name(name, width):<{width}} {spark(values)} {max(values):.2f}")
         for a, b in find_gaps(stats):
             lines.append(f"  no answers for {format_duration(b - a)}, {clock(a, b - a + 3600)} to "
                          f"{clock(b, b - a + 3600)} UTC (stopped, or every endpoint down)")
@@ -4426,12 +4528,31 @@ def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[f
     return [c / width for c in counts]
 
 
+CURVE_COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#8c6d31",
+                "#17a2b8", "#9a9a1f", "#d4589f", "#1f3f6e", "#c0392b", "#2e7d32"]
+OTHERS_COLOR = "#777777"
+
+
+def svg_legend(colors: dict[str, str], left: float, top: float, width: float) -> tuple[str, float]:
+    """Lay legend entries out in rows that wrap before `width`; return the SVG and the height it takes."""
+    parts, x, y = [], left, top
+    for label, color in colors.items():
+        text = short_name(label)
+        step = 16 + 7 * len(text) + 18          # swatch, text at ~7 px a character at 11 px, spacing
+        if x > left and x + step > left + width:
+            x, y = left, y + 16
+        parts.append(f'<rect x="{x:.0f}" y="{y - 9:.0f}" width="10" height="10" fill="{color}"/>'
+                     f'<text class=legend x="{x + 14:.0f}" y="{y:.0f}" font-size="11" fill="{color}">'
+                     f'<title>{html.escape(label)}</title>{html.escape(text)}</text>')
+        x += step
+    return "".join(parts), y - top + 16
+
+
 def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 180) -> str:
     """An inline SVG chart of items/s over time: a clock axis, and each pause drawn as a narrow gap."""
-    colors = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#777777"]
     gaps = find_gaps(stats)
     spans = active_spans(stats, gaps)
-    groups = curve_groups(stats, names[:len(colors) - 1])
+    groups = curve_groups(stats, names[:len(CURVE_COLORS)])
     times = {label: sorted(itertools.chain.from_iterable(stats.timeline[n] for n in members))
              for label, members in groups.items()}
     active = sum(hi - lo for lo, hi in spans) or 1e-9
@@ -4448,7 +4569,10 @@ def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 18
             curves.append((x, px, {label: span_rates(t, lo, hi, buckets) for label, t in times.items()}))
         x += px + gap_px
     top = max((max(r) for _, _, rates in curves for r in rates.values()), default=1) or 1
-    parts = [f'<svg width="{width + 80}" height="{height + 60}" role="img">',
+    colors = {label: OTHERS_COLOR if len(members) > 1 else CURVE_COLORS[i % len(CURVE_COLORS)]
+              for i, (label, members) in enumerate(groups.items())}
+    legend, legend_height = svg_legend(colors, 40, height + 50, width)
+    parts = [f'<svg width="{width + 80}" height="{height + 42 + legend_height}" role="img">',
              f'<text x="0" y="14" font-size="10">{top:.2f}/s</text><text x="0" y="{height + 5}" font-size="10">0</text>',
              f'<line x1="40" y1="{height + 5}" x2="{width + 40}" y2="{height + 5}" stroke="#999"/>']
     x, last_label = 40.0, -1e9
@@ -4470,16 +4594,14 @@ def svg_lines(stats: Stats, names: list[str], width: int = 720, height: int = 18
                          f'fill="#777"><tspan x="{x + gap_px / 2:.1f}">no answers</tspan><tspan x="'
                          f'{x + gap_px / 2:.1f}" dy="12">{format_duration(b - a)}</tspan></text>')
             x += gap_px
-    for i, label in enumerate(groups):
-        color = colors[i % len(colors)]
+    for label, color in colors.items():
         for left, px, rates in curves:
             values = rates[label]
             points = " ".join(f"{left + px * (j + 0.5) / len(values):.1f},{height - height * v / top + 5:.1f}"
                               for j, v in enumerate(values))
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{40 + 120 * i}" y="{height + 40}" font-size="11" fill="{color}">'
-                     f'{html.escape(label[:18])}</text>')
-    parts.append(f'<text x="{width + 40}" y="{height + 55}" font-size="10" text-anchor="end">time (UTC)</text></svg>')
+    parts.append(legend)
+    parts.append(f'<text x="{width + 40}" y="{height + 33}" font-size="10" text-anchor="end">time (UTC)</text></svg>')
     return "".join(parts)
 
 
@@ -4767,14 +4889,17 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog 
     return written, scored
 
 
-def write_reports(config: Config) -> int:
-    """Write --export / --report / --report-html from the checkpoint; print the text report."""
+def write_reports(config: Config, ran: bool = False) -> int:
+    """Write --export / --report / --report-html from the checkpoint; print the text report.
+
+    After a run (`ran`), the run's summary has already said what an answer cost in tokens.
+    """
     if not config.output.exists():
         raise UsageError(f"{config.output}: no checkpoint to report on (score something first)")
     stats = read_stats(config.output)
     if stats.skipped.count:
         warn(stats.skipped.describe(config.output))
-    warn(text_report(stats))
+    warn(text_report(stats, tokens=not ran))
     if config.report_html:
         config.report_html.write_text(html_report(stats, config.output))
         warn(f"Report written to {config.report_html}")
@@ -4782,9 +4907,10 @@ def write_reports(config: Config) -> int:
         info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
         log = InputLog(config.input, warn)
         written, scored = export_parquet(config, info, config.export, log)
-        warn(f"Exported {written:,} rows ({scored:,} scored) to {config.export}"
-             + (f" (--min-score {config.min_score})" if config.min_score is not None else "")
-             + (f" (--top {config.top[0]:g}{'%' if config.top[1] else ''})" if config.top else ""))
+        filters = ([f"--min-score {config.min_score}"] if config.min_score is not None else []) + (
+            [f"--top {config.top[0]:g}{'%' if config.top[1] else ''}"] if config.top else [])
+        warn(f"Exported {plural(written, 'row')} ({scored:,} scored) to {config.export}"
+             + (f" ({', '.join(filters)})" if filters else ""))
         if log.unreadable:
             return EXIT_INCOMPLETE
     return EXIT_OK
@@ -5070,12 +5196,11 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
             return
         if not answered and now >= give_up:
             raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
-                             + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer'}"
-                                         for e in endpoints))
+                             + waiting_lines(endpoints, "no complete answer"))
         if not answered and not told and (all(e in retry_at for e in endpoints) or now - started >= 10.0):
             told = True
             warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:\n"
-                 + "\n".join(f"  {e.name} ({e.url}): {e.detail or 'no complete answer yet'}" for e in endpoints)
+                 + waiting_lines(endpoints, "no complete answer yet")
                  + first_run_hint(endpoints, config))
         if told and not answered and now >= next_left:
             next_left += 15.0
@@ -5084,7 +5209,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
         loading = [e.name for e in tasks if e.state == "warming"]
         if loading and not told_loading and ready_at is None and now - started >= 3.0:
             told_loading = True
-            warn(f"Loading the model on {', '.join(loading)} (a cold start can take minutes)")
+            warn(f"Loading the model on {clip(loading, REPORT_WIDTH - 60)} (a cold start can take minutes)")
 
 
 async def preflight(endpoints: list[Endpoint], config: Config) -> None:
@@ -5232,8 +5357,10 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
     if resume.skipped.count:
         warn(resume.skipped.describe(config.output))
     if resume.records:
-        warn(f"Resuming {config.output}: {len(resume.scored):,} rows scored, {len(resume.permanent):,} with "
-             f"permanent errors, {resume.retried:,} failed rows to retry.")
+        permanent = "a permanent error" if len(resume.permanent) == 1 else "permanent errors"
+        warn(f"Resuming {config.output}: {plural(len(resume.scored), 'row')} scored, "
+             f"{len(resume.permanent):,} with {permanent}, "
+             f"{plural(resume.retried, 'failed row')} to retry.")
     tally = Tally()
     log = InputLog(config.input, warn, tally.unreadable)
     reader = read_items(info, config.dedup, done_filter(resume, tally), log)
@@ -5392,7 +5519,7 @@ def rerun_command(config: Config) -> str:
 
 def finish_outputs(config: Config, code: int) -> int:
     """Print the run report, write the export and HTML asked for; keep the run's exit code."""
-    return write_reports(config) or code
+    return write_reports(config, ran=True) or code
 
 
 def guard_streams() -> Callable[[], None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,8 +97,8 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180
 
 
 @contextlib.contextmanager
-def fleet(count: int, workdir: Path):
-    """Run `count` servers; yield their /v1 URLs; stop them after."""
+def fleet(count: int, workdir: Path, crashed: list[Path] | None = None):
+    """Run `count` servers; yield their /v1 URLs; stop them after, adding to `crashed` the logs of any that died."""
     procs = []
     try:
         for i in range(count):
@@ -108,6 +109,8 @@ def fleet(count: int, workdir: Path):
             wait_ready(proc, url, log)
         yield [url for _, url, _ in procs]
     finally:
+        if crashed is not None:
+            crashed += [log for proc, _, log in procs if proc.poll() is not None]
         for proc, _, _ in procs:
             proc.terminate()
         for proc, _, _ in procs:
@@ -185,8 +188,9 @@ def main() -> int:
     output = HERE / "sample.scores.jsonl"
     print(f"Starting {args.servers} llama_cpp.server processes (SmolLM2-135M, 1 thread each)...", flush=True)
     code = None
+    crashed: list[Path] = []
     try:
-        with fleet(args.servers, workdir) as urls:
+        with fleet(args.servers, workdir, crashed) as urls:
             endpoints = write_endpoints(workdir / "endpoints.txt", urls)
             fresh = [] if "--resume" in args.score_args else ["--overwrite"]
             argv = [str(HERE / "sample.jsonl"), "--endpoints", str(endpoints), "-o", str(output),
@@ -202,9 +206,15 @@ def main() -> int:
         print(f"try_it: {exc}; install the demo's servers with: pip install -e '.[real]'", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as exc:
-        print(f"try_it: {exc}", file=sys.stderr)
+        crashed.append(workdir)
+        print(f"try_it: {exc}\nThe servers' logs are in {workdir}", file=sys.stderr)
         return 2
-    print(f"\nResults: {output}  (servers' logs: {workdir}; the servers are stopped)")
+    finally:
+        if not crashed:                 # the logs only matter when a server failed
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nResults: {output}  (the servers are stopped)")
+    if crashed:
+        print(f"A server stopped during the run; its log: {', '.join(map(str, crashed))}", file=sys.stderr)
     rows = sum(1 for line in (HERE / "sample.jsonl").read_text().splitlines() if line.strip())
     return explain(output, code, rows)
 

@@ -190,6 +190,8 @@ class Behaviour:
     short_tokens: int = 9
     none_tokens: int = 6
     seed: int = 0
+    owned_by: str = "fake"                # OpenAI mode: /v1/models' owned_by (llama.cpp: "llamacpp";
+                                          # llama-cpp-python: "me")
 
 
 SHAPES = {
@@ -392,7 +394,7 @@ class FakeOllama:
                 return await self._chat(body, reader, openai=False)
         else:
             if path == "/v1/models":
-                return 200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "fake"}
+                return 200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": b.owned_by}
                                                         for n in b.models]}, "application/json"
             if path == "/v1/chat/completions" and method == "POST":
                 return await self._chat(body, reader, openai=True)

@@ -143,3 +143,15 @@ def test_demo_counts_the_planted_empty_row_as_expected_and_says_what_tiny_verdic
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert try_it.explain(out, 1, 41) == 1                      # a real failure is not explained away
     assert try_it.explain(out, 130, 41) == 130
+
+
+def test_summary_says_one_earlier_permanent_error_in_the_singular(tmp_path, serve):
+    server = serve(latency=0.01)
+    records = rows(4)
+    records[2]["code"] = ""                                       # an empty row: a permanent error
+    data = write_jsonl(tmp_path / "fns.jsonl", records)
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    assert run_cli(data, "--endpoints", endpoints, "--no-progress", "--limit", "3").returncode == 1
+    result = run_cli(data, "--endpoints", endpoints, "--no-progress", "--resume")    # the 4th row is left
+    assert "Rows without a score: 1 earlier permanent error." in result.stderr, result.stderr
+    assert "2 rows scored, 1 with a permanent error, 0 failed rows to retry" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import socket
 import threading
@@ -93,6 +94,14 @@ def test_model_list_of_plain_strings_leaves_that_endpoint_out_of_the_start(tmp_p
     assert_all_scored_by(read_records(tmp_path / "fns.scores.jsonl"), 10, "e1")
 
 
+def preflight_row(stderr: str, name: str) -> str:
+    """An endpoint's preflight row with its status, which may sit on indented lines below it."""
+    lines = stderr.split("\n")
+    i = next(i for i, line in enumerate(lines) if line.startswith(name + " "))
+    more = itertools.takewhile(lambda line: line.startswith("    "), lines[i + 1:])
+    return " ".join([lines[i], *(line.strip() for line in more)])
+
+
 @pytest.mark.parametrize("where", ["root", "load"])
 def test_a_trickling_server_does_not_keep_the_run_from_starting_or_ending(tmp_path, serve, where):
     slow, good = serve(trickle=(where,)), serve(latency=0.01)
@@ -100,8 +109,7 @@ def test_a_trickling_server_does_not_keep_the_run_from_starting_or_ending(tmp_pa
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [slow, good]), "--no-progress",
                      "--startup-timeout", "10", timeout=60)
     assert result.returncode == 0, result.stderr
-    table = result.stderr.split("\n")
-    status = next(line for line in table if line.startswith("e0 "))
+    status = preflight_row(result.stderr, "e0")
     assert ("not answering" in status) if where == "root" else ("loading the model" in status)
     assert_all_scored_by(read_records(tmp_path / "fns.scores.jsonl"), 10, "e1")
 
@@ -120,7 +128,7 @@ def test_no_endpoint_can_load_the_model_stops_with_the_servers_message(tmp_path,
     data = write_jsonl(tmp_path / "fns.jsonl", rows(10))
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [a, b]), "--no-progress", timeout=60)
     assert result.returncode == 1, result.stderr
-    table = result.stderr.split("stopped:")[0]
+    table = " ".join(result.stderr.split("stopped:")[0].split())              # a long status wraps at 100 columns
     assert OOM in table and "llama runner process has terminated" in table          # in the preflight table
     stopped = result.stderr.split("stopped:")[1]
     assert "no endpoint can serve: e0: cannot load qwen2.5-coder:7b" in stopped and OOM in stopped
@@ -134,7 +142,7 @@ def test_max_downtime_waits_for_a_model_that_cannot_load_and_says_why(tmp_path, 
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [a]), "--no-progress",
                      "--max-downtime", "3", timeout=60)
     assert result.returncode == 1, result.stderr
-    assert OOM in result.stderr and "--max-downtime 3s" in result.stderr
+    assert OOM in " ".join(result.stderr.split()) and "--max-downtime 3s" in result.stderr
     assert "continue with:" in result.stderr and "--max-downtime 3 --resume\n" in result.stderr
     loads = [body for method, path, body in a.requests if path == "/api/chat"]
     assert len(loads) >= 2                                 # it kept trying while it waited
@@ -145,7 +153,7 @@ def test_an_endpoint_that_cannot_load_is_shown_and_the_rest_score(tmp_path, serv
     data = write_jsonl(tmp_path / "fns.jsonl", rows(10))
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [bad, good]), "--no-progress")
     assert result.returncode == 0, result.stderr
-    status = next(line for line in result.stderr.split("\n") if line.startswith("e0 "))
+    status = preflight_row(result.stderr, "e0")
     assert f"cannot load qwen2.5-coder:7b: HTTP 500: {OOM}" in status
     assert_all_scored_by(read_records(tmp_path / "fns.scores.jsonl"), 10, "e1")
 

@@ -332,3 +332,60 @@ def test_a_null_id_row_never_takes_the_score_of_a_real_id_that_reads_like_its_la
     assert result.returncode == 0, result.stderr
     assert "Rows without a score: 1 no_id" in result.stdout + result.stderr
     assert [(r["score"], r["error"]) for r in exported(out)] == [(None, "line 1: the id column is null"), (7, None)]
+
+
+MEASURE = """<script>
+const svg = [...document.querySelectorAll('svg')].find(s => s.querySelector('text.legend'));
+const box = svg.getBoundingClientRect();
+const boxes = [...svg.querySelectorAll('text.legend')].map(t => t.getBoundingClientRect());
+let overlaps = 0, outside = 0;
+boxes.forEach((a, i) => {
+  if (a.left < box.left || a.right > box.right || a.bottom > box.bottom) outside++;
+  boxes.slice(i + 1).forEach(b => {
+    if (a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom) overlaps++;
+  });
+});
+document.body.setAttribute('data-measured', `legend=${boxes.length} overlaps=${overlaps} outside=${outside}`);
+</script>"""
+
+
+def test_html_chart_names_every_endpoint_of_a_small_fleet_in_a_legend_that_does_not_overlap(tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    names = ["macbook-pro-2019-alice", "macbook-pro-2019-bob", "p40-in-the-basement",
+             "workstation-upstairs-left", "workstation-upstairs-right", "a-very-long-name-for-the-old-mac-mini"]
+    lines = [{"id": n, "score": 5 + n % 3, "endpoint": names[n % 6], "output_tokens": 6,
+              "ts": 1_790_000_000.0 + n} for n in range(600)]
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    checkpoint.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    page = tmp_path / "report.html"
+    result = run_cli(data, "-o", checkpoint, "--report", "--report-html", page)
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert "others" not in text                                       # six endpoints: six curves, nothing folded
+    measured = tmp_path / "measured.html"
+    measured.write_text(text.replace("</body>", MEASURE + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", measured.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert 'data-measured="legend=6 overlaps=0 outside=0"' in dom, re.findall(r'data-measured="[^"]*"', dom)
+    for name in names[:5]:
+        assert f">{name}</text>" in dom                               # in full up to 28 characters
+    assert ">a-very-long-na…-old-mac-mini<" in dom and "<title>a-very-long-name-for-the-old-mac-mini</title>" in dom
+    # the text report shows them in full too, and the two macbooks stay apart
+    assert "macbook-pro-2019-alice" in result.stderr and "macbook-pro-2019-bob " in result.stderr
+
+
+def test_export_line_says_one_row_and_names_its_filters_in_one_parenthesis(tmp_path):
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    checkpoint = tmp_path / "fns.scores.jsonl"
+    checkpoint.write_text("".join(json.dumps({"id": f"fn-{i}", "score": s, "endpoint": "e0", "output_tokens": 6,
+                                              "ts": 1_790_000_000.0 + i}) + "\n" for i, s in enumerate([9, 4, 2])))
+    out = tmp_path / "top.parquet"
+    result = run_cli(data, "-o", checkpoint, "--report", "--export", out, "--min-score", "9", "--top", "10%")
+    assert result.returncode == 0, result.stderr
+    assert f"Exported 1 row (1 scored) to {out} (--min-score 9, --top 10%)" in result.stderr, result.stderr
+    assert [r["score"] for r in exported(out)] == [9]

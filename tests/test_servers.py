@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 import score
 from conftest import expected_score, read_records, rows, run_cli, write_endpoints, write_jsonl
 
@@ -139,3 +141,14 @@ def test_a_password_in_an_endpoint_url_is_used_but_never_shown_or_stored(tmp_pat
     endpoints.write_text(f"{endpoints.read_text()}{endpoints.read_text()}")   # the same URL twice
     again = run_cli(data, "--endpoints", endpoints, "--overwrite")
     assert again.returncode == 2 and "already on line 1" in again.stderr and "s3cret-pw" not in again.stderr
+
+
+@pytest.mark.parametrize("owner, shown", [("me", "openai "), ("llamacpp", "openai (llama.cpp)"),
+                                          ("vllm", "openai (vllm)")])
+def test_preflight_names_the_openai_server_only_when_its_owner_means_something(tmp_path, serve, owner, shown):
+    server = serve(api="openai", owned_by=owner)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stderr.splitlines() if line.startswith("e0 "))
+    assert shown in row and "(me)" not in row, row
