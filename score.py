@@ -281,6 +281,8 @@ AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 
 AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
 AUTO_WINDOW = 4             # completions per measurement window (at least the limit) while ramping,
 AUTO_STEADY = 4             # times this while holding, where a noisy window could talk it down
+AUTO_FIRST_WINDOW = 2       # completions per measurement at limits 1 and 2 of the first climb
+AUTO_QUEUED = 1.4           # latency at limit 2 over the service time that says the second request only waited
 AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
 AUTO_PROBE_MAX = 600.0
 AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
@@ -1730,6 +1732,13 @@ class Limiter:
     It also estimates the service time, the latency of a request not queued on the
     server: requests started while a trial limit was above the settled one are
     left out, since they may have waited behind the others.
+
+    The first climb judges limits 1 and 2 on AUTO_FIRST_WINDOW completions, as a short
+    job cannot afford long windows at limits far below the best. Two completions are
+    too few to tell a single-slot server's throughput at 2 from noise, so the step
+    from 1 to 2 also has to keep the latency below AUTO_QUEUED times the service time
+    measured at 1: on a single-slot server the second request waits for the first,
+    and latency doubles.
     """
 
     def __init__(self, fixed: int | None) -> None:
@@ -1746,6 +1755,7 @@ class Limiter:
 
     def restart(self, now: float) -> None:
         self.since, self.first, self.count, self.starved = now, None, 0, False
+        self.latency = 0.0               # summed over the window's completions
         self.seen, self.seen_first = 0, now
 
     @property
@@ -1772,6 +1782,7 @@ class Limiter:
             self.first = now
             return
         self.count += 1
+        self.latency += now - started
         if self.count < self.window() or now <= self.first:
             return
         if self.starved:       # not enough work to fill the limit: the window says nothing
@@ -1782,6 +1793,8 @@ class Limiter:
 
     def window(self) -> int:
         """Completions per measurement: few while ramping, more while holding, where noise is the enemy."""
+        if self.phase == "climb" and self.limit <= 2:
+            return AUTO_FIRST_WINDOW
         return max(AUTO_WINDOW, self.limit) * (AUTO_STEADY if self.phase in ("hold", "fell", "probe") else 1)
 
     def _losing(self, now: float) -> bool:
@@ -1829,6 +1842,9 @@ class Limiter:
 
     def _pays(self, rate: float) -> bool:
         step = self.limit / self.best_limit - 1
+        if self.best_limit == 1 and self.service and self.count:
+            if self.latency / self.count > AUTO_QUEUED * self.service:
+                return False    # the second request waited for the first: a single-slot server
         return rate >= self.best_rate * (1 + max(AUTO_GAIN, AUTO_STEP_SHARE * step))
 
     def _decide(self, rate: float, now: float) -> None:

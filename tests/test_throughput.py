@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import random
 from collections import Counter
 
 import score
@@ -152,3 +154,40 @@ def test_limiter_follows_a_server_that_loses_half_its_capacity():
     assert limiter.best_limit == 8
     drive_limiter(limiter, lambda limit: min(limit, 4) * 10.0, 20, now)
     assert limiter.best_limit in (4, 5)
+
+
+def serve_in_order(limiter, slots: int, services: list[float]) -> list[int]:
+    """Drive a limiter with a first-come first-served server of `slots`; return the limit after each completion."""
+    free = [0.0] * slots                  # when each slot is next free
+    inflight: list[tuple[float, float]] = []      # (done, sent)
+    now, limits = 0.0, []
+    for service in services:
+        while len(inflight) >= limiter.limit:
+            done, sent = heapq.heappop(inflight)
+            now = done
+            limiter.on_done(sent, now)
+            limits.append(limiter.limit)
+        slot = min(range(slots), key=free.__getitem__)
+        free[slot] = max(now, free[slot]) + service
+        heapq.heappush(inflight, (free[slot], now))
+    return limits
+
+
+def test_limiter_tells_a_single_slot_server_by_its_latency_despite_short_first_windows():
+    # Two completions per window at limits 1 and 2: service times varying by ±30% alone often make 2 look
+    # faster; the latency, doubled on a single-slot server, keeps it at 1 with at most one request waiting.
+    wrong = []
+    for seed in range(300):
+        rng = random.Random(seed)
+        limiter = score.Limiter(None)
+        limits = serve_in_order(limiter, 1, [rng.uniform(0.7, 1.3) for _ in range(100)])
+        if limiter.best_limit != 1 or max(limits) != 2:
+            wrong.append(seed)
+    assert len(wrong) <= 3, wrong
+
+
+def test_limiter_reaches_four_slots_within_a_few_completions():
+    for seed in range(50):
+        rng = random.Random(seed)
+        limits = serve_in_order(score.Limiter(None), 4, [rng.uniform(0.7, 1.3) for _ in range(60)])
+        assert limits.index(4) < 9, seed     # two short windows at limits 1 and 2
