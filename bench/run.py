@@ -403,7 +403,8 @@ def run_measured(data: Path, servers: list[tuple[str, FakeOllama, str]], tag: st
     output = OUT / f"{tag}.scores.jsonl"
     # /usr/bin/time reports the peak RSS of score.py itself (wait4 would count the pre-exec copy of this process).
     proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", sys.executable, str(SCORE), str(data), "--endpoints",
-                             str(endpoints), "-o", str(output), "--overwrite", "--no-progress", *extra],
+                             str(endpoints), "-o", str(output), "--overwrite", "--no-progress", "--no-calibration",
+                             *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -553,7 +554,9 @@ def render(r: dict, elapsed: float, argv: str) -> str:
              f"Command: `{' '.join(['python bench/run.py', *argv.split()])}` ({elapsed / 60:.1f} min).", "",
              "Every figure is a ratio of two measurements taken in the same run (the machine is shared and noisy).",
              "Endpoints are simulated (`tests/fake_ollama.py`): k slots, service time growing with prompt length,",
-             "and batching whose throughput rises sub-linearly up to a peak, then degrades.", "",
+             "and batching whose throughput rises sub-linearly up to a peak, then degrades. The calibration at",
+             "preflight (a fixed few seconds, on by default for jobs of 1,000 rows or more) is off in these cases",
+             "(`--no-calibration`), so they measure scoring alone; its cost is given with the `--reason` figures.", "",
              "| metric | target | measured |", "|---|---|---|"]
     if e := r.get("efficiency"):
         lines.append(f"| efficiency: steady items/s ÷ fleet capacity (1 GPU box + 2 laptops 3x slower), defaults "
