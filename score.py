@@ -2779,33 +2779,65 @@ def compare_calibrations(results: dict[str, dict[str, Any]]) -> None:
 
 
 def calibration_table(endpoints: list[Endpoint], results: dict[str, dict[str, Any]]) -> str:
-    """Render one line per endpoint: probabilities, good mean, poor mean, separation, verdict."""
-    rows = [["endpoint", "probabilities", "good", "poor", "separation", "calibration"]]
+    """Render one line per endpoint: probabilities, good mean, poor mean, separation, verdict.
+
+    Beyond FLEET_ROWS endpoints, the ones that passed share one line (their average figures)
+    and endpoints with the very same figures and verdict share one too, so 40 laptops that
+    all fail the same way read as one line, not forty.
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
     for e in endpoints:
-        r = results.get(e.name)
-        if r is None:
+        if (r := results.get(e.name)) is not None:
+            numbers = [f"{r[k]:.2f}" for k in ("good_mean", "poor_mean", "separation")] if "good_mean" in r \
+                else ["-"] * 3
+            verdict = r["verdict"] + (f" ({r['detail']})" if r.get("detail") else "") + \
+                (" (integer scores)" if r.get("measure") == "score" else "")
+            groups.setdefault(("yes" if r.get("probabilities") else "no", *numbers, verdict), []).append(e.name)
+    rows = [["endpoint", "probabilities", "good", "poor", "separation", "calibration"]]
+    fold = len(results) > FLEET_ROWS
+    passed = [name for cells, names in groups.items() if cells[-1] == "ok" for name in names] if fold else []
+    for cells, names in groups.items():
+        if fold and cells[-1] == "ok":
             continue
-        numbers = [f"{r[k]:.2f}" for k in ("good_mean", "poor_mean", "separation")] if "good_mean" in r else ["-"] * 3
-        verdict = r["verdict"] + (f" ({r['detail']})" if r.get("detail") else "") + \
-            (" (integer scores)" if r.get("measure") == "score" else "")
-        rows.append([e.name, "yes" if r.get("probabilities") else "no", *numbers, verdict])
+        rows += [[f"{len(names)} endpoints", *cells]] if fold and len(names) > 1 else [[n, *cells] for n in names]
+    if passed:
+        figures = [results[n] for n in passed]
+        means = [f"{statistics.fmean(r[k] for r in figures):.2f}" for k in ("good_mean", "poor_mean", "separation")]
+        probabilities = {"yes" if r.get("probabilities") else "no" for r in figures}
+        rows.append([f"{len(passed)} others", probabilities.pop() if len(probabilities) == 1 else "some",
+                     *means, "ok (averages)"])
     return table(cut_names(rows), right={2, 3, 4})
 
 
+def name_list(names: list[str], shown: int = 3) -> str:
+    """Name a few endpoints and count the rest: "a, b, c and 37 more"."""
+    head = ", ".join(names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Say loudly what a failed calibration means for the scores."""
-    lines = []
+    """Say loudly what a failed calibration means for the scores, once per kind of failure."""
+    by_kind: dict[tuple[str, str], list[str]] = {}
     for name, r in results.items():
-        if r["verdict"] == "no separation":
-            lines.append(f"WARNING: {name} scores clearly poor functions about as high as clearly good ones "
-                         f"(separation {r['separation']:.2f} < {CALIBRATION_GAP:g}): its scores would rank your "
-                         "data close to randomly. Check the model, the prompt and the server's chat template.")
-        elif r["verdict"] == "unlike the others":
-            lines.append(f"WARNING: {name} scores the calibration set very differently from the other endpoints "
-                         f"(means differ by {r['drift']:.2f}): it is probably another model, quantization or "
-                         "template, and mixing its scores with theirs would skew the ranking.")
-        elif r["verdict"] == "failed":
-            lines.append(f"WARNING: {name} could not be calibrated: {r['detail']}")
+        detail = f"{r['separation']:.2f}" if r["verdict"] == "no separation" else \
+            f"{r['drift']:.2f}" if r["verdict"] == "unlike the others" else str(r.get("detail"))
+        if r["verdict"] != "ok":
+            by_kind.setdefault((r["verdict"], detail), []).append(name)
+    lines = []
+    for (verdict, detail), names in by_kind.items():
+        one = len(names) == 1
+        who = names[0] if one else f"{len(names)} endpoints ({name_list(names)})"
+        if verdict == "no separation":
+            lines.append(f"WARNING: {who} {'scores' if one else 'score'} clearly poor functions about as high as "
+                         f"clearly good ones (separation {detail} < {CALIBRATION_GAP:g}): {'its' if one else 'their'} "
+                         "scores would rank your data close to randomly. Check the model, the prompt and the "
+                         "server's chat template.")
+        elif verdict == "unlike the others":
+            lines.append(f"WARNING: {who} {'scores' if one else 'score'} the calibration set very differently from "
+                         f"the other endpoints (means differ by {detail}): probably another model, quantization or "
+                         "template, and mixing those scores with the rest would skew the ranking.")
+        else:
+            lines.append(f"WARNING: {who} could not be calibrated: {detail}")
     return [textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ") for line in lines]
 
 

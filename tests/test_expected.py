@@ -326,3 +326,19 @@ def test_requests_in_flight_when_a_fallback_is_learned_are_resent_not_failed(tmp
     line = [line for line in result.stderr.splitlines() if line.startswith("e0 ")][-1]      # the calibration line
     assert line.split()[1:5] == ["no", "8.00", "2.00", "6.00"] and "ok" in line, result.stderr
     assert result.stderr.count("json_schema") == 1 and result.stderr.count("refuses token probabilities") == 1
+
+
+def test_calibration_of_a_large_fleet_reads_as_a_few_lines_within_100_columns(tmp_path, fleet):
+    passing, flat = fleet(20, verdict="docs"), fleet(24, verdict="flat", logprobs="off")
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(3))
+    result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", passing + flat), "--check",
+                     "--calibrate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("endpoint") and "separation" in line)
+    table = lines[head + 1:head + 3]
+    assert table[0].startswith("24 endpoints") and "no separation" in table[0]      # the same failure: one line
+    assert table[1].startswith("20 others") and "ok (averages)" in table[1]         # the passing ones: one line
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: 24 endpoints (e20, e21, e22 and 21 more) score")
+    assert all(len(line) <= 100 for line in lines), max(lines, key=len)
