@@ -595,7 +595,7 @@ def render(r: dict, elapsed: float, argv: str) -> str:
                   f"| {e['job_rate'] / e['capacity']:.2f} |",
                   f"| static even split, each machine at its best fixed concurrency | {e['split_rate']:.1f} "
                   f"| {e['split_rate'] / e['capacity']:.2f} |",
-                  f"| one worker per endpoint on a shared queue (the seed's shape) | {e['seed_rate']:.1f} "
+                  f"| one worker per endpoint on a shared queue | {e['seed_rate']:.1f} "
                   f"| {e['seed_rate'] / e['capacity']:.2f} |",
                   "", "Job items/s counts the whole job (ramp-up and tail included); efficiency above uses the "
                   "steady middle 80% of completions.",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CMAKE_HINT = 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"'   # a portable AVX2 build: a native one on AMX CPUs crashes on the first token
+CMAKE_HINT = 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"'   # portable AVX2: a native build crashes on AMX CPUs
 sys.path.insert(0, str(ROOT))
 import score  # noqa: E402
 
