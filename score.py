@@ -1769,9 +1769,9 @@ class Limiter:
         """Say whether a request started during a trial, so it may have waited on the server."""
         return any(begin <= started <= end for begin, end in self.trials)
 
-    def on_done(self, started: float, now: float) -> None:
-        """Account one completed request (successful or answered)."""
-        if not self.queued(started):
+    def on_done(self, started: float, now: float, answered: bool = True) -> None:
+        """Account one completed request (successful, answered, or failed after the server worked on it)."""
+        if answered and not self.queued(started):
             latency = now - started
             self.service = latency if self.service is None else 0.8 * self.service + 0.2 * latency
         if not self.auto:
@@ -3364,6 +3364,10 @@ class Run:
                 return
             if outcome.overload:
                 endpoint.limiter.on_overload(now)
+            elif not outcome.connect:
+                # The server spent a slot on it: counting it keeps a few random faults in a short
+                # window from reading as a limit that does not pay (its latency says nothing of service).
+                endpoint.limiter.on_done(started, now, answered=False)
             if endpoint.record_fault(outcome, now):
                 self.take_down(endpoint, str(outcome))
             else:
