@@ -3239,14 +3239,9 @@ class Run:
 
     def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
         """At the end of the input, leave the last rows to endpoints that will finish them sooner."""
-        queued = self.queued()
-        if not queued:
-            return True         # nothing to take: pick() goes on to racing
-        me = lane_of(endpoint)
-        others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
-        if takes_queued_row(me, others, queued, now):
+        if self.prefers(endpoint, now):     # with nothing queued, pick() goes on to racing
             return True
-        self.wake_faster(finish_in(me, 1, now))     # those may be asleep with room
+        self.wake_faster(finish_in(lane_of(endpoint), 1, now))     # those may be asleep with room
         return False
 
     def hedge_candidate(self, endpoint: Endpoint, now: float) -> Item | None:
@@ -4154,8 +4149,7 @@ def answer_line(run: Run) -> str:
     without = [e.name for e in run.endpoints if e.done and not e.expected]
     return (f"Generated {tokens / answered:.1f} tokens per answer (--reason {run.config.reason}); "
             f"{expected:,} of {answered:,} answers carry score_expected"
-            + (f" (no token probabilities from {', '.join(without[:3])}"
-               + (f" and {len(without) - 3} more" if len(without) > 3 else "") + ")" if without else "") + ".")
+            + (f" (no token probabilities from {name_list(without)})" if without else "") + ".")
 
 
 def summary(run: Run, elapsed: float) -> str:
