@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import enum
 import functools
 import gzip
 import hashlib
@@ -254,8 +255,26 @@ CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own marku
 MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
 TRUNCATION_MARK = "\n... [truncated]"
 
-PERMANENT_ERRORS = frozenset({"empty", "malformed", "no_id", "template", "bad_text", "bad_id",
-                              "duplicate_id"})
+
+class ErrorKind(enum.StrEnum):
+    """Why a row has no score: the `error_kind` of its record (README lists them; never rename one)."""
+
+    EMPTY = "empty"
+    MALFORMED = "malformed"
+    NO_ID = "no_id"
+    TEMPLATE = "template"
+    BAD_TEXT = "bad_text"
+    BAD_ID = "bad_id"
+    DUPLICATE_ID = "duplicate_id"
+    BAD_ANSWER = "bad_answer"                   # an answer we cannot use; recorded as attempts_exhausted
+    REJECTED = "rejected"                       # an HTTP 400 for this row; recorded as attempts_exhausted
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    POISON = "poison"
+    TOO_LONG = "too_long"
+
+
+PERMANENT_ERRORS = frozenset({ErrorKind.EMPTY, ErrorKind.MALFORMED, ErrorKind.NO_ID, ErrorKind.TEMPLATE,
+                              ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
 
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
 FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
@@ -277,6 +296,7 @@ PREFLIGHT_GRACE = 5.0       # once one endpoint is ready, seconds the others get
 ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a few hundred)
 DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
 
+AUTO = "auto"               # a concurrency found by measuring (the rules below), as users spell it
 AUTO_MAX = 64               # ceiling for adaptive concurrency
 AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
 AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
@@ -304,17 +324,54 @@ LOG_STATUS = 160            # characters of fleet status in the once-a-minute lo
 # ── Data model ──────────────────────────────────────────────────────────────────
 
 
+class Api(enum.StrEnum):
+    """The protocol an endpoint speaks, as endpoints.txt spells it."""
+
+    AUTO = "auto"               # not known until the check: Ollama if `GET /` says so, else OpenAI-compatible
+    OLLAMA = "ollama"
+    OPENAI = "openai"
+
+
+class Health(enum.StrEnum):
+    """Where an endpoint stands; it moves only through Endpoint's methods, along HEALTH_MOVES."""
+
+    PENDING = "pending"         # has not passed a check yet
+    WARMING = "warming"         # checked (or probed after trouble), loading the model
+    READY = "ready"
+    BACKOFF = "backoff"         # ready, but rests until backoff_until after a fault
+    DOWN = "down"               # failed after passing a check; probed in the background
+    GONE = "gone"               # taken out of the run: final
+
+
+# pending → warming → ready ⇄ backoff; ready/backoff → down → warming → ready; a failed check or load
+# leaves it pending (never checked) or down; an OpenAI-compatible server skips warming; anything → gone.
+HEALTH_MOVES = {
+    Health.PENDING: {Health.PENDING, Health.WARMING, Health.READY, Health.DOWN, Health.GONE},
+    Health.WARMING: {Health.READY, Health.DOWN, Health.GONE},
+    Health.READY: {Health.READY, Health.BACKOFF, Health.DOWN, Health.GONE},
+    Health.BACKOFF: {Health.READY, Health.BACKOFF, Health.DOWN, Health.GONE},
+    Health.DOWN: {Health.WARMING, Health.READY, Health.DOWN, Health.GONE},
+    Health.GONE: set(),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointSpec:
     """One line of endpoints.txt, validated."""
 
     url: str
     name: str
-    api: str                     # "auto", "ollama" or "openai"
-    model: str | None            # per-machine override of --model
-    concurrency: int | None      # None = adaptive
+    api: Api
+    model: str | None                   # per-machine override of --model
+    concurrency: int | str | None       # a fixed limit, AUTO to measure it, or None: as --concurrency says
     key_env: str | None
     line: int
+
+    def fixed_limit(self, default: int | None) -> int | None:
+        """Return the requests to keep in flight, or None to measure it; default is --concurrency's."""
+        if self.concurrency is None:
+            return default
+        return None if self.concurrency == AUTO else self.concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +389,7 @@ class Config:
     text_column: str | None
     prompt: str
     prompt_source: str
-    concurrency: int | None
+    concurrency: int | None             # None: measured (AUTO)
     timeout: float
     max_attempts: int
     limit: int | None
@@ -370,7 +427,7 @@ class Item:
     text: str | None
     fields: dict[str, Any]
     digest: int = 0               # content hash for duplicate fan-out (0 = none)
-    problem: tuple[str, str] | None = None   # (error_kind, message): never sent
+    problem: tuple[ErrorKind, str] | None = None   # (error_kind, message): never sent
     attempts: int = 0             # item faults charged against --max-attempts
     faults: int = 0               # endpoint faults seen while carrying this item
     fault_endpoints: set[str] | None = None
@@ -426,7 +483,7 @@ class EndpointFault(Exception):
 class ItemFault(Exception):
     """The endpoint answered, but not usefully for this item."""
 
-    def __init__(self, message: str, kind: str = "bad_answer") -> None:
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.BAD_ANSWER) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -489,7 +546,7 @@ def hashed_key(data: bytes) -> int:
 # Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
 # never share a key with a string id that reads the same.
 BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
-LABEL_KINDS = frozenset({"no_id", "bad_id", "malformed"})    # records whose string id is the row's label
+LABEL_KINDS = frozenset({ErrorKind.NO_ID, ErrorKind.BAD_ID, ErrorKind.MALFORMED})    # records whose string id is the row's label
 
 
 def id_key(value: int | str) -> int:
@@ -506,7 +563,7 @@ def label_key(label: str) -> int:
     return hashed_key(LABEL_PREFIX + label.encode())
 
 
-def row_key(ident: int | str, problem: tuple[str, str] | None) -> int:
+def row_key(ident: int | str, problem: tuple[ErrorKind, str] | None) -> int:
     """Return the key of a row after checked_id: a row whose id gave way to its label keys by label."""
     return label_key(ident) if problem is not None and type(ident) is str else id_key(ident)
 
@@ -636,7 +693,7 @@ def inspect_input(path: Path, id_column: str | None, text_column: str | None, te
 
 
 WARN_FIRST = 5              # bad rows of one kind named on the console before they are only counted
-NAMED_PROBLEMS = frozenset({"malformed", "bad_text", "bad_id", "duplicate_id"})
+NAMED_PROBLEMS = frozenset({ErrorKind.MALFORMED, ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
 
 
 def row_id(ident: Any, label: str) -> int | str:
@@ -665,13 +722,13 @@ def writable(value: Any) -> bool:
     return True
 
 
-def checked_id(raw: Any, label: str) -> tuple[int | str, tuple[str, str] | None]:
+def checked_id(raw: Any, label: str) -> tuple[int | str, tuple[ErrorKind, str] | None]:
     """Apply the id rule to a raw id; a null or unwritable id gives way to the row's label, with the problem."""
     if raw is None:
-        return label, ("no_id", "the id column is null")
+        return label, (ErrorKind.NO_ID, "the id column is null")
     ident = row_id(raw, label)
     if not writable(ident):
-        return label, ("bad_id", "the id is not valid text (bytes that are not UTF-8, or a lone "
+        return label, (ErrorKind.BAD_ID, "the id is not valid text (bytes that are not UTF-8, or a lone "
                                  "surrogate escape such as \\ud800)")
     return ident, None
 
@@ -696,7 +753,7 @@ class InputLog:
         self.named: Counter = Counter()
         self.unreadable = [] if unreadable is None else unreadable
 
-    def bad_row(self, kind: str, message: str) -> None:
+    def bad_row(self, kind: ErrorKind, message: str) -> None:
         """Name a bad row on the console, unless enough of its kind were named already."""
         self.named[kind] += 1
         if self.named[kind] <= WARN_FIRST:
@@ -710,14 +767,14 @@ class InputLog:
 
 
 def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
-              problem: tuple[str, str] | None = None, where: str = "", seen: SeenKeys | None = None) -> Item:
+              problem: tuple[ErrorKind, str] | None = None, where: str = "", seen: SeenKeys | None = None) -> Item:
     """Build an Item from one row, marking rows that must not be sent.
 
     A repeated id wins over every other problem: its record must never be a permanent error that
     would make resume skip the first row with that id.
     """
     if problem is None and seen is not None and not seen.add(key):
-        problem = ("duplicate_id", f"{where}: id {ident!r} appeared earlier in the input; "
+        problem = (ErrorKind.DUPLICATE_ID, f"{where}: id {ident!r} appeared earlier in the input; "
                                    "only its first row is scored")
     if problem is None:
         if isinstance(text, bytes):
@@ -725,14 +782,14 @@ def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], ded
         elif text is not None and not isinstance(text, str):
             text = str(text)
         if text is None or not text.strip():
-            problem = ("empty", "the text is null or empty")
+            problem = (ErrorKind.EMPTY, "the text is null or empty")
         elif not writable(text) or not all(writable(v) for v in fields.values()):
-            problem = ("bad_text", f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
+            problem = (ErrorKind.BAD_TEXT, f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
                                    "lone surrogate escape such as \\ud800)")
         elif missing := [k for k, v in fields.items() if v is None]:
-            problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
-    elif problem[0] == "bad_id":
-        problem = ("bad_id", f"{where}: {problem[1]}")
+            problem = (ErrorKind.TEMPLATE, f"no value for prompt column(s) {', '.join(missing)}")
+    elif problem[0] == ErrorKind.BAD_ID:
+        problem = (ErrorKind.BAD_ID, f"{where}: {problem[1]}")
     item = Item(id=ident, key=key, text=text if problem is None else None, fields=fields, problem=problem)
     if problem is None and dedup:
         item.digest = text_digest(text)
@@ -848,7 +905,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
             key = number if numbered else label_key(label)
             if numbered or not done(key):
                 yield Item(id=ident, key=key, text=None, fields={},
-                           problem=("malformed", f"{where}: not valid JSON ({why})"))
+                           problem=(ErrorKind.MALFORMED, f"{where}: not valid JSON ({why})"))
             continue
         if numbered:
             ident, key, problem = number, number, None
@@ -1287,7 +1344,7 @@ class Checkpoint:
                         with contextlib.suppress(ValueError):
                             digest_keys.append(parse_digest(digest))
                             digest_offsets.append(here)
-                elif kind == "duplicate_id":
+                elif kind == ErrorKind.DUPLICATE_ID:
                     repeated.append(key)
                 elif kind in PERMANENT_ERRORS:
                     permanent.append(key)
@@ -1616,7 +1673,7 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
 # ── Endpoints ───────────────────────────────────────────────────────────────────
 
 
-def normalize_url(text: str) -> tuple[str, str | None]:
+def normalize_url(text: str) -> tuple[str, Api | None]:
     """Turn host, host:port or a URL into (base URL, implied api); raise ValueError."""
     if "://" not in text:
         text = "http://" + text
@@ -1629,7 +1686,7 @@ def normalize_url(text: str) -> tuple[str, str | None]:
         raise ValueError(f"not an http(s) URL: {text!r}")
     base = str(url).rstrip("/")
     if base.endswith("/v1"):
-        return base[:-3], "openai"
+        return base[:-3], Api.OPENAI
     return base, None
 
 
@@ -1669,23 +1726,23 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
         if key in options:
             raise UsageError(f"{where}: {key}= given twice ({options[key]!r} and {value!r}); keep one")
         options[key] = value
-    concurrency: int | None = None
-    if "concurrency" in options and options["concurrency"] != "auto":
+    concurrency: int | str | None = options.get("concurrency")
+    if concurrency is not None and concurrency != AUTO:
         try:
-            concurrency = int(options["concurrency"])
+            concurrency = int(concurrency)
             if concurrency < 1:
                 raise ValueError
         except ValueError:
             raise UsageError(f"{where}: concurrency must be a positive integer or auto") from None
-    api = options.get("api", implied_api or "auto")
-    if api not in ("auto", "ollama", "openai"):
-        raise UsageError(f"{where}: api must be ollama, openai or auto, not {api!r}")
+    try:
+        api = Api(options.get("api", implied_api or Api.AUTO))
+    except ValueError:
+        raise UsageError(f"{where}: api must be ollama, openai or auto, not {options['api']!r}") from None
     key_env = options.get("key_env")
     if key_env is not None and key_env not in os.environ:
         raise UsageError(f"{where}: key_env={key_env} but the environment variable {key_env} is not set")
     name = options.get("name") or httpx.URL(url).netloc.decode()
-    return EndpointSpec(url=url, name=name, api=api, model=options.get("model"),
-                        concurrency=concurrency if "concurrency" in options else -1,
+    return EndpointSpec(url=url, name=name, api=api, model=options.get("model"), concurrency=concurrency,
                         key_env=key_env, line=number)
 
 
@@ -1914,12 +1971,10 @@ class Endpoint:
         self.url = hide_password(spec.url)          # what is shown and stored
         self.base_url = spec.url                    # what requests use, with any user:password
         self.model = spec.model or config.model
-        self.api = spec.api
-        fixed = config.concurrency if spec.concurrency == -1 else spec.concurrency
-        self.limiter = Limiter(fixed)
+        self.api = Api(spec.api)
+        self.limiter = Limiter(spec.fixed_limit(config.concurrency))
         self.client: httpx.AsyncClient | None = None
-        # health: pending (never checked) → ready ⇄ backoff → down; gone is final
-        self.state = "pending"
+        self._health = Health.PENDING                # moved only by the methods under "health" below
         self.detail = ""
         self.server = ""
         self.digest: str | None = None
@@ -1953,31 +2008,82 @@ class Endpoint:
     @property
     def chat_url(self) -> httpx.URL:
         """The absolute scoring URL, parsed once (httpx re-parses relative ones per request)."""
-        path = "/api/chat" if self.api == "ollama" else "/v1/chat/completions"
+        path = "/api/chat" if self.api == Api.OLLAMA else "/v1/chat/completions"
         if self._chat_url is None or not self._chat_url.path.endswith(path):
             self._chat_url = httpx.URL(self.base_url + path)
         return self._chat_url
 
+    # ── health
+
+    @property
+    def health(self) -> Health:
+        return self._health
+
     @property
     def usable(self) -> bool:
-        return self.state in ("ready", "backoff")
+        return self._health in (Health.READY, Health.BACKOFF)
 
     @property
     def alive(self) -> bool:
         """Answering, or loading its model: not a reason to pause the run."""
-        return self.state in ("ready", "backoff", "warming")
+        return self._health in (Health.READY, Health.BACKOFF, Health.WARMING)
+
+    @property
+    def gone(self) -> bool:
+        return self._health is Health.GONE
+
+    def _move(self, health: Health) -> None:
+        if health not in HEALTH_MOVES[self._health]:
+            raise RuntimeError(f"{self.name}: health cannot go from {self._health} to {health}")
+        self._health = health
+
+    def loading(self) -> None:
+        """Note that the endpoint passed its check or probe and is loading the model."""
+        self._move(Health.WARMING)
+
+    def came_up(self) -> None:
+        """Put the endpoint (back) in service, with a clean slate: it has yet to prove itself."""
+        self._move(Health.READY)
+        self.faults, self.down_since, self.detail, self.proven = 0, None, "", False
+
+    def failed_to_come_up(self, reason: str, now: float) -> None:
+        """Note a failed check, probe or load: still pending if it never passed a check, else down."""
+        self._move(Health.DOWN if self.checked else Health.PENDING)
+        self.detail = reason
+        if self.checked:
+            self.down_since = self.down_since or now
+
+    def backed_off(self, until: float) -> None:
+        """Rest the endpoint until the given time after a fault."""
+        self._move(Health.BACKOFF)
+        self.backoff_until = until
+
+    def went_down(self, reason: str, now: float) -> None:
+        """Take the endpoint out of service until a probe finds it back; probe less one that never proved itself."""
+        self._move(Health.DOWN)
+        self.detail = reason
+        self.down_since = self.down_since or now
+        if not self.proven:
+            self.probe_pause = min(PROBE_CAP, self.probe_pause * 2)
+        self.trouble.set()
+
+    def taken_out(self, reason: str) -> None:
+        """Take the endpoint out of the run for good."""
+        self._move(Health.GONE)
+        self.detail = reason
+        self.trouble.set()
 
     def can_take(self, now: float) -> bool:
         """Say whether the endpoint may start one more request now."""
-        return self.state == "ready" or (self.state == "backoff" and now >= self.backoff_until)
+        return self._health is Health.READY or (self._health is Health.BACKOFF and now >= self.backoff_until)
 
     def record_success(self, latency: float, now: float) -> None:
         """Note a good answer: the endpoint is healthy."""
         self.faults = 0
         self.note_outcome(fault=False)
         self.proven, self.probe_pause = True, 1.0
-        if self.state == "backoff":
-            self.state = "ready"
+        if self._health is Health.BACKOFF:
+            self._move(Health.READY)
         self.done += 1
         self.latency_sum += latency
 
@@ -2032,7 +2138,7 @@ class Endpoint:
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.faults - 1)) * random.uniform(0.5, 1.5)
         if exc.retry_after:
             delay = max(delay, min(exc.retry_after, 300.0))
-        self.state, self.backoff_until = "backoff", now + delay
+        self.backed_off(now + delay)
         return False
 
     def headers(self) -> dict[str, str]:
@@ -2044,14 +2150,14 @@ class Endpoint:
     @property
     def status(self) -> str:
         """Say in words what the endpoint is doing."""
-        if self.state == "down" and self.down_since is not None:
+        if self._health is Health.DOWN and self.down_since is not None:
             return f"down {format_duration(time.monotonic() - self.down_since)}"
-        return {"pending": "not answering", "warming": "loading model", "gone": "taken out",
-                "backoff": "backing off"}.get(self.state, self.state)
+        return {Health.PENDING: "not answering", Health.WARMING: "loading model", Health.GONE: "taken out",
+                Health.BACKOFF: "backing off"}.get(self._health, self._health.value)
 
     def label(self) -> str:
         """Return a short status for the progress line: name, items done, limit or trouble."""
-        if self.state == "ready":
+        if self._health is Health.READY:
             return f"{self.name} {self.done} x{self.limiter.limit}"
         return f"{self.name} {self.done} {self.status}"
 
@@ -2162,26 +2268,26 @@ async def fetch_json(endpoint: Endpoint, path: str, timeout: float, method: str 
 
 async def identify(endpoint: Endpoint, timeout: float) -> None:
     """Work out the server kind and version (Ollama positively by `GET /`)."""
-    if endpoint.api in ("auto", "ollama"):
+    if endpoint.api in (Api.AUTO, Api.OLLAMA):
         try:
             banner = await fetch_json(endpoint, "/", timeout)
         except EndpointFault as exc:
-            if exc.connect or endpoint.api == "ollama":
+            if exc.connect or endpoint.api == Api.OLLAMA:
                 raise
             banner = ""
         if isinstance(banner, str) and "Ollama is running" in banner:
-            endpoint.api = "ollama"
+            endpoint.api = Api.OLLAMA
             version = await fetch_json(endpoint, "/api/version", timeout)
             number = version.get("version") if isinstance(version, dict) else None
             endpoint.server = f"ollama {number}" if isinstance(number, str) else "ollama"
             return
-        if endpoint.api == "ollama":
+        if endpoint.api == Api.OLLAMA:
             endpoint.server = "ollama?"
             return
     models = await fetch_json(endpoint, "/v1/models", timeout)
     if not (isinstance(models, dict) and isinstance(models.get("data"), list)):
         raise EndpointGone("neither Ollama nor an OpenAI-compatible server (no /v1/models list)")
-    endpoint.api = "openai"
+    endpoint.api = Api.OPENAI
     owner = next((m.get("owned_by") for m in models["data"] if isinstance(m, dict) and m.get("owned_by")), None)
     # llama.cpp's server says "llamacpp", vLLM "vllm"; llama-cpp-python says "me", which names nobody
     known = {"llamacpp": "llama.cpp", "me": None, "system": None, "owner": None}.get(owner or "", owner)
@@ -2190,7 +2296,7 @@ async def identify(endpoint: Endpoint, timeout: float) -> None:
 
 async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | None]:
     """Return the endpoint's models and their digests (Ollama) or None (OpenAI)."""
-    if endpoint.api == "ollama":
+    if endpoint.api == Api.OLLAMA:
         path, field, name_keys, digest_key = "/api/tags", "models", ("name", "model"), "digest"
     else:
         path, field, name_keys, digest_key = "/v1/models", "data", ("id",), None
@@ -2237,14 +2343,14 @@ async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
         await identify(endpoint, PROBE_TIMEOUT)
         models = await list_models(endpoint, PROBE_TIMEOUT)
     found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
-    if found is None and config.pull and endpoint.api == "ollama":
+    if found is None and config.pull and endpoint.api == Api.OLLAMA:
         await pull_model(endpoint, config)
         async with deadline(PROBE_TIMEOUT, "listing models"):
             models = await list_models(endpoint, PROBE_TIMEOUT)
         found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
     if found is None:
         have = ", ".join(sorted(str(n) for n in models)[:8]) or "none"
-        hint = " (try --pull)" if endpoint.api == "ollama" else ""
+        hint = " (try --pull)" if endpoint.api == Api.OLLAMA else ""
         raise EndpointGone(f"model {endpoint.model} not found{hint}; it has: {have}")
     endpoint.digest = models[found]
     endpoint.checked = True
@@ -2252,7 +2358,7 @@ async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
 
 async def warm_up(endpoint: Endpoint, config: Config) -> None:
     """Load the model before dispatch so a cold laptop's load is not taken for a failure."""
-    if endpoint.api != "ollama":
+    if endpoint.api != Api.OLLAMA:
         return
     body = {"model": endpoint.model, "messages": [], "keep_alive": config.keep_alive,
             "options": ollama_options(config, config.temperature, config.seed)}
@@ -2274,7 +2380,7 @@ async def warm_up(endpoint: Endpoint, config: Config) -> None:
 
 async def load_model(endpoint: Endpoint, config: Config) -> None:
     """Warm an Ollama endpoint up within --timeout by the clock, and remember the outcome."""
-    if endpoint.api != "ollama":
+    if endpoint.api != Api.OLLAMA:
         return
     try:
         async with deadline(config.timeout, "loading the model"):
@@ -2288,14 +2394,14 @@ async def load_model(endpoint: Endpoint, config: Config) -> None:
 async def start_endpoint(endpoint: Endpoint, config: Config) -> None:
     """Check an endpoint and load its model: what preflight waits for."""
     await check_endpoint(endpoint, config)
-    endpoint.state = "warming"
+    endpoint.loading()
     await load_model(endpoint, config)
-    endpoint.state = "ready"
+    endpoint.came_up()
 
 
 def load_failures(endpoints: list[Endpoint]) -> str | None:
     """Say why nothing can serve when every endpoint still in the run has failed to load the model."""
-    live = [e for e in endpoints if e.state != "gone"]
+    live = [e for e in endpoints if not e.gone]
     if not live or any(e.alive or not e.load_error for e in live):
         return None
     return "no endpoint can serve: " + "; ".join(f"{e.name}: {e.load_error}" for e in live)
@@ -2433,9 +2539,9 @@ SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the
 ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
 
 
-def token_entries(api: str, data: dict[str, Any]) -> list[dict[str, Any]] | None:
+def token_entries(api: Api, data: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Return an answer's per-token probability entries (Ollama or OpenAI shape), or None."""
-    if api == "ollama":
+    if api == Api.OLLAMA:
         entries = data.get("logprobs")
     else:
         choice = (data.get("choices") or [{}])[0]
@@ -2582,7 +2688,7 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
         return overflow
     if status in (400, 422, 500) and "logprob" in message.lower():      # only sent when asked for
         return LogprobsRejected(message)
-    if endpoint.api == "openai" and endpoint.response_format == "json_schema" and status in (400, 422, 500) \
+    if endpoint.api == Api.OPENAI and endpoint.response_format == "json_schema" and status in (400, 422, 500) \
             and re.search(r"response_format|json_schema|literal_error|schema", message, re.I):
         return FormatRejected(message)
     if 300 <= status < 400:       # not followed: a POST re-sent elsewhere may not arrive as a POST
@@ -2596,7 +2702,7 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
         return EndpointGone(message)
     if status in (408, 425, 429, 499) or status >= 500:
         return EndpointFault(message, retry_after=retry_after(response), overload=status in (429, 503))
-    return ItemFault(message, kind="rejected")
+    return ItemFault(message, kind=ErrorKind.REJECTED)
 
 
 async def post_chat(endpoint: Endpoint, url: httpx.URL, body: dict[str, Any]) -> dict[str, Any]:
@@ -2627,9 +2733,9 @@ def token_count(value: Any, name: str) -> int | None:
                         unusable=True)
 
 
-def answer_fields(api: str, data: dict[str, Any]) -> tuple[str, int | None, int | None]:
+def answer_fields(api: Api, data: dict[str, Any]) -> tuple[str, int | None, int | None]:
     """Pull (content, prompt tokens, output tokens) out of a chat answer; an odd shape is the endpoint's fault."""
-    if api == "ollama":
+    if api == Api.OLLAMA:
         message, usage, keys = data.get("message"), data, ("prompt_eval_count", "eval_count")
     else:
         choices = data.get("choices")
@@ -2651,7 +2757,7 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
     """POST one scoring request; return (content, prompt tokens, output tokens, token probabilities) or raise."""
     messages = [{"role": "user", "content": prompt}]
     schema = score_schema(config.reason)
-    if endpoint.api == "ollama":
+    if endpoint.api == Api.OLLAMA:
         url = endpoint.chat_url
         body = {"model": endpoint.model, "messages": messages, "stream": False, "format": schema,
                 "options": ollama_options(config, temperature, seed), "keep_alive": config.keep_alive}
@@ -2688,7 +2794,7 @@ async def request_with_fallbacks(endpoint: Endpoint, config: Config, prompt: str
             endpoint.response_format = "json_object"
         except LogprobsRejected as exc:
             if not asked:
-                raise ItemFault(str(exc), kind="rejected") from None
+                raise ItemFault(str(exc), kind=ErrorKind.REJECTED) from None
             if endpoint.logprobs:
                 warn(f"{endpoint.name}: the server refuses token probabilities (logprobs); "
                      "its rows get score_expected null")
@@ -2845,7 +2951,7 @@ def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
 
 async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict[str, Any]]:
     """Calibrate every checked endpoint in parallel; print the table and warnings; enforce --require-calibration."""
-    checked = [e for e in endpoints if e.checked and e.state != "gone"]
+    checked = [e for e in endpoints if e.checked and not e.gone]
     found = await asyncio.gather(*(calibrate_endpoint(e, config) for e in checked))
     results = {e.name: r for e, r in zip(checked, found)}
     compare_calibrations(results)
@@ -2926,7 +3032,7 @@ class Lane:
 def lane_of(endpoint: Endpoint) -> Lane:
     """Freeze what the dispatch rules need to know about an endpoint."""
     oldest = next(iter(endpoint.inflight.values()), None)
-    return Lane(endpoint.state == "ready", endpoint.limiter.service, endpoint.limiter.slots,
+    return Lane(endpoint.health is Health.READY, endpoint.limiter.service, endpoint.limiter.slots,
                 len(endpoint.inflight), oldest)
 
 
@@ -3133,7 +3239,7 @@ class Run:
     async def drive(self, endpoint: Endpoint) -> None:
         """Keep the endpoint's in-flight count at its limit while there is work."""
         wake = self.wakes[endpoint]
-        while not self.finished and endpoint.state != "gone":
+        while not self.finished and not endpoint.gone:
             wake.clear()
             item = self.pick(endpoint)
             if item is not None:
@@ -3234,7 +3340,7 @@ class Run:
     def prefers(self, endpoint: Endpoint, now: float) -> bool:
         """Say whether the end-of-input rule lets this endpoint take one of the queued rows (no side effects)."""
         queued = self.queued()
-        others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.state == "ready")
+        others = (lane_of(e) for e in self.endpoints if e is not endpoint and e.health is Health.READY)
         return not queued or takes_queued_row(lane_of(endpoint), others, queued, now)
 
     def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
@@ -3293,7 +3399,7 @@ class Run:
             except asyncio.CancelledError:
                 self.release(endpoint, item)
                 # Cancelled because its endpoint went down: a real re-send; otherwise the run is stopping.
-                self.requeue(item, resent=endpoint.state in ("down", "gone"))
+                self.requeue(item, resent=endpoint.health in (Health.DOWN, Health.GONE))
                 raise
             except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
                 outcome = exc
@@ -3348,14 +3454,14 @@ class Run:
                 # Only a server that works for other rows can blame this one.
                 item.faults += 1
                 item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
-            live = sum(1 for e in self.endpoints if e.state != "gone")
+            live = sum(1 for e in self.endpoints if not e.gone)
             # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
             chance = endpoint.fault_run_limit(max(0.0, endpoint.fault_weight - item.faults) / max(endpoint.outcomes, 10))
             if outcome.item_related and item.faults > max(POISON_FAULTS, chance) \
                     and len(item.fault_endpoints) >= min(2, live):
                 # This item keeps breaking servers: charge it, and spare the endpoint's health.
                 self.charge(endpoint, item, f"endpoints failed on this item {item.faults} times "
-                                            f"(last: {outcome})", "poison")
+                                            f"(last: {outcome})", ErrorKind.POISON)
                 return
             if outcome.overload:
                 endpoint.limiter.on_overload(now)
@@ -3373,14 +3479,14 @@ class Run:
         elif isinstance(outcome, ContextOverflow):
             if outcome.hopeless:        # nothing was sent, and no endpoint has more room than --num-ctx
                 if not item.finished:
-                    self.write(item, error_record(item, "too_long", str(outcome), endpoint.model, endpoint.name))
+                    self.write(item, error_record(item, ErrorKind.TOO_LONG, str(outcome), endpoint.model, endpoint.name))
                 return
             endpoint.limiter.on_done(started, now)
             if outcome.limit:
                 endpoint.ctx_tokens = min(endpoint.ctx_tokens, outcome.limit)
             item.shrinks += 1
             if item.shrinks > MAX_SHRINKS:
-                self.charge(endpoint, item, f"prompt still too long after {MAX_SHRINKS} cuts: {outcome}", "too_long")
+                self.charge(endpoint, item, f"prompt still too long after {MAX_SHRINKS} cuts: {outcome}", ErrorKind.TOO_LONG)
                 return
             current = min(len(item.text or ""), code_budget(endpoint, self.config.prompt, item))
             ratio = 0.5
@@ -3417,7 +3523,7 @@ class Run:
         """Return the share of unusable answers on the rest of the fleet, once it has answered enough to tell."""
         seen = bad = 0.0
         for other in self.endpoints:
-            if other is not endpoint and other.state != "gone":
+            if other is not endpoint and not other.gone:
                 seen, bad = seen + other.first_seen, bad + other.first_bad
         return bad / seen if seen >= JUDGE_SEEN else None
 
@@ -3465,7 +3571,7 @@ class Run:
             return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"
         return None
 
-    def charge(self, endpoint: Endpoint, item: Item, message: str, kind: str) -> None:
+    def charge(self, endpoint: Endpoint, item: Item, message: str, kind: ErrorKind) -> None:
         """Spend one of the item's attempts; write an error record when none are left."""
         if item.finished:
             return
@@ -3475,7 +3581,7 @@ class Run:
         if item.tasks:              # a raced copy is still running: let it decide
             return
         if item.attempts >= self.config.max_attempts:
-            final = "attempts_exhausted" if kind in ("bad_answer", "rejected") else kind
+            final = ErrorKind.ATTEMPTS_EXHAUSTED if kind in (ErrorKind.BAD_ANSWER, ErrorKind.REJECTED) else kind
             self.write(item, error_record(item, final, f"{item.attempts} attempts; last: {item.last_error}",
                                           endpoint.model, endpoint.name))
         else:
@@ -3484,22 +3590,17 @@ class Run:
 
     def take_down(self, endpoint: Endpoint, reason: str) -> None:
         """Mark an endpoint down and hand its in-flight items to the others at once."""
-        if endpoint.state in ("down", "gone"):
+        if endpoint.health in (Health.DOWN, Health.GONE):
             return
-        endpoint.state, endpoint.detail = "down", reason
-        endpoint.down_since = endpoint.down_since or time.monotonic()
-        if not endpoint.proven:
-            endpoint.probe_pause = min(PROBE_CAP, endpoint.probe_pause * 2)
-        endpoint.trouble.set()
+        endpoint.went_down(reason, time.monotonic())
         self.progress.note(f"{endpoint.name} is down ({reason}); probing it in the background")
         self.cancel_inflight(endpoint)
 
     def retire(self, endpoint: Endpoint, reason: str) -> None:
         """Take an endpoint out of the run for good."""
-        if endpoint.state == "gone":
+        if endpoint.gone:
             return
-        endpoint.state, endpoint.detail = "gone", reason
-        endpoint.trouble.set()
+        endpoint.taken_out(reason)
         self.progress.note(f"{endpoint.name} taken out: {reason}")
         self.cancel_inflight(endpoint)
 
@@ -3552,12 +3653,12 @@ class Run:
         down again without a single good answer (a server whose runner is broken
         answers probes but fails every request), and resets on a good answer.
         """
-        while not self.finished and endpoint.state != "gone":
+        while not self.finished and not endpoint.gone:
             if endpoint.usable:
                 endpoint.trouble.clear()
                 await endpoint.trouble.wait()
                 continue
-            if endpoint.state == "down":
+            if endpoint.health is Health.DOWN:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
                         await self.done.wait()
@@ -3571,10 +3672,9 @@ class Run:
             except EndpointFault as exc:
                 if isinstance(exc, LoadFailed) and endpoint.detail != str(exc):
                     self.progress.note(f"{endpoint.name} {exc}; trying again in the background")
-                endpoint.state = "down" if endpoint.checked else "pending"
-                endpoint.detail = str(exc)
+                endpoint.failed_to_come_up(str(exc), time.monotonic())
                 endpoint.probe_pause = min(PROBE_CAP, endpoint.probe_pause * 2)
-                if endpoint.state == "pending":
+                if endpoint.health is Health.PENDING:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
                             await self.done.wait()
@@ -3582,8 +3682,7 @@ class Run:
             if endpoint.down_since is not None:
                 self.progress.note(f"{endpoint.name} is back after "
                                    f"{format_duration(time.monotonic() - endpoint.down_since)}")
-            endpoint.state, endpoint.faults, endpoint.down_since, endpoint.detail = "ready", 0, None, ""
-            endpoint.proven = False
+            endpoint.came_up()
             endpoint.limiter.restart(time.monotonic())
             self.changed.notify()
 
@@ -3603,9 +3702,9 @@ class Run:
             self.check_digest(endpoint)
         else:
             async with deadline(PROBE_TIMEOUT, "probe"):
-                await fetch_json(endpoint, "/" if endpoint.api == "ollama" else "/v1/models", PROBE_TIMEOUT)
-        if endpoint.api == "ollama":
-            endpoint.state = "warming"
+                await fetch_json(endpoint, "/" if endpoint.api == Api.OLLAMA else "/v1/models", PROBE_TIMEOUT)
+        if endpoint.api == Api.OLLAMA:
+            endpoint.loading()
             self.changed.notify()
             await load_model(endpoint, self.config)
 
@@ -3632,7 +3731,7 @@ class Run:
             if self.producer_done or self.fresh or self.retry:
                 self.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
             now = time.monotonic()
-            live = [e for e in self.endpoints if e.state != "gone"]
+            live = [e for e in self.endpoints if not e.gone]
             if not live:
                 raise StopRun("every endpoint has been taken out: "
                               + "; ".join(f"{e.name}: {e.detail}" for e in self.endpoints))
@@ -3702,7 +3801,7 @@ def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, 
     return record
 
 
-def error_record(item: Item, kind: str, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
+def error_record(item: Item, kind: ErrorKind, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
     record = base_record(item)
     record.update(error=message, error_kind=kind, model=model, endpoint=endpoint)
     return record
@@ -3817,11 +3916,11 @@ def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[s
     """Name the endpoints a user should look at, grouped: out of service, failing, stuck on a request."""
     groups: dict[str, list[str]] = {"down": [], "out": [], "errors": [], "slow": []}
     for e in endpoints:
-        if e.state in ("down", "pending"):
+        if e.health in (Health.DOWN, Health.PENDING):
             groups["down"].append(e.name)
-        elif e.state == "gone":
+        elif e.gone:
             groups["out"].append(e.name)
-        elif e.state == "backoff" or e.name in erring:
+        elif e.health is Health.BACKOFF or e.name in erring:
             groups["errors"].append(e.name)
         elif e.inflight and overdue(lane_of(e), now):
             groups["slow"].append(e.name)
@@ -3832,10 +3931,10 @@ def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[s
 def fleet_status(endpoints: list[Endpoint], erring: set[str], budget: int) -> str:
     """Summarise the fleet in at most `budget` characters: counts, slots in use, and who needs attention."""
     now = time.monotonic()
-    counts = Counter("down" if e.state in ("down", "pending") else "out" if e.state == "gone"
-                     else "loading" if e.state == "warming" else "busy" if e.inflight else "idle"
+    counts = Counter("down" if e.health in (Health.DOWN, Health.PENDING) else "out" if e.gone
+                     else "loading" if e.health is Health.WARMING else "busy" if e.inflight else "idle"
                      for e in endpoints)
-    live = [e for e in endpoints if e.state in ("ready", "backoff")]
+    live = [e for e in endpoints if e.usable]
     parts = [", ".join(f"{counts[k]} {k}" for k in ("busy", "idle", "loading", "down", "out") if counts[k]),
              f"{sum(len(e.inflight) for e in live)}/{sum(e.limiter.limit for e in live)} slots"]
     names = attention(endpoints, erring, now)
@@ -3963,15 +4062,15 @@ class Progress:
 
 def preflight_status(e: Endpoint) -> str:
     """Say whether an endpoint is ready, and if not, why."""
-    if e.state == "gone":
+    if e.gone:
         return f"left out: {e.detail}"
     if e.load_error:
         return e.load_error
     if not e.checked:
         return f"not answering: {e.detail or 'no complete answer yet'} (will keep trying)"
-    if e.state == "warming":
+    if e.health is Health.WARMING:
         return "loading the model (continues in the background)"
-    if e.state == "down":
+    if e.health is Health.DOWN:
         return f"down: {e.detail} (will keep trying)"
     return "ok"
 
@@ -4000,7 +4099,7 @@ def preflight_table(endpoints: list[Endpoint]) -> str:
     status = {e: preflight_status(e) for e in endpoints}
     listed = endpoints if len(endpoints) <= FLEET_ROWS else [e for e in endpoints if status[e] != "ok"]
     rows = [["endpoint", "url", "server", "model", "build"]]      # the server names the API too
-    rows += [[e.name, e.url.removeprefix("http://"), e.server or (e.api if e.api != "auto" else "-"), e.model,
+    rows += [[e.name, e.url.removeprefix("http://"), e.server or (e.api if e.api != Api.AUTO else "-"), e.model,
               (e.digest or "-")[:12]] for e in listed]
     rows = squeeze(rows, (1, 3, 0, 2), REPORT_WIDTH - len("  status"))
     prefix = len(table(rows).splitlines()[0]) if listed else 0
@@ -4109,7 +4208,7 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
     by_name = {e.name: e for e in run.endpoints}
     typical = statistics.median(rate.values()) if rate else 0.0
     shown = notable(list(by_name), [
-        (lambda n: by_name[n].state not in ("ready", "warming"), FLEET_ROWS),
+        (lambda n: by_name[n].health not in (Health.READY, Health.WARMING), FLEET_ROWS),
         (lambda n: by_name[n].errors + by_name[n].fault_count, 3),
         (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
     total = sum(e.done for e in run.endpoints) or 1
@@ -4117,7 +4216,7 @@ def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
     rows += [endpoint_row(n, by_name[n].status, [by_name[n]], elapsed, total) for n in shown]
     rest = [e for e in run.endpoints if e.name not in shown]
     if rest:
-        state = "ok" if all(e.state == "ready" for e in rest) else "mixed"
+        state = "ok" if all(e.health is Health.READY for e in rest) else "mixed"
         rows.append(endpoint_row(f"{len(rest)} others", state, rest, elapsed, total))
     return cut_names(rows)
 
@@ -4178,7 +4277,7 @@ def summary(run: Run, elapsed: float) -> str:
         retry = sum(n for k, n in t.errors.items() if k not in PERMANENT_ERRORS)
         lines.append(f"Rows without a score: {parts}." + (
             f" --resume retries the {retry:,} that are not permanent." if retry else ""))
-    gone = [e for e in run.endpoints if e.state == "gone"]
+    gone = [e for e in run.endpoints if e.gone]
     lines += [f"{e.name} was taken out: {e.detail}" for e in gone[:5]]
     if len(gone) > 5:
         lines.append(f"{len(gone) - 5} more endpoints were taken out; the log above says why.")
@@ -4304,7 +4403,7 @@ def read_stats(path: Path) -> Stats:
         key = record_key(record["id"], record.get("error_kind"))
         score = record["score"]
         if score is None:
-            if record["error_kind"] == "duplicate_id":
+            if record["error_kind"] == ErrorKind.DUPLICATE_ID:
                 # a later row's note says nothing of the id's own row; it names the row's line, so
                 # equal notes are one row noted again by a later run
                 repeated_keys.append(id_key(str(record.get("error"))))
@@ -4329,7 +4428,7 @@ def read_stats(path: Path) -> Stats:
     done = KeySet(scored_keys)
     stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
     if repeated_keys:
-        stats.errors["duplicate_id"] = len(pc.unique(arrow_int64(repeated_keys)))
+        stats.errors[ErrorKind.DUPLICATE_ID] = len(pc.unique(arrow_int64(repeated_keys)))
     return stats
 
 
@@ -4772,7 +4871,7 @@ def answer_table(path: Path) -> pa.Table:
                 values.clear()
 
     for record in iter_records(path):
-        if record["score"] is None and record["error_kind"] == "duplicate_id":
+        if record["score"] is None and record["error_kind"] == ErrorKind.DUPLICATE_ID:
             continue                   # a later row's note; the id's own row has its own record
         position += 1
         ok = record["score"] is not None
@@ -5043,7 +5142,7 @@ def score_arg(text: str) -> int:
 
 
 def concurrency_arg(text: str) -> int | None:
-    return None if text == "auto" else positive_int(text)
+    return None if text == AUTO else positive_int(text)
 
 
 def top_arg(text: str) -> tuple[float, bool]:
@@ -5190,12 +5289,9 @@ def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
     if exc is None:
         return
     if isinstance(exc, EndpointGone):
-        endpoint.state, endpoint.detail = "gone", str(exc)
+        endpoint.taken_out(str(exc))
     elif isinstance(exc, EndpointFault):
-        endpoint.detail = str(exc)
-        endpoint.state = "down" if endpoint.checked else "pending"
-        if endpoint.checked:
-            endpoint.down_since = time.monotonic()
+        endpoint.failed_to_come_up(str(exc), time.monotonic())
     else:
         raise exc
 
@@ -5233,7 +5329,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
     told, told_loading, next_left = False, False, started + 15.0
     while True:
         for e in endpoints:
-            if e.state == "pending" and e not in tasks and time.monotonic() >= retry_at.get(e, 0.0):
+            if e.health is Health.PENDING and e not in tasks and time.monotonic() >= retry_at.get(e, 0.0):
                 tasks[e] = asyncio.create_task(start_endpoint(e, config))
         if tasks:
             await asyncio.wait(tasks.values(), timeout=1.0)
@@ -5245,9 +5341,9 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
                 del tasks[e]
                 settle_start(e, task)
                 retry_at[e] = now + 5.0
-        if ready_at is None and any(e.state == "ready" for e in endpoints):
+        if ready_at is None and any(e.health is Health.READY for e in endpoints):
             ready_at = now
-        answered = any(e.checked or e.state == "gone" for e in endpoints)
+        answered = any(e.checked or e.gone for e in endpoints)
         if (ready_at is not None and (not tasks or now - ready_at >= PREFLIGHT_GRACE)) or (answered and not tasks):
             return
         if not answered and now >= give_up:
@@ -5262,7 +5358,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
             next_left += 15.0
             warn(f"[{time.strftime('%H:%M:%S')}] still no endpoint answers; giving up in "
                  f"{format_duration(give_up - now)} (--startup-timeout)")
-        loading = [e.name for e in tasks if e.state == "warming"]
+        loading = [e.name for e in tasks if e.health is Health.WARMING]
         if loading and not told_loading and ready_at is None and now - started >= 3.0:
             told_loading = True
             warn(f"Loading the model on {clip(loading, REPORT_WIDTH - 60)} (a cold start can take minutes)")
@@ -5290,7 +5386,7 @@ async def preflight(endpoints: list[Endpoint], config: Config) -> None:
             raise UsageError("the same model name is a different build on different endpoints, so their scores "
                              "would not be comparable:\n" + table(rows) +
                              "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
-        if not any(e.checked for e in endpoints) and all(e.state == "gone" for e in endpoints):
+        if not any(e.checked for e in endpoints) and all(e.gone for e in endpoints):
             raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
         if (reason := load_failures(endpoints)) and config.max_downtime is None:
             raise StopRun(f"{reason} (free memory or pick a smaller model; --max-downtime waits for one to recover)")

@@ -206,7 +206,7 @@ def item(i: int, **state) -> score.Item:
 def test_retries_finished_or_in_flight_elsewhere_neither_count_as_queued_nor_stay_queued():
     run, (fast, slow) = fleet_run(2)
     for endpoint, service in ((fast, 1.0), (slow, 3.5)):
-        endpoint.state = "ready"
+        endpoint.came_up()
         endpoint.limiter.service = service
     fast.inflight = {item(100): time.monotonic()}           # the fast machine has just started one row
     done = [item(i, finished=True) for i in range(5)]       # raced copies finished these meanwhile

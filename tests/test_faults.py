@@ -431,7 +431,8 @@ def lone_endpoint(tmp_path) -> score.Endpoint:
 
 def test_plain_faults_on_a_productive_endpoint_take_it_down_only_after_an_unlikely_run(tmp_path):
     endpoint = lone_endpoint(tmp_path)
-    endpoint.state, endpoint.proven = "ready", True
+    endpoint.came_up()
+    endpoint.proven = True
     rng = random.Random(1)
     fault = score.EndpointFault("HTTP 500: model runner has unexpectedly stopped")
     for _ in range(300):                              # one request in five fails
@@ -439,13 +440,14 @@ def test_plain_faults_on_a_productive_endpoint_take_it_down_only_after_an_unlike
             assert not endpoint.record_fault(fault, 0.0)
         else:
             endpoint.record_success(0.1, 0.0)
-        assert endpoint.state == "ready" and endpoint.can_take(0.0)   # no backoff, no idling
+        assert endpoint.health is score.Health.READY and endpoint.can_take(0.0)   # no backoff, no idling
     for _ in range(score.DOWN_AFTER):                 # a run of 3 is common at that rate: still up
         assert not endpoint.record_fault(fault, 0.0)
     downs = [endpoint.record_fault(fault, 0.0) for _ in range(score.FAULT_RUN_CAP)]
     assert any(downs)                                 # a long run is an outage
     steady = lone_endpoint(tmp_path)                  # one that never failed goes down after DOWN_AFTER
-    steady.state, steady.proven = "ready", True
+    steady.came_up()
+    steady.proven = True
     for _ in range(300):
         steady.record_success(0.1, 0.0)
     assert [steady.record_fault(fault, 0.0) for _ in range(score.DOWN_AFTER)] == [False, False, True]
@@ -453,13 +455,14 @@ def test_plain_faults_on_a_productive_endpoint_take_it_down_only_after_an_unlike
 
 def test_overload_and_unproven_endpoints_still_back_off(tmp_path):
     endpoint = lone_endpoint(tmp_path)
-    endpoint.state = "ready"                          # not proven: no good answer since it came up
+    endpoint.came_up()                                # not proven: no good answer since it came up
     assert not endpoint.record_fault(score.EndpointFault("HTTP 500"), 100.0)
-    assert endpoint.state == "backoff" and not endpoint.can_take(100.0)
+    assert endpoint.health is score.Health.BACKOFF and not endpoint.can_take(100.0)
     busy = lone_endpoint(tmp_path)
-    busy.state, busy.proven = "ready", True
+    busy.came_up()
+    busy.proven = True
     assert not busy.record_fault(score.EndpointFault("HTTP 503", overload=True, retry_after=5), 100.0)
-    assert busy.state == "backoff" and not busy.can_take(104.0) and busy.can_take(106.0)
+    assert busy.health is score.Health.BACKOFF and not busy.can_take(104.0) and busy.can_take(106.0)
 
 
 def test_rows_on_a_lone_flaky_endpoint_are_not_mistaken_for_poison(tmp_path, serve):
@@ -507,7 +510,7 @@ def fleet_run(tmp_path, names=("e0", "e1")):
     config = score.parse_args([str(tmp_path / "x.jsonl"), "--endpoints", str(endpoints)])
     fleet = [score.Endpoint(spec, config) for spec in config.endpoints]
     for endpoint in fleet:
-        endpoint.state = "ready"
+        endpoint.came_up()
     return score.Run(config=config, info=None, endpoints=fleet, checkpoint=None, resume=None, meta={},
                      reader=iter(()), preloaded=[], tally=score.Tally(), progress=None)
 
@@ -527,9 +530,9 @@ def test_a_row_answered_badly_waits_for_another_endpoint_but_the_retry_queue_sta
     assert run.pick(e0) is None                       # after the input: still left to e1, which has not failed it
     assert run.pick(e1) is failed
     run.retry.append(failed)
-    e1.state = "down"
+    e1.went_down("asleep", 0.0)
     assert run.pick(e0) is failed                     # nobody else can take it: a preference, not a ban
-    e1.state = "ready"
+    e1.came_up()
     run.producer_done = False
     run.retry.extend(row_item(i, avoid={"e0"}) for i in range(2, 1 + score.RETRY_BOUND))
     run.fresh.extend([row_item(9998), row_item(9999)])

@@ -278,7 +278,7 @@ def test_endpoints_file_forms(tmp_path):
     specs = score.parse_endpoints(path)
     assert [s.url for s in specs] == ["http://gpu-box:11434", "http://mac1:8080", "http://10.0.0.9:11434",
                                       "https://box.example"]
-    assert specs[1].concurrency == 2 and specs[1].name == "laptop" and specs[3].concurrency is None
+    assert specs[1].concurrency == 2 and specs[1].name == "laptop" and specs[3].concurrency == score.AUTO
     assert specs[2].model == "qwen2.5-coder:3b" and specs[3].api == "openai" and specs[0].api == "auto"
 
 
