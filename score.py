@@ -343,8 +343,10 @@ class Health(enum.StrEnum):
     GONE = "gone"               # taken out of the run: final
 
 
-# pending → warming → ready ⇄ backoff; ready/backoff → down → warming → ready; a failed check or load
-# leaves it pending (never checked) or down; an OpenAI-compatible server skips warming; anything → gone.
+# pending → warming → ready ⇄ backoff; ready/backoff → down → warming → ready; an OpenAI-compatible server
+# skips warming; a failed check, probe or load leaves it pending (never checked) or down; anything → gone.
+# Staying put is normal for a down endpoint failing another probe, another backoff, and a preflight load
+# the supervisor waited for (ready again).
 HEALTH_MOVES = {
     Health.PENDING: {Health.PENDING, Health.WARMING, Health.READY, Health.DOWN, Health.GONE},
     Health.WARMING: {Health.READY, Health.DOWN, Health.GONE},
