@@ -77,7 +77,7 @@ import time
 import zlib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -366,7 +366,6 @@ class Item:
     """One input row on its way through the fleet; identity-hashed."""
 
     id: int | str
-    key: int                      # compact 64-bit form of the id, for the done-set
     text: str | None
     fields: dict[str, Any]
     digest: int = 0               # content hash for duplicate fan-out (0 = none)
@@ -733,7 +732,7 @@ def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], ded
             problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
     elif problem[0] == "bad_id":
         problem = ("bad_id", f"{where}: {problem[1]}")
-    item = Item(id=ident, key=key, text=text if problem is None else None, fields=fields, problem=problem)
+    item = Item(id=ident, text=text if problem is None else None, fields=fields, problem=problem)
     if problem is None and dedup:
         item.digest = text_digest(text)
     return item
@@ -847,7 +846,7 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
             ident = number if numbered else label
             key = number if numbered else label_key(label)
             if numbered or not done(key):
-                yield Item(id=ident, key=key, text=None, fields={},
+                yield Item(id=ident, text=None, fields={},
                            problem=("malformed", f"{where}: not valid JSON ({why})"))
             continue
         if numbered:
@@ -862,16 +861,86 @@ def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: I
                         seen if problem is None else None)
 
 
-def read_items(info: InputInfo, dedup: bool = True, done: Callable[[int], bool] = lambda key: False,
-               log: InputLog | None = None) -> Iterator[Item]:
-    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory;
-    bad rows are named in the log as they are read."""
-    log = log or InputLog()
-    reader = read_parquet if info.kind == "parquet" else read_jsonl
-    for item in reader(info, dedup, done, log):
+class FinishedRows:
+    """Tell the reader which id keys the checkpoint already finished, counting the rows it passes over.
+
+    The reader runs in a thread: the counts travel to the event loop with each chunk (take_chunk),
+    so only the loop ever touches the Tally.
+    """
+
+    def __init__(self, scored: Container[int] = frozenset(), permanent: Container[int] = frozenset(),
+                 repeated: Sized = frozenset()) -> None:
+        self.scored, self.permanent = scored, permanent
+        self.repeated = repeated if len(repeated) else None     # ids noted as duplicate_id
+        self.met: set[int] = set()
+        self.skipped = self.skipped_permanent = 0
+
+    def __call__(self, key: int) -> bool:
+        if key in self.scored:
+            self.skipped += 1
+            if self.repeated is not None and key in self.repeated:
+                # rows after the first with this id were noted as duplicate_id: they have no score
+                self.skipped_permanent += key in self.met
+                self.met.add(key)
+            return True
+        if key in self.permanent:
+            self.skipped += 1
+            self.skipped_permanent += 1
+            return True
+        return False
+
+    def take(self) -> tuple[int, int]:
+        """Return and reset the counts of rows passed over, and of those with a permanent error."""
+        counts, self.skipped, self.skipped_permanent = (self.skipped, self.skipped_permanent), 0, 0
+        return counts
+
+
+def named_items(items: Iterator[Item], log: InputLog) -> Iterator[Item]:
+    """Pass items on, naming bad rows in the log."""
+    for item in items:
         if item.problem and item.problem[0] in NAMED_PROBLEMS:
             log.bad_row(*item.problem)
         yield item
+
+
+class Reader:
+    """The input's rows still to do, as Items, and the finished rows passed over to reach them."""
+
+    def __init__(self, items: Iterator[Item], done: FinishedRows) -> None:
+        self.items, self.done = items, done
+
+    def __iter__(self) -> Iterator[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        return next(self.items)
+
+
+def read_items(info: InputInfo, dedup: bool = True, done: FinishedRows | None = None,
+               log: InputLog | None = None) -> Reader:
+    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory;
+    bad rows are named in the log as they are read."""
+    log, done = log or InputLog(), done or FinishedRows()
+    reader = read_parquet if info.kind == "parquet" else read_jsonl
+    return Reader(named_items(reader(info, dedup, done, log), log), done)
+
+
+class Chunk(list):
+    """Items pulled from the reader in its thread, and how many finished rows it passed over for them."""
+
+    skipped = skipped_permanent = 0
+
+    def count_skips(self, tally: Tally) -> None:
+        """Add the passed-over rows to the tally (on the event loop)."""
+        tally.skipped += self.skipped
+        tally.skipped_permanent += self.skipped_permanent
+
+
+def take_chunk(reader: Reader, size: int) -> Chunk:
+    """Pull up to `size` items from the reader (runs in a thread)."""
+    chunk = Chunk(itertools.islice(reader.items, size))
+    chunk.skipped, chunk.skipped_permanent = reader.done.take()
+    return chunk
 
 
 def count_rows(info: InputInfo) -> int:
@@ -1020,15 +1089,60 @@ class ResumeState:
     repeated: KeySet = field(default_factory=lambda: KeySet(array("q")))   # ids noted as duplicate_id
 
 
+class FinalRecords:
+    """Each id key's final record in a checkpoint: its last scored record, else its last error.
+
+    The one rule of resume, report and export. A duplicate_id note is a later row's, never its
+    id's own record, so it is passed over. Scored keys cost 8 bytes each (16 with positions); the
+    errors, which are few, sit in a dict where a key's later error replaces the earlier.
+    """
+
+    def __init__(self, positions: bool = False) -> None:
+        self._keys = array("q")
+        self._positions = array("q") if positions else None
+        self._errors: dict[int, Any] = {}
+
+    def add(self, key: int, score: int | None, kind: str | None, value: Any = None) -> bool:
+        """Note a record (value: what to keep of it); return False for a duplicate_id note."""
+        if score is None:
+            if kind == "duplicate_id":
+                return False
+            self._errors[key] = value
+        else:
+            self._keys.append(key)
+            if self._positions is not None:
+                self._positions.append(value)
+        return True
+
+    def scored(self) -> KeySet:
+        """Return the keys whose final record is scored."""
+        return KeySet(self._keys)
+
+    def errors(self, scored: KeySet) -> dict[int, Any]:
+        """Return each key never scored with the value of its last error."""
+        return {key: value for key, value in self._errors.items() if key not in scored}
+
+    def positions(self) -> pa.Array:
+        """Return the values (positions, given with positions=True) of every key's final record."""
+        last = pa.table({"key": arrow_int64(self._keys), "at": arrow_int64(self._positions)}) \
+            .group_by("key").aggregate([("at", "max")]).column("at_max").combine_chunks()
+        errors = self.errors(self.scored())
+        return pa.concat_arrays([last.cast(pa.int64()), pa.array(errors.values(), pa.int64())])
+
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows has no flock; run one writer per file there
     fcntl = None
 
 
-# Our own lines start with id and score and end with error_kind, with hash between: reading
-# just those with one regex is ~6x faster than json.loads, which stays the fallback.
-# base_record() must keep this key order; a test pins the two together.
+# Every record score.py writes has these keys in this order (base_record builds them so).
+RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
+               "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
+               "duplicate_of", "ts", "error", "error_kind")
+# So our own lines start with id and score and end with error_kind, with hash between: reading
+# just those with one regex is ~6x faster than json.loads, which stays the fallback. A test pins
+# this pattern to RECORD_KEYS and the builders.
 RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
                            rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
 
@@ -1094,6 +1208,41 @@ def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] |
             record.get("error_kind")
     except ValueError:
         return None
+
+
+def base_record(item: Item) -> dict[str, Any]:
+    """Start a row's record: every key of RECORD_KEYS, in that order."""
+    record = dict.fromkeys(RECORD_KEYS)
+    record.update(id=item.id, attempts=item.attempts, truncated=False, ts=round(time.time(), 3),
+                  hash=format_digest(item.digest) if item.digest else None)
+    return record
+
+
+def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, Any]:
+    """Build the record of a row scored by endpoint."""
+    record = base_record(item)
+    record.update(score=answer.score, reason=answer.reason, score_expected=answer.score_expected, model=endpoint.model,
+                  model_digest=endpoint.digest[:12] if endpoint.digest else None, endpoint=endpoint.name,
+                  attempts=item.attempts + 1, latency_s=round(answer.latency, 3),
+                  prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
+                  truncated=answer.truncated, temperature=answer.temperature, seed=answer.seed)
+    return record
+
+
+def error_record(item: Item, kind: str, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
+    """Build the record of a row that ends in an error of this kind."""
+    record = base_record(item)
+    record.update(error=message, error_kind=kind, model=model, endpoint=endpoint)
+    return record
+
+
+def duplicate_record(item: Item, original: dict[str, Any]) -> dict[str, Any]:
+    """Copy a finished record's verdict to an item with the same text."""
+    record = dict(original)
+    record.update(id=item.id, attempts=0, latency_s=0.0, prompt_tokens=0, output_tokens=0,
+                  duplicate_of=original.get("duplicate_of") or original["id"],
+                  ts=round(time.time(), 3))
+    return record
 
 
 def lock_output(path: Path) -> tuple[int, bool]:
@@ -1261,11 +1410,8 @@ class Checkpoint:
                 warn(f"{meta_path(self.path)}: cannot update ({exc.strerror}); records are unaffected")
 
     def _scan(self, end: int, torn: int) -> ResumeState:
-        """Read every complete line (up to end) once to learn what is finished.
-
-        A duplicate_id record finishes nothing: the id's first row still needs its own verdict.
-        """
-        scored, failed, permanent = array("q"), set(), array("q")
+        """Read every complete line (up to end) once to learn what is finished (FinalRecords' rule)."""
+        finals = FinalRecords()
         digest_keys, digest_offsets = array("q"), array("q")
         skipped, repeated = SkippedLines(), array("q")
         records = 0
@@ -1281,24 +1427,18 @@ class Checkpoint:
                     continue
                 key, score, digest, kind = fields
                 records += 1
-                if score is not None:
-                    scored.append(key)
-                    if digest:
-                        with contextlib.suppress(ValueError):
-                            digest_keys.append(parse_digest(digest))
-                            digest_offsets.append(here)
-                elif kind == "duplicate_id":
+                if not finals.add(key, score, kind, kind):
                     repeated.append(key)
-                elif kind in PERMANENT_ERRORS:
-                    permanent.append(key)
-                else:
-                    failed.add(key)
-        scored_set = KeySet(scored)
-        permanent = array("q", (k for k in permanent if k not in scored_set))
-        retried = sum(1 for k in failed if k not in scored_set)
+                elif score is not None and digest:
+                    with contextlib.suppress(ValueError):
+                        digest_keys.append(parse_digest(digest))
+                        digest_offsets.append(here)
+        scored = finals.scored()
+        errors = finals.errors(scored)
+        permanent = array("q", (key for key, kind in errors.items() if kind in PERMANENT_ERRORS))
         digests = DigestIndex(digest_keys, digest_offsets)
-        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, skipped, torn,
-                           KeySet(repeated))
+        return ResumeState(scored, KeySet(permanent), digests, records, len(errors) - len(permanent), skipped,
+                           torn, KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record as one complete line; return its offset."""
@@ -1980,6 +2120,12 @@ class Endpoint:
             self.state = "ready"
         self.done += 1
         self.latency_sum += latency
+
+    def count_answer(self, answer: Answer) -> None:
+        """Count a written answer's tokens and whether it carried an expected score."""
+        self.prompt_tokens += answer.prompt_tokens or 0
+        self.output_tokens += answer.output_tokens or 0
+        self.expected += answer.score_expected is not None
 
     def note_outcome(self, fault: bool) -> None:
         """Update the running share of requests that ended in an endpoint fault."""
@@ -3088,6 +3234,7 @@ class Run:
             while limit is None or self.tally.taken < limit:
                 if not chunk:
                     chunk = await asyncio.to_thread(take_chunk, self.reader, READ_CHUNK)
+                    chunk.count_skips(self.tally)
                 if not chunk:
                     break
                 for item in chunk:
@@ -3340,6 +3487,7 @@ class Run:
                 if item.racer is endpoint and item.tasks:
                     self.tally.hedges_won += 1
                 self.write(item, success_record(item, endpoint, outcome))
+                endpoint.count_answer(outcome)
             return
         if isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
             self.answered_badly(endpoint, item, outcome, started, now)
@@ -3651,70 +3799,6 @@ class Run:
                 raise StopRun(f"every endpoint is down and none has answered for "
                               f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
             self.progress.show(self.endpoints, paused=self.all_down_since is not None)
-
-
-def take_chunk(reader: Iterator[Item], size: int) -> list[Item]:
-    """Pull up to `size` items from the reader (runs in a thread)."""
-    return list(itertools.islice(reader, size))
-
-
-def done_filter(resume: ResumeState, tally: Tally) -> Callable[[int], bool]:
-    """Tell the reader which id keys the checkpoint already finished, counting them."""
-    scored, permanent = resume.scored, resume.permanent
-    repeated, met = (resume.repeated if len(resume.repeated) else None), set()
-    if not len(scored) and not len(permanent):
-        return lambda key: False
-
-    def done(key: int) -> bool:
-        if key in scored:
-            tally.skipped += 1
-            if repeated is not None and key in repeated:
-                # rows after the first with this id were noted as duplicate_id: they have no score
-                tally.skipped_permanent += key in met
-                met.add(key)
-            return True
-        if key in permanent:
-            tally.skipped += 1
-            tally.skipped_permanent += 1
-            return True
-        return False
-    return done
-
-
-def base_record(item: Item) -> dict[str, Any]:
-    return {"id": item.id, "score": None, "reason": None, "score_expected": None, "model": None, "model_digest": None,
-            "endpoint": None, "attempts": item.attempts, "latency_s": None, "prompt_tokens": None,
-            "output_tokens": None, "truncated": False, "temperature": None, "seed": None,
-            "hash": format_digest(item.digest) if item.digest else None, "duplicate_of": None,
-            "ts": round(time.time(), 3), "error": None, "error_kind": None}
-
-
-def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, Any]:
-    record = base_record(item)
-    record.update(score=answer.score, reason=answer.reason, score_expected=answer.score_expected, model=endpoint.model,
-                  model_digest=endpoint.digest[:12] if endpoint.digest else None, endpoint=endpoint.name,
-                  attempts=item.attempts + 1, latency_s=round(answer.latency, 3),
-                  prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                  truncated=answer.truncated, temperature=answer.temperature, seed=answer.seed)
-    endpoint.prompt_tokens += answer.prompt_tokens or 0
-    endpoint.output_tokens += answer.output_tokens or 0
-    endpoint.expected += answer.score_expected is not None
-    return record
-
-
-def error_record(item: Item, kind: str, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
-    record = base_record(item)
-    record.update(error=message, error_kind=kind, model=model, endpoint=endpoint)
-    return record
-
-
-def duplicate_record(item: Item, original: dict[str, Any]) -> dict[str, Any]:
-    """Copy a finished record's verdict to an item with the same text."""
-    record = dict(original)
-    record.update(id=item.id, attempts=0, latency_s=0.0, prompt_tokens=0, output_tokens=0,
-                  duplicate_of=original.get("duplicate_of") or original["id"],
-                  ts=round(time.time(), 3))
-    return record
 
 
 # ── Progress and summary ────────────────────────────────────────────────────────
@@ -4298,20 +4382,16 @@ def add_answer_stats(stats: Stats, endpoint: str, record: dict[str, Any]) -> Non
 def read_stats(path: Path) -> Stats:
     """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
     stats = Stats()
-    scored_keys, repeated_keys = array("q"), array("q")
-    last_error: dict[int, str] = {}
+    finals, repeated_keys = FinalRecords(), array("q")
     for record in iter_records(path, stats.skipped):
-        key = record_key(record["id"], record.get("error_kind"))
-        score = record["score"]
-        if score is None:
-            if record["error_kind"] == "duplicate_id":
-                # a later row's note says nothing of the id's own row; it names the row's line, so
-                # equal notes are one row noted again by a later run
-                repeated_keys.append(id_key(str(record.get("error"))))
-            else:
-                last_error[key] = record["error_kind"]
+        score, kind = record["score"], record.get("error_kind")
+        if not finals.add(record_key(record["id"], kind), score, kind, kind):
+            # a later row's note says nothing of the id's own row; it names the row's line, so
+            # equal notes are one row noted again by a later run
+            repeated_keys.append(id_key(str(record.get("error"))))
             continue
-        scored_keys.append(key)
+        if score is None:
+            continue
         stats.rows_scored += 1
         stats.histogram[score] += 1
         stats.truncated += bool(record.get("truncated"))
@@ -4326,8 +4406,7 @@ def read_stats(path: Path) -> Stats:
             stats.timeline.setdefault(endpoint, array("d")).append(ts)
             stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
             stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
-    done = KeySet(scored_keys)
-    stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
+    stats.errors = Counter(finals.errors(finals.scored()).values())
     if repeated_keys:
         stats.errors["duplicate_id"] = len(pc.unique(arrow_int64(repeated_keys)))
     return stats
@@ -4753,31 +4832,26 @@ def html_report(stats: Stats, source: Path) -> str:
 
 
 def answer_table(path: Path) -> pa.Table:
-    """Reduce a checkpoint to one row per id key: the last scored record, else the last error."""
-    columns: dict[str, list] = {name: [] for name in ("key", "rank", *EXPORT_COLUMNS)}
+    """Reduce a checkpoint to one row per id key: its final record (FinalRecords' rule)."""
+    columns: dict[str, list] = {name: [] for name in ("key", *EXPORT_COLUMNS)}
     chunks = []
+    finals = FinalRecords(positions=True)
     position = 0
 
     def flush() -> None:
         if columns["key"]:
-            chunks.append(pa.table({
-                "key": pa.array(columns["key"], pa.int64()), "rank": pa.array(columns["rank"], pa.int64()),
-                "score": pa.array(columns["score"], pa.int64()),
-                "score_expected": pa.array(columns["score_expected"], pa.float64()),
-                "reason": pa.array(columns["reason"], pa.string()),
-                "model": pa.array(columns["model"], pa.string()),
-                "endpoint": pa.array(columns["endpoint"], pa.string()),
-                "error": pa.array(columns["error"], pa.string())}))
+            chunks.append(pa.table({"key": pa.array(columns["key"], pa.int64()),
+                                    **{name: pa.array(columns[name], NUMERIC_COLUMNS.get(name, pa.string()))
+                                       for name in EXPORT_COLUMNS}}))
             for values in columns.values():
                 values.clear()
 
     for record in iter_records(path):
-        if record["score"] is None and record["error_kind"] == "duplicate_id":
-            continue                   # a later row's note; the id's own row has its own record
+        key = record_key(record["id"], record.get("error_kind"))
+        if not finals.add(key, record["score"], record.get("error_kind"), position):
+            continue
         position += 1
-        ok = record["score"] is not None
-        columns["key"].append(record_key(record["id"], record.get("error_kind")))
-        columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
+        columns["key"].append(key)
         for name in EXPORT_COLUMNS:
             value = record.get(name)
             columns[name].append(value if name in NUMERIC_COLUMNS or value is None else clean_strings(str(value)))
@@ -4787,10 +4861,7 @@ def answer_table(path: Path) -> pa.Table:
     if not chunks:
         return pa.table({"key": pa.array([], pa.int64()), **{n: pa.array([], NUMERIC_COLUMNS.get(n, pa.string()))
                                                               for n in EXPORT_COLUMNS}})
-    answers = pa.concat_tables(chunks)
-    best = answers.group_by("key").aggregate([("rank", "max")])
-    return answers.join(best, keys=["key", "rank"], right_keys=["key", "rank_max"], join_type="inner") \
-        .select(["key", *EXPORT_COLUMNS])
+    return pa.concat_tables(chunks).take(finals.positions())
 
 
 def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tuple[pa.Array, pa.Array]:
@@ -5419,8 +5490,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
              f"{plural(resume.retried, 'failed row')} to retry.")
     tally = Tally()
     log = InputLog(config.input, warn, tally.unreadable)
-    reader = read_items(info, config.dedup, done_filter(resume, tally), log)
+    reader = read_items(info, config.dedup, FinishedRows(resume.scored, resume.permanent, resume.repeated), log)
     first = await asyncio.to_thread(take_chunk, reader, READ_CHUNK)
+    first.count_skips(tally)
     if not first and not config.check:
         warn(f"Nothing to do: every {'readable ' if tally.unreadable else ''}row of {config.input} "
              f"is already in {config.output}.")
