@@ -2879,7 +2879,7 @@ async def calibrate_endpoint(endpoint: Endpoint, config: Config) -> dict[str, An
 
     async def one(text: str) -> Answer:
         async with limit:
-            return await score_item(endpoint, Item(id="calibration", key=0, text=text, fields=fields), config)
+            return await score_item(endpoint, Item(id="calibration", text=text, fields=fields), config)
 
     samples = CALIBRATION_GOOD + CALIBRATION_POOR
     try:
