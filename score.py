@@ -293,6 +293,7 @@ OVERDUE = 3.0               # a request running this many service times may be s
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
+READ_BATCH = 1024           # rows the reader decodes at once for scoring
 FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
 
 HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
@@ -708,45 +709,98 @@ class InputLog:
         self.say(message)
 
 
-def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
-              problem: tuple[str, str] | None = None, where: str = "", seen: SeenKeys | None = None) -> Item:
-    """Build an Item from one row, marking rows that must not be sent.
-
-    A repeated id wins over every other problem: its record must never be a permanent error that
-    would make resume skip the first row with that id.
-    """
-    if problem is None and seen is not None and not seen.add(key):
-        problem = ("duplicate_id", f"{where}: id {ident!r} appeared earlier in the input; "
-                                   "only its first row is scored")
-    if problem is None:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        elif text is not None and not isinstance(text, str):
-            text = str(text)
-        if text is None or not text.strip():
-            problem = ("empty", "the text is null or empty")
-        elif not writable(text) or not all(writable(v) for v in fields.values()):
-            problem = ("bad_text", f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
-                                   "lone surrogate escape such as \\ud800)")
-        elif missing := [k for k, v in fields.items() if v is None]:
-            problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
-    elif problem[0] == "bad_id":
-        problem = ("bad_id", f"{where}: {problem[1]}")
-    item = Item(id=ident, text=text if problem is None else None, fields=fields, problem=problem)
-    if problem is None and dedup:
-        item.digest = text_digest(text)
-    return item
+def row_label(kind: str, number: int) -> str:
+    """Name a row by its place, as a null id's stand-in: row:N (0-based) in Parquet, line:N (from 1) in JSONL."""
+    return f"row:{number}" if kind == "parquet" else f"line:{number + 1}"
 
 
-def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: InputLog) -> Iterator[Item]:
-    """Stream items from Parquet in record batches, reading only the needed columns.
+def row_place(info: InputInfo, number: int) -> str:
+    """Name a row for messages; without an id column, a JSONL line's id (its 0-based number) is named too."""
+    if info.kind == "parquet":
+        return f"row {number}"
+    return f"line {number + 1}" if info.id_column else f"line {number + 1} (row id {number})"
 
-    Each row group is read twice: its ids first, to find the rows still to do, and
-    then (only if there are any) the text of just those rows. Resuming near the end
-    of a big file therefore decodes ids, not gigabytes of code into Python strings.
-    A row group that cannot be read is noted and skipped: the rest is still scored.
-    """
-    wanted = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
+
+def row_identity(info: InputInfo, number: int, raw: Any) -> tuple[int | str, tuple[str, str] | None, int]:
+    """Apply the id rule to one row: its id (the row number without an id column), any problem with
+    the id, and its key. The one rule of scoring, resume and export."""
+    if info.id_column is None:
+        return number, None, number
+    if type(raw) is int or type(raw) is str and raw.isascii():      # its own id: no label needed
+        return raw, None, id_key(raw)
+    ident, problem = checked_id(raw, row_label(info.kind, number))
+    return ident, problem, row_key(ident, problem)
+
+
+class Rows:
+    """Rows of the input as read: their columns (an Arrow batch, or JSONL objects) and, per row,
+    its number, id, id key, any problem with its id, and whether an earlier row had its id."""
+
+    def __init__(self, data: pa.RecordBatch | list[dict]) -> None:
+        self.data = data
+        self.numbers: list[int] = []
+        self.idents: list[int | str] = []
+        self.keys = array("q")
+        self.problems: list[tuple[str, str] | None] = []
+        self.repeated: list[bool] = []
+
+    def add(self, number: int, ident: int | str, problem: tuple[str, str] | None, key: int,
+            seen: SeenKeys | None) -> None:
+        """Add one row; only a row whose id is its own can repeat an earlier one."""
+        self.numbers.append(number)
+        self.idents.append(ident)
+        self.keys.append(key)
+        self.problems.append(problem)
+        self.repeated.append(problem is None and seen is not None and not seen.add(key))
+
+    def values(self, name: str) -> list[Any]:
+        """Return one column's values as Python objects."""
+        if isinstance(self.data, pa.RecordBatch):
+            return column_values(self.data.column(name))
+        return [row.get(name) for row in self.data]
+
+
+def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, info: InputInfo,
+                 done: Callable[[int], bool]) -> array:
+    """Return the in-group positions of rows not yet done (8 bytes each), decoding only their ids."""
+    todo = array("q")
+    if info.id_column is None:
+        todo.extend(i - start for i in range(start, end) if not done(i))
+        return todo
+    number = start
+    for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[info.id_column]):
+        for raw in column_values(batch.column(0)):
+            if not done(row_identity(info, number, raw)[2]):
+                todo.append(number - start)
+            number += 1
+    return todo
+
+
+def group_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array | None, info: InputInfo,
+               columns: list[str] | None, seen: SeenKeys | None, size: int) -> Iterator[Rows]:
+    """Yield the rows at positions `todo` (every row if None) of one row group, batch by batch."""
+    position = 0
+    for batch in parquet.iter_batches(batch_size=size, row_groups=[group], columns=columns):
+        picked, numbers = batch, range(start + position, start + position + batch.num_rows)
+        if todo is not None:
+            lo = bisect.bisect_left(todo, position)
+            hi = bisect.bisect_left(todo, position + batch.num_rows)
+            picked = batch.take(pa.array([p - position for p in todo[lo:hi]], pa.int64()))
+            numbers = [start + p for p in todo[lo:hi]]
+        position += batch.num_rows
+        if picked.num_rows:
+            rows = Rows(picked)
+            ids = column_values(picked.column(info.id_column)) if info.id_column else itertools.repeat(None)
+            for number, raw in zip(numbers, ids):
+                rows.add(number, *row_identity(info, number, raw), seen)
+            yield rows
+
+
+def parquet_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None,
+                 columns: list[str] | None, size: int) -> Iterator[Rows]:
+    """Stream Parquet row group by row group. With `done`, each group's ids are read first to find
+    the rows still to do, then the other columns of just those rows: resuming near the end of a big
+    file decodes ids, not gigabytes of code. A row group that cannot be read is noted and skipped."""
     seen = SeenKeys() if info.id_column else None
     row = 0
     for file in info.files:
@@ -758,52 +812,12 @@ def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool], log:
             start = row
             row += parquet.metadata.row_group(group).num_rows
             try:
-                todo = pending_rows(parquet, group, start, row, info.id_column, done)
-                if todo:
-                    yield from read_rows(parquet, group, start, todo, info, wanted, dedup, seen)
+                todo = None if done is None else pending_rows(parquet, group, start, row, info, done)
+                if todo is None or todo:
+                    yield from group_rows(parquet, group, start, todo, info, columns, seen, size)
             except (pa.ArrowException, OSError) as exc:
                 log.cut_short(f"{file}: cannot read rows {start}-{row - 1} ({one_line(exc)}); "
                               "they are not scored")
-
-
-def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_column: str | None,
-                 done: Callable[[int], bool]) -> array:
-    """Return the in-group positions of rows not yet done (8 bytes each)."""
-    todo = array("q")
-    if id_column is None:
-        todo.extend(i - start for i in range(start, end) if not done(i))
-        return todo
-    position = 0
-    for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[id_column]):
-        for ident in column_values(batch.column(0)):
-            if type(ident) is int or type(ident) is str and ident.isascii():   # its own id: no label needed
-                key = id_key(ident)
-            else:
-                key = row_key(*checked_id(ident, f"row:{start + position}"))
-            if not done(key):
-                todo.append(position)
-            position += 1
-    return todo
-
-
-def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info: InputInfo,
-              wanted: list[str], dedup: bool, seen: SeenKeys | None) -> Iterator[Item]:
-    """Yield Items for the rows at positions `todo` of one row group, batch by batch."""
-    position = 0
-    for batch in parquet.iter_batches(batch_size=16384, row_groups=[group], columns=wanted):
-        lo = bisect.bisect_left(todo, position)
-        hi = bisect.bisect_left(todo, position + batch.num_rows)
-        if lo < hi:
-            picked = batch.take(pa.array([p - position for p in todo[lo:hi]], pa.int64()))
-            data = {name: column_values(picked.column(name)) for name in wanted}
-            for j, p in enumerate(todo[lo:hi]):
-                number = start + p
-                ident, problem = checked_id(data[info.id_column][j], f"row:{number}") if info.id_column \
-                    else (number, None)
-                fields = {name: data[name][j] for name in info.fields}
-                yield make_item(ident, row_key(ident, problem), data[info.text_column][j], fields, dedup, problem,
-                                f"row {number}", seen if problem is None else None)
-        position += batch.num_rows
 
 
 def jsonl_rows(path: Path, log: InputLog,
@@ -830,35 +844,83 @@ def jsonl_rows(path: Path, log: InputLog,
                       "the rows after it are not scored")
 
 
-def line_place(number: int, id_column: str | None) -> str:
-    """Name a JSONL line for messages: line numbers count from 1, as editors do; without an id
-    column the row's id (its 0-based line number) is named too."""
-    return f"line {number + 1}" if id_column else f"line {number + 1} (row id {number})"
-
-
-def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: InputLog) -> Iterator[Item]:
-    """Stream items from JSONL line by line; a malformed line becomes an error item."""
-    numbered = info.id_column is None
+def jsonl_batches(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None, size: int,
+                  malformed: bool) -> Iterator[Rows]:
+    """Stream JSONL in runs of `size` rows, passing over rows `done` says are finished; a malformed
+    line is a row with a problem (with `malformed`) or is left out."""
+    numbered, done = info.id_column is None, done or (lambda key: False)
     seen = None if numbered else SeenKeys()
+    rows = Rows([])
     for number, obj, why in jsonl_rows(info.files[0], log, done if numbered else lambda number: False):
-        label, where = f"line:{number + 1}", line_place(number, info.id_column)
         if obj is None:
-            ident = number if numbered else label
-            key = number if numbered else label_key(label)
-            if numbered or not done(key):
-                yield Item(id=ident, text=None, fields={},
-                           problem=("malformed", f"{where}: not valid JSON ({why})"))
-            continue
-        if numbered:
-            ident, key, problem = number, number, None
-        else:
-            ident, problem = checked_id(obj.get(info.id_column), label)
-            key = row_key(ident, problem)
-            if done(key):
+            if not malformed:
                 continue
-        fields = {name: obj.get(name) for name in info.fields}
-        yield make_item(ident, key, obj.get(info.text_column), fields, dedup, problem, where,
-                        seen if problem is None else None)
+            label = row_label(info.kind, number)
+            ident, key = (number, number) if numbered else (label, label_key(label))
+            problem, obj = ("malformed", f"{row_place(info, number)}: not valid JSON ({why})"), {}
+        else:
+            ident, problem, key = row_identity(info, number, obj.get(info.id_column) if info.id_column else None)
+        if not numbered and done(key):
+            continue
+        rows.data.append(obj)
+        rows.add(number, ident, problem, key, seen)
+        if len(rows.numbers) >= size:
+            yield rows
+            rows = Rows([])
+    if rows.numbers:
+        yield rows
+
+
+def input_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None = None,
+               columns: list[str] | None = None, size: int = 16384, malformed: bool = False) -> Iterator[Rows]:
+    """Stream the input's rows not yet `done` (every row without it), never holding the dataset in
+    memory: the one reader of scoring and export. Parquet reads only `columns` (None: all)."""
+    if info.kind == "parquet":
+        return parquet_rows(info, log, done, columns, size)
+    return jsonl_batches(info, log, done, size, malformed)
+
+
+def make_item(ident: int | str, text: Any, fields: dict[str, Any], dedup: bool,
+              problem: tuple[str, str] | None, where: str, repeated: bool) -> Item:
+    """Build an Item from one row, marking rows that must not be sent.
+
+    A repeated id wins over every other problem: its record must never be a permanent error that
+    would make resume skip the first row with that id.
+    """
+    if repeated:
+        problem = ("duplicate_id", f"{where}: id {ident!r} appeared earlier in the input; "
+                                   "only its first row is scored")
+    if problem is None:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        elif text is not None and not isinstance(text, str):
+            text = str(text)
+        if text is None or not text.strip():
+            problem = ("empty", "the text is null or empty")
+        elif not writable(text) or not all(writable(v) for v in fields.values()):
+            problem = ("bad_text", f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
+                                   "lone surrogate escape such as \\ud800)")
+        elif missing := [k for k, v in fields.items() if v is None]:
+            problem = ("template", f"no value for prompt column(s) {', '.join(missing)}")
+    elif problem[0] == "bad_id":
+        problem = ("bad_id", f"{where}: {problem[1]}")
+    item = Item(id=ident, text=text if problem is None else None, fields=fields, problem=problem)
+    if problem is None and dedup:
+        item.digest = text_digest(text)
+    return item
+
+
+def row_items(batches: Iterator[Rows], info: InputInfo, dedup: bool, log: InputLog) -> Iterator[Item]:
+    """Turn rows into Items, naming bad rows in the log as they are met."""
+    for rows in batches:
+        texts = rows.values(info.text_column)
+        fields = {name: rows.values(name) for name in info.fields}
+        for j, number in enumerate(rows.numbers):
+            item = make_item(rows.idents[j], texts[j], {name: v[j] for name, v in fields.items()}, dedup,
+                             rows.problems[j], row_place(info, number), rows.repeated[j])
+            if item.problem and item.problem[0] in NAMED_PROBLEMS:
+                log.bad_row(*item.problem)
+            yield item
 
 
 class FinishedRows:
@@ -895,14 +957,6 @@ class FinishedRows:
         return counts
 
 
-def named_items(items: Iterator[Item], log: InputLog) -> Iterator[Item]:
-    """Pass items on, naming bad rows in the log."""
-    for item in items:
-        if item.problem and item.problem[0] in NAMED_PROBLEMS:
-            log.bad_row(*item.problem)
-        yield item
-
-
 class Reader:
     """The input's rows still to do, as Items, and the finished rows passed over to reach them."""
 
@@ -918,11 +972,10 @@ class Reader:
 
 def read_items(info: InputInfo, dedup: bool = True, done: FinishedRows | None = None,
                log: InputLog | None = None) -> Reader:
-    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory;
-    bad rows are named in the log as they are read."""
+    """Stream the rows not yet `done` (by id key) as Items; bad rows are named in the log as they are read."""
     log, done = log or InputLog(), done or FinishedRows()
-    reader = read_parquet if info.kind == "parquet" else read_jsonl
-    return Reader(named_items(reader(info, dedup, done, log), log), done)
+    columns = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
+    return Reader(row_items(input_rows(info, log, done, columns, READ_BATCH, malformed=True), info, dedup, log), done)
 
 
 class Chunk(list):
@@ -4864,18 +4917,6 @@ def answer_table(path: Path) -> pa.Table:
     return pa.concat_tables(chunks).take(finals.positions())
 
 
-def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tuple[pa.Array, pa.Array]:
-    """Key a batch's ids by the id rule of scoring (checked_id: labels for null or unwritable ids)
-    and mark the rows whose id appeared earlier in the input."""
-    keys, repeated = array("q"), []
-    for value, label in zip(values, labels):
-        ident, problem = checked_id(value, label)
-        key = row_key(ident, problem)
-        keys.append(key)
-        repeated.append(problem is None and not seen.add(key))
-    return arrow_int64(keys), pa.array(repeated, pa.bool_())
-
-
 def clean_strings(value: Any) -> Any:
     """Replace what UTF-8 cannot hold (lone surrogates) in a JSON value."""
     if isinstance(value, str):
@@ -4907,50 +4948,11 @@ def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_pylist(mended, schema=schema)
 
 
-def input_batches(info: InputInfo, log: InputLog) -> Iterator[tuple[pa.RecordBatch, pa.Array, pa.Array]]:
-    """Stream the input as Arrow batches with each row's id key and whether its id is a repeat.
-
-    Ids follow the scoring readers' rule (row_id, checked_id), so every record finds its row.
-    """
-    seen = SeenKeys()
-    if info.kind == "parquet":
-        row = 0
-        for file in info.files:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=16384):
-                if info.id_column:
-                    keys, repeated = batch_keys(column_values(batch.column(info.id_column)),
-                                                (f"row:{row + i}" for i in range(batch.num_rows)), seen)
-                else:
-                    keys = pa.array(range(row, row + batch.num_rows), pa.int64())
-                    repeated = pa.array([False] * batch.num_rows, pa.bool_())
-                row += batch.num_rows
-                yield batch, keys, repeated
-        return
-    schema: pa.Schema | None = None
-    records, ids, numbers = [], [], []
-
-    def batch() -> tuple[pa.RecordBatch, pa.Array, pa.Array]:
-        nonlocal schema
-        table = arrow_rows(records, schema)
-        schema = schema or table.schema
-        if info.id_column:
-            keys, repeated = batch_keys(ids, (f"line:{n + 1}" for n in numbers), seen)
-        else:
-            keys, repeated = pa.array(numbers, pa.int64()), pa.array([False] * len(numbers), pa.bool_())
-        return (table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema),
-                keys, repeated)
-
-    for number, obj, _ in jsonl_rows(info.files[0], log):
-        if obj is None:
-            continue                           # malformed: no row to carry scores
-        records.append(obj)
-        numbers.append(number)
-        ids.append(obj.get(info.id_column) if info.id_column else number)
-        if len(records) >= 16384:
-            yield batch()
-            records, ids, numbers = [], [], []
-    if records:
-        yield batch()
+def rows_table(rows: Rows, schema: pa.Schema | None) -> pa.Table:
+    """Return rows read for export as an Arrow table (JSONL objects in the schema of the first run)."""
+    if isinstance(rows.data, pa.RecordBatch):
+        return pa.Table.from_batches([rows.data])
+    return arrow_rows(rows.data, schema)
 
 
 def blank_repeats(table: pa.Table, repeated: pa.Array) -> pa.Table:
@@ -4985,13 +4987,14 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog 
     answers = answer_table(config.output)
     keep = top_keys(answers, config.top) if config.top else None     # a threshold needs every row first
     temp = target.with_name(target.name + ".tmp")
-    writer = None
+    writer, schema = None, None
     written = scored = 0
     try:
-        for batch, keys, repeated in input_batches(info, log or InputLog()):
-            index = pc.index_in(keys, value_set=answers.column("key"))
-            picked = answers.take(index)
-            table = pa.Table.from_batches([batch])
+        for rows in input_rows(info, log or InputLog()):
+            keys, repeated = arrow_int64(rows.keys), pa.array(rows.repeated, pa.bool_())
+            picked = answers.take(pc.index_in(keys, value_set=answers.column("key")))
+            table = rows_table(rows, schema)
+            schema = schema or table.schema
             for name in EXPORT_COLUMNS:
                 table = table.append_column(name, picked.column(name).combine_chunks())
             table = blank_repeats(table, repeated)
