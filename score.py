@@ -767,12 +767,15 @@ def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, info
     if info.id_column is None:
         todo.extend(i - start for i in range(start, end) if not done(i))
         return todo
-    number = start
+    position = 0
     for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[info.id_column]):
         for raw in column_values(batch.column(0)):
-            if not done(row_identity(info, number, raw)[2]):
-                todo.append(number - start)
-            number += 1
+            # row_identity's own fast path, inlined: this loop runs over every id on resume
+            key = id_key(raw) if type(raw) is int or type(raw) is str and raw.isascii() \
+                else row_identity(info, start + position, raw)[2]
+            if not done(key):
+                todo.append(position)
+            position += 1
     return todo
 
 
