@@ -77,7 +77,7 @@ import time
 import zlib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Container, Iterable, Iterator, Sized
+from collections.abc import Callable, Container, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -927,11 +927,8 @@ def row_items(batches: Iterator[Rows], info: InputInfo, dedup: bool, log: InputL
 
 
 class FinishedRows:
-    """Tell the reader which id keys the checkpoint already finished, counting the rows it passes over.
-
-    The reader runs in a thread: the counts travel to the event loop with each chunk (take_chunk),
-    so only the loop ever touches the Tally.
-    """
+    """Tell the reader which id keys the checkpoint already finished, counting the rows passed over:
+    the reader runs in a thread, so take_chunk hands the counts to the loop, which alone has the Tally."""
 
     def __init__(self, scored: Container[int] = frozenset(), permanent: Container[int] = frozenset(),
                  repeated: Sized = frozenset()) -> None:
@@ -954,23 +951,13 @@ class FinishedRows:
             return True
         return False
 
-    def take(self) -> tuple[int, int]:
-        """Return and reset the counts of rows passed over, and of those with a permanent error."""
-        counts, self.skipped, self.skipped_permanent = (self.skipped, self.skipped_permanent), 0, 0
-        return counts
 
-
+@dataclass(slots=True)
 class Reader:
-    """The input's rows still to do, as Items, and the finished rows passed over to reach them."""
+    """The input's rows still to do, as Items, and the filter that passes over the finished ones."""
 
-    def __init__(self, items: Iterator[Item], done: FinishedRows) -> None:
-        self.items, self.done = items, done
-
-    def __iter__(self) -> Iterator[Item]:
-        return self
-
-    def __next__(self) -> Item:
-        return next(self.items)
+    items: Iterator[Item]
+    done: FinishedRows
 
 
 def read_items(info: InputInfo, dedup: bool = True, done: FinishedRows | None = None,
@@ -994,8 +981,9 @@ class Chunk(list):
 
 def take_chunk(reader: Reader, size: int) -> Chunk:
     """Pull up to `size` items from the reader (runs in a thread)."""
-    chunk = Chunk(itertools.islice(reader.items, size))
-    chunk.skipped, chunk.skipped_permanent = reader.done.take()
+    chunk, done = Chunk(itertools.islice(reader.items, size)), reader.done
+    chunk.skipped, chunk.skipped_permanent = done.skipped, done.skipped_permanent
+    done.skipped = done.skipped_permanent = 0
     return chunk
 
 
@@ -1146,12 +1134,9 @@ class ResumeState:
 
 
 class FinalRecords:
-    """Each id key's final record in a checkpoint: its last scored record, else its last error.
-
-    The one rule of resume, report and export. A duplicate_id note is a later row's, never its
-    id's own record, so it is passed over. Scored keys cost 8 bytes each (16 with positions); the
-    errors, which are few, sit in a dict where a key's later error replaces the earlier.
-    """
+    """Each id key's final record in a checkpoint, the one rule of resume, report and export: its last
+    scored record, else its last error; a duplicate_id note is a later row's, never its id's own.
+    Scored keys cost 8 bytes each (16 with positions); errors, which are few, sit in a dict."""
 
     def __init__(self, positions: bool = False) -> None:
         self._keys = array("q")
@@ -4895,7 +4880,7 @@ def answer_table(path: Path) -> pa.Table:
     position = 0
 
     def flush() -> None:
-        if columns["key"]:
+        if columns["key"] or not chunks:
             chunks.append(pa.table({"key": pa.array(columns["key"], pa.int64()),
                                     **{name: pa.array(columns[name], NUMERIC_COLUMNS.get(name, pa.string()))
                                        for name in EXPORT_COLUMNS}}))
@@ -4914,9 +4899,6 @@ def answer_table(path: Path) -> pa.Table:
         if len(columns["key"]) >= 65536:
             flush()
     flush()
-    if not chunks:
-        return pa.table({"key": pa.array([], pa.int64()), **{n: pa.array([], NUMERIC_COLUMNS.get(n, pa.string()))
-                                                              for n in EXPORT_COLUMNS}})
     return pa.concat_tables(chunks).take(finals.positions())
 
 
@@ -4982,7 +4964,7 @@ def top_keys(answers: pa.Table, top: tuple[float, bool]) -> pa.Array:
     return scored.column("key").take(order[:count]).combine_chunks()
 
 
-def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog | None = None) -> tuple[int, int]:
+def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog) -> tuple[int, int]:
     """Write the input with the score columns appended, joined by id; return (rows written, scored)."""
     clash = [c for c in EXPORT_COLUMNS if c in info.columns]
     if clash:
@@ -4993,7 +4975,7 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog 
     writer, schema = None, None
     written = scored = 0
     try:
-        for rows in input_rows(info, log or InputLog()):
+        for rows in input_rows(info, log):
             keys, repeated = arrow_int64(rows.keys), pa.array(rows.repeated, pa.bool_())
             picked = answers.take(pc.index_in(keys, value_set=answers.column("key")))
             table = rows_table(rows, schema)

@@ -140,3 +140,22 @@ def test_the_reader_hands_its_skips_over_with_each_chunk(tmp_path):
     assert [item.id for item in rest] == ["r4", "r5"] and (rest.skipped, rest.skipped_permanent) == (0, 0)
     rest.count_skips(tally)
     assert (tally.skipped, tally.skipped_permanent) == (2, 1)
+
+
+def test_export_of_a_damaged_parquet_row_group_keeps_the_rows_it_can_read(tmp_path):
+    code = "def f(x):\n    return x\n"
+    data = write_parquet(tmp_path / "fns.parquet", [{"id": f"r{i}", "code": code * (i + 1)} for i in range(30)],
+                         row_group_size=10)
+    chunk = pq.ParquetFile(data).metadata.row_group(1).column(1)       # the middle group's code column
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(data.read_bytes())
+    for i in range(start + 30, start + chunk.total_compressed_size - 5):
+        raw[i] ^= 0x5A                                                   # its compressed pages no longer decode
+    data.write_bytes(bytes(raw))
+    write_checkpoint(tmp_path / "fns.scores.jsonl", [record(f"r{i}", 1 + i % 10) for i in range(30)])
+    out = tmp_path / "out.parquet"
+    done = run_cli(data, "--report", "--export", out)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{data}: cannot read rows 10-19" in done.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["id"], r["score"]) for r in rows] == [(f"r{i}", 1 + i % 10) for i in [*range(10), *range(20, 30)]]
