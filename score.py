@@ -937,7 +937,8 @@ class FinishedRows:
         self.met: set[int] = set()
         self.skipped = self.skipped_permanent = 0
 
-    def __call__(self, key: int) -> bool:
+    def finished(self, key: int) -> bool:
+        """Tell whether the row with this key is finished, counting it if so."""
         if key in self.scored:
             self.skipped += 1
             if self.repeated is not None and key in self.repeated:
@@ -965,7 +966,8 @@ def read_items(info: InputInfo, dedup: bool = True, done: FinishedRows | None = 
     """Stream the rows not yet `done` (by id key) as Items; bad rows are named in the log as they are read."""
     log, done = log or InputLog(), done or FinishedRows()
     columns = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
-    return Reader(row_items(input_rows(info, log, done, columns, READ_BATCH, malformed=True), info, dedup, log), done)
+    rows = input_rows(info, log, done.finished, columns, READ_BATCH, malformed=True)
+    return Reader(row_items(rows, info, dedup, log), done)
 
 
 class Chunk(list):
@@ -1453,6 +1455,7 @@ class Checkpoint:
     def _scan(self, end: int, torn: int) -> ResumeState:
         """Read every complete line (up to end) once to learn what is finished (FinalRecords' rule)."""
         finals = FinalRecords()
+        add = finals.add
         digest_keys, digest_offsets = array("q"), array("q")
         skipped, repeated = SkippedLines(), array("q")
         records = 0
@@ -1468,7 +1471,7 @@ class Checkpoint:
                     continue
                 key, score, digest, kind = fields
                 records += 1
-                if not finals.add(key, score, kind, kind):
+                if not add(key, score, kind, kind):
                     repeated.append(key)
                 elif score is not None and digest:
                     with contextlib.suppress(ValueError):
