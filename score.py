@@ -1157,20 +1157,16 @@ class FinalRecords:
                 self._positions.append(value)
         return True
 
-    def scored(self) -> KeySet:
-        """Return the keys whose final record is scored."""
-        return KeySet(self._keys)
-
-    def errors(self, scored: KeySet) -> dict[int, Any]:
-        """Return each key never scored with the value of its last error."""
-        return {key: value for key, value in self._errors.items() if key not in scored}
+    def finish(self) -> tuple[KeySet, dict[int, Any]]:
+        """Return the keys whose final record is scored, and each other key's last error (its value)."""
+        scored = KeySet(self._keys)
+        return scored, {key: value for key, value in self._errors.items() if key not in scored}
 
     def positions(self) -> pa.Array:
         """Return the values (positions, given with positions=True) of every key's final record."""
         last = pa.table({"key": arrow_int64(self._keys), "at": arrow_int64(self._positions)}) \
             .group_by("key").aggregate([("at", "max")]).column("at_max").combine_chunks()
-        errors = self.errors(self.scored())
-        return pa.concat_arrays([last.cast(pa.int64()), pa.array(errors.values(), pa.int64())])
+        return pa.concat_arrays([last.cast(pa.int64()), pa.array(self.finish()[1].values(), pa.int64())])
 
 
 try:
@@ -1477,8 +1473,7 @@ class Checkpoint:
                     with contextlib.suppress(ValueError):
                         digest_keys.append(parse_digest(digest))
                         digest_offsets.append(here)
-        scored = finals.scored()
-        errors = finals.errors(scored)
+        scored, errors = finals.finish()
         permanent = array("q", (key for key, kind in errors.items() if kind in PERMANENT_ERRORS))
         digests = DigestIndex(digest_keys, digest_offsets)
         return ResumeState(scored, KeySet(permanent), digests, records, len(errors) - len(permanent), skipped,
@@ -4450,7 +4445,7 @@ def read_stats(path: Path) -> Stats:
             stats.timeline.setdefault(endpoint, array("d")).append(ts)
             stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
             stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
-    stats.errors = Counter(finals.errors(finals.scored()).values())
+    stats.errors = Counter(finals.finish()[1].values())
     if repeated_keys:
         stats.errors["duplicate_id"] = len(pc.unique(arrow_int64(repeated_keys)))
     return stats
