@@ -78,7 +78,7 @@ import time
 import zlib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -313,6 +313,7 @@ OVERDUE = 3.0               # a request running this many service times may be s
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
+READ_BATCH = 1024           # rows the reader decodes at once for scoring
 FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
 
 HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
@@ -425,7 +426,6 @@ class Item:
     """One input row on its way through the fleet; identity-hashed."""
 
     id: int | str
-    key: int                      # compact 64-bit form of the id, for the done-set
     text: str | None
     fields: dict[str, Any]
     digest: int = 0               # content hash for duplicate fan-out (0 = none)
@@ -768,45 +768,101 @@ class InputLog:
         self.say(message)
 
 
-def make_item(ident: int | str, key: int, text: Any, fields: dict[str, Any], dedup: bool,
-              problem: tuple[ErrorKind, str] | None = None, where: str = "", seen: SeenKeys | None = None) -> Item:
-    """Build an Item from one row, marking rows that must not be sent.
-
-    A repeated id wins over every other problem: its record must never be a permanent error that
-    would make resume skip the first row with that id.
-    """
-    if problem is None and seen is not None and not seen.add(key):
-        problem = (ErrorKind.DUPLICATE_ID, f"{where}: id {ident!r} appeared earlier in the input; "
-                                   "only its first row is scored")
-    if problem is None:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        elif text is not None and not isinstance(text, str):
-            text = str(text)
-        if text is None or not text.strip():
-            problem = (ErrorKind.EMPTY, "the text is null or empty")
-        elif not writable(text) or not all(writable(v) for v in fields.values()):
-            problem = (ErrorKind.BAD_TEXT, f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
-                                   "lone surrogate escape such as \\ud800)")
-        elif missing := [k for k, v in fields.items() if v is None]:
-            problem = (ErrorKind.TEMPLATE, f"no value for prompt column(s) {', '.join(missing)}")
-    elif problem[0] == ErrorKind.BAD_ID:
-        problem = (ErrorKind.BAD_ID, f"{where}: {problem[1]}")
-    item = Item(id=ident, key=key, text=text if problem is None else None, fields=fields, problem=problem)
-    if problem is None and dedup:
-        item.digest = text_digest(text)
-    return item
+def row_label(kind: str, number: int) -> str:
+    """Name a row by its place, as a null id's stand-in: row:N (0-based) in Parquet, line:N (from 1) in JSONL."""
+    return f"row:{number}" if kind == "parquet" else f"line:{number + 1}"
 
 
-def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: InputLog) -> Iterator[Item]:
-    """Stream items from Parquet in record batches, reading only the needed columns.
+def row_place(info: InputInfo, number: int) -> str:
+    """Name a row for messages; without an id column, a JSONL line's id (its 0-based number) is named too."""
+    if info.kind == "parquet":
+        return f"row {number}"
+    return f"line {number + 1}" if info.id_column else f"line {number + 1} (row id {number})"
 
-    Each row group is read twice: its ids first, to find the rows still to do, and
-    then (only if there are any) the text of just those rows. Resuming near the end
-    of a big file therefore decodes ids, not gigabytes of code into Python strings.
-    A row group that cannot be read is noted and skipped: the rest is still scored.
-    """
-    wanted = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
+
+def row_identity(info: InputInfo, number: int, raw: Any) -> tuple[int | str, tuple[ErrorKind, str] | None, int]:
+    """Apply the id rule to one row: its id (the row number without an id column), any problem with
+    the id, and its key. The one rule of scoring, resume and export."""
+    if info.id_column is None:
+        return number, None, number
+    if type(raw) is int or type(raw) is str and raw.isascii():      # its own id: no label needed
+        return raw, None, id_key(raw)
+    ident, problem = checked_id(raw, row_label(info.kind, number))
+    return ident, problem, row_key(ident, problem)
+
+
+class Rows:
+    """Rows of the input as read: their columns (an Arrow batch, or JSONL objects) and, per row,
+    its number, id, id key, any problem with its id, and whether an earlier row had its id."""
+
+    def __init__(self, data: pa.RecordBatch | list[dict]) -> None:
+        self.data = data
+        self.numbers: list[int] = []
+        self.idents: list[int | str] = []
+        self.keys = array("q")
+        self.problems: list[tuple[ErrorKind, str] | None] = []
+        self.repeated: list[bool] = []
+
+    def add(self, number: int, ident: int | str, problem: tuple[ErrorKind, str] | None, key: int,
+            seen: SeenKeys | None) -> None:
+        """Add one row; only a row whose id is its own can repeat an earlier one."""
+        self.numbers.append(number)
+        self.idents.append(ident)
+        self.keys.append(key)
+        self.problems.append(problem)
+        self.repeated.append(problem is None and seen is not None and not seen.add(key))
+
+    def values(self, name: str) -> list[Any]:
+        """Return one column's values as Python objects."""
+        if isinstance(self.data, pa.RecordBatch):
+            return column_values(self.data.column(name))
+        return [row.get(name) for row in self.data]
+
+
+def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, info: InputInfo,
+                 done: Callable[[int], bool]) -> array:
+    """Return the in-group positions of rows not yet done (8 bytes each), decoding only their ids."""
+    todo = array("q")
+    if info.id_column is None:
+        todo.extend(i - start for i in range(start, end) if not done(i))
+        return todo
+    position = 0
+    for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[info.id_column]):
+        for raw in column_values(batch.column(0)):
+            # row_identity's own fast path, inlined: this loop runs over every id on resume
+            key = id_key(raw) if type(raw) is int or type(raw) is str and raw.isascii() \
+                else row_identity(info, start + position, raw)[2]
+            if not done(key):
+                todo.append(position)
+            position += 1
+    return todo
+
+
+def group_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array | None, info: InputInfo,
+               columns: list[str] | None, seen: SeenKeys | None, size: int) -> Iterator[Rows]:
+    """Yield the rows at positions `todo` (every row if None) of one row group, batch by batch."""
+    position = 0
+    for batch in parquet.iter_batches(batch_size=size, row_groups=[group], columns=columns):
+        picked, numbers = batch, range(start + position, start + position + batch.num_rows)
+        if todo is not None:
+            lo = bisect.bisect_left(todo, position)
+            hi = bisect.bisect_left(todo, position + batch.num_rows)
+            picked = batch.take(pa.array([p - position for p in todo[lo:hi]], pa.int64()))
+            numbers = [start + p for p in todo[lo:hi]]
+        position += batch.num_rows
+        if picked.num_rows:
+            rows = Rows(picked)
+            ids = column_values(picked.column(info.id_column)) if info.id_column else itertools.repeat(None)
+            for number, raw in zip(numbers, ids):
+                rows.add(number, *row_identity(info, number, raw), seen)
+            yield rows
+
+
+def parquet_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None,
+                 columns: list[str] | None, size: int) -> Iterator[Rows]:
+    """Stream Parquet row group by row group. With `done`, each group's ids are read first to find
+    the rows still to do, then the other columns of just those rows: resuming near the end of a big
+    file decodes ids, not gigabytes of code. A row group that cannot be read is noted and skipped."""
     seen = SeenKeys() if info.id_column else None
     row = 0
     for file in info.files:
@@ -818,52 +874,12 @@ def read_parquet(info: InputInfo, dedup: bool, done: Callable[[int], bool], log:
             start = row
             row += parquet.metadata.row_group(group).num_rows
             try:
-                todo = pending_rows(parquet, group, start, row, info.id_column, done)
-                if todo:
-                    yield from read_rows(parquet, group, start, todo, info, wanted, dedup, seen)
+                todo = None if done is None else pending_rows(parquet, group, start, row, info, done)
+                if todo is None or todo:
+                    yield from group_rows(parquet, group, start, todo, info, columns, seen, size)
             except (pa.ArrowException, OSError) as exc:
                 log.cut_short(f"{file}: cannot read rows {start}-{row - 1} ({one_line(exc)}); "
                               "they are not scored")
-
-
-def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, id_column: str | None,
-                 done: Callable[[int], bool]) -> array:
-    """Return the in-group positions of rows not yet done (8 bytes each)."""
-    todo = array("q")
-    if id_column is None:
-        todo.extend(i - start for i in range(start, end) if not done(i))
-        return todo
-    position = 0
-    for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[id_column]):
-        for ident in column_values(batch.column(0)):
-            if type(ident) is int or type(ident) is str and ident.isascii():   # its own id: no label needed
-                key = id_key(ident)
-            else:
-                key = row_key(*checked_id(ident, f"row:{start + position}"))
-            if not done(key):
-                todo.append(position)
-            position += 1
-    return todo
-
-
-def read_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array, info: InputInfo,
-              wanted: list[str], dedup: bool, seen: SeenKeys | None) -> Iterator[Item]:
-    """Yield Items for the rows at positions `todo` of one row group, batch by batch."""
-    position = 0
-    for batch in parquet.iter_batches(batch_size=16384, row_groups=[group], columns=wanted):
-        lo = bisect.bisect_left(todo, position)
-        hi = bisect.bisect_left(todo, position + batch.num_rows)
-        if lo < hi:
-            picked = batch.take(pa.array([p - position for p in todo[lo:hi]], pa.int64()))
-            data = {name: column_values(picked.column(name)) for name in wanted}
-            for j, p in enumerate(todo[lo:hi]):
-                number = start + p
-                ident, problem = checked_id(data[info.id_column][j], f"row:{number}") if info.id_column \
-                    else (number, None)
-                fields = {name: data[name][j] for name in info.fields}
-                yield make_item(ident, row_key(ident, problem), data[info.text_column][j], fields, dedup, problem,
-                                f"row {number}", seen if problem is None else None)
-        position += batch.num_rows
 
 
 def jsonl_rows(path: Path, log: InputLog,
@@ -890,47 +906,146 @@ def jsonl_rows(path: Path, log: InputLog,
                       "the rows after it are not scored")
 
 
-def line_place(number: int, id_column: str | None) -> str:
-    """Name a JSONL line for messages: line numbers count from 1, as editors do; without an id
-    column the row's id (its 0-based line number) is named too."""
-    return f"line {number + 1}" if id_column else f"line {number + 1} (row id {number})"
-
-
-def read_jsonl(info: InputInfo, dedup: bool, done: Callable[[int], bool], log: InputLog) -> Iterator[Item]:
-    """Stream items from JSONL line by line; a malformed line becomes an error item."""
-    numbered = info.id_column is None
+def jsonl_batches(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None, size: int,
+                  malformed: bool) -> Iterator[Rows]:
+    """Stream JSONL in runs of `size` rows, passing over rows `done` says are finished; a malformed
+    line is a row with a problem (with `malformed`) or is left out."""
+    numbered, done = info.id_column is None, done or (lambda key: False)
     seen = None if numbered else SeenKeys()
+    rows = Rows([])
     for number, obj, why in jsonl_rows(info.files[0], log, done if numbered else lambda number: False):
-        label, where = f"line:{number + 1}", line_place(number, info.id_column)
         if obj is None:
-            ident = number if numbered else label
-            key = number if numbered else label_key(label)
-            if numbered or not done(key):
-                yield Item(id=ident, key=key, text=None, fields={},
-                           problem=(ErrorKind.MALFORMED, f"{where}: not valid JSON ({why})"))
-            continue
-        if numbered:
-            ident, key, problem = number, number, None
-        else:
-            ident, problem = checked_id(obj.get(info.id_column), label)
-            key = row_key(ident, problem)
-            if done(key):
+            if not malformed:
                 continue
-        fields = {name: obj.get(name) for name in info.fields}
-        yield make_item(ident, key, obj.get(info.text_column), fields, dedup, problem, where,
-                        seen if problem is None else None)
+            label = row_label(info.kind, number)
+            ident, key = (number, number) if numbered else (label, label_key(label))
+            problem, obj = (ErrorKind.MALFORMED, f"{row_place(info, number)}: not valid JSON ({why})"), {}
+        else:
+            ident, problem, key = row_identity(info, number, obj.get(info.id_column) if info.id_column else None)
+        if not numbered and done(key):
+            continue
+        rows.data.append(obj)
+        rows.add(number, ident, problem, key, seen)
+        if len(rows.numbers) >= size:
+            yield rows
+            rows = Rows([])
+    if rows.numbers:
+        yield rows
 
 
-def read_items(info: InputInfo, dedup: bool = True, done: Callable[[int], bool] = lambda key: False,
-               log: InputLog | None = None) -> Iterator[Item]:
-    """Stream the rows not yet `done` (by id key) as Items, never holding the dataset in memory;
-    bad rows are named in the log as they are read."""
-    log = log or InputLog()
-    reader = read_parquet if info.kind == "parquet" else read_jsonl
-    for item in reader(info, dedup, done, log):
-        if item.problem and item.problem[0] in NAMED_PROBLEMS:
-            log.bad_row(*item.problem)
-        yield item
+def input_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None = None,
+               columns: list[str] | None = None, size: int = 16384, malformed: bool = False) -> Iterator[Rows]:
+    """Stream the input's rows not yet `done` (every row without it), never holding the dataset in
+    memory: the one reader of scoring and export. Parquet reads only `columns` (None: all)."""
+    if info.kind == "parquet":
+        return parquet_rows(info, log, done, columns, size)
+    return jsonl_batches(info, log, done, size, malformed)
+
+
+def make_item(ident: int | str, text: Any, fields: dict[str, Any], dedup: bool,
+              problem: tuple[ErrorKind, str] | None, where: str, repeated: bool) -> Item:
+    """Build an Item from one row, marking rows that must not be sent.
+
+    A repeated id wins over every other problem: its record must never be a permanent error that
+    would make resume skip the first row with that id.
+    """
+    if repeated:
+        problem = (ErrorKind.DUPLICATE_ID, f"{where}: id {ident!r} appeared earlier in the input; "
+                                   "only its first row is scored")
+    if problem is None:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        elif text is not None and not isinstance(text, str):
+            text = str(text)
+        if text is None or not text.strip():
+            problem = (ErrorKind.EMPTY, "the text is null or empty")
+        elif not writable(text) or not all(writable(v) for v in fields.values()):
+            problem = (ErrorKind.BAD_TEXT, f"{where}: the text is not valid Unicode (bytes that are not UTF-8, or a "
+                                   "lone surrogate escape such as \\ud800)")
+        elif missing := [k for k, v in fields.items() if v is None]:
+            problem = (ErrorKind.TEMPLATE, f"no value for prompt column(s) {', '.join(missing)}")
+    elif problem[0] == ErrorKind.BAD_ID:
+        problem = (ErrorKind.BAD_ID, f"{where}: {problem[1]}")
+    item = Item(id=ident, text=text if problem is None else None, fields=fields, problem=problem)
+    if problem is None and dedup:
+        item.digest = text_digest(text)
+    return item
+
+
+def row_items(batches: Iterator[Rows], info: InputInfo, dedup: bool, log: InputLog) -> Iterator[Item]:
+    """Turn rows into Items, naming bad rows in the log as they are met."""
+    for rows in batches:
+        texts = rows.values(info.text_column)
+        fields = {name: rows.values(name) for name in info.fields}
+        for j, number in enumerate(rows.numbers):
+            item = make_item(rows.idents[j], texts[j], {name: v[j] for name, v in fields.items()}, dedup,
+                             rows.problems[j], row_place(info, number), rows.repeated[j])
+            if item.problem and item.problem[0] in NAMED_PROBLEMS:
+                log.bad_row(*item.problem)
+            yield item
+
+
+class FinishedRows:
+    """Tell the reader which id keys the checkpoint already finished, counting the rows passed over:
+    the reader runs in a thread, so take_chunk hands the counts to the loop, which alone has the Tally."""
+
+    def __init__(self, scored: Container[int] = frozenset(), permanent: Container[int] = frozenset(),
+                 repeated: Sized = frozenset()) -> None:
+        self.scored, self.permanent = scored, permanent
+        self.repeated = repeated if len(repeated) else None     # ids noted as duplicate_id
+        self.met: set[int] = set()
+        self.skipped = self.skipped_permanent = 0
+
+    def finished(self, key: int) -> bool:
+        """Tell whether the row with this key is finished, counting it if so."""
+        if key in self.scored:
+            self.skipped += 1
+            if self.repeated is not None and key in self.repeated:
+                # rows after the first with this id were noted as duplicate_id: they have no score
+                self.skipped_permanent += key in self.met
+                self.met.add(key)
+            return True
+        if key in self.permanent:
+            self.skipped += 1
+            self.skipped_permanent += 1
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class Reader:
+    """The input's rows still to do, as Items, and the filter that passes over the finished ones."""
+
+    items: Iterator[Item]
+    done: FinishedRows
+
+
+def read_items(info: InputInfo, dedup: bool = True, done: FinishedRows | None = None,
+               log: InputLog | None = None) -> Reader:
+    """Stream the rows not yet `done` (by id key) as Items; bad rows are named in the log as they are read."""
+    log, done = log or InputLog(), done or FinishedRows()
+    columns = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
+    rows = input_rows(info, log, done.finished, columns, READ_BATCH, malformed=True)
+    return Reader(row_items(rows, info, dedup, log), done)
+
+
+class Chunk(list):
+    """Items pulled from the reader in its thread, and how many finished rows it passed over for them."""
+
+    skipped = skipped_permanent = 0
+
+    def count_skips(self, tally: Tally) -> None:
+        """Add the passed-over rows to the tally (on the event loop)."""
+        tally.skipped += self.skipped
+        tally.skipped_permanent += self.skipped_permanent
+
+
+def take_chunk(reader: Reader, size: int) -> Chunk:
+    """Pull up to `size` items from the reader (runs in a thread)."""
+    chunk, done = Chunk(itertools.islice(reader.items, size)), reader.done
+    chunk.skipped, chunk.skipped_permanent = done.skipped, done.skipped_permanent
+    done.skipped = done.skipped_permanent = 0
+    return chunk
 
 
 def count_rows(info: InputInfo) -> int:
@@ -1079,15 +1194,53 @@ class ResumeState:
     repeated: KeySet = field(default_factory=lambda: KeySet(array("q")))   # ids noted as duplicate_id
 
 
+class FinalRecords:
+    """Each id key's final record in a checkpoint, the one rule of resume, report and export: its last
+    scored record, else its last error; a duplicate_id note is a later row's, never its id's own.
+    Scored keys cost 8 bytes each (16 with positions); errors, which are few, sit in a dict."""
+
+    def __init__(self, positions: bool = False) -> None:
+        self._keys = array("q")
+        self._positions = array("q") if positions else None
+        self._errors: dict[int, Any] = {}
+
+    def add(self, key: int, score: int | None, kind: str | None, value: Any = None) -> bool:
+        """Note a record (value: what to keep of it); return False for a duplicate_id note."""
+        if score is None:
+            if kind == ErrorKind.DUPLICATE_ID:
+                return False
+            self._errors[key] = value
+        else:
+            self._keys.append(key)
+            if self._positions is not None:
+                self._positions.append(value)
+        return True
+
+    def finish(self) -> tuple[KeySet, dict[int, Any]]:
+        """Return the keys whose final record is scored, and each other key's last error (its value)."""
+        scored = KeySet(self._keys)
+        return scored, {key: value for key, value in self._errors.items() if key not in scored}
+
+    def positions(self) -> pa.Array:
+        """Return the values (positions, given with positions=True) of every key's final record."""
+        last = pa.table({"key": arrow_int64(self._keys), "at": arrow_int64(self._positions)}) \
+            .group_by("key").aggregate([("at", "max")]).column("at_max").combine_chunks()
+        return pa.concat_arrays([last.cast(pa.int64()), pa.array(self.finish()[1].values(), pa.int64())])
+
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows has no flock; run one writer per file there
     fcntl = None
 
 
-# Our own lines start with id and score and end with error_kind, with hash between: reading
-# just those with one regex is ~6x faster than json.loads, which stays the fallback.
-# base_record() must keep this key order; a test pins the two together.
+# Every record score.py writes has these keys in this order (base_record builds them so).
+RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
+               "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
+               "duplicate_of", "ts", "error", "error_kind")
+# So our own lines start with id and score and end with error_kind, with hash between: reading
+# just those with one regex is ~6x faster than json.loads, which stays the fallback. A test pins
+# this pattern to RECORD_KEYS and the builders.
 RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
                            rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
 
@@ -1153,6 +1306,41 @@ def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] |
             record.get("error_kind")
     except ValueError:
         return None
+
+
+def base_record(item: Item) -> dict[str, Any]:
+    """Start a row's record: every key of RECORD_KEYS, in that order."""
+    record = dict.fromkeys(RECORD_KEYS)
+    record.update(id=item.id, attempts=item.attempts, truncated=False, ts=round(time.time(), 3),
+                  hash=format_digest(item.digest) if item.digest else None)
+    return record
+
+
+def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, Any]:
+    """Build the record of a row scored by endpoint."""
+    record = base_record(item)
+    record.update(score=answer.score, reason=answer.reason, score_expected=answer.score_expected, model=endpoint.model,
+                  model_digest=endpoint.digest[:12] if endpoint.digest else None, endpoint=endpoint.name,
+                  attempts=item.attempts + 1, latency_s=round(answer.latency, 3),
+                  prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
+                  truncated=answer.truncated, temperature=answer.temperature, seed=answer.seed)
+    return record
+
+
+def error_record(item: Item, kind: str, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
+    """Build the record of a row that ends in an error of this kind."""
+    record = base_record(item)
+    record.update(error=message, error_kind=kind, model=model, endpoint=endpoint)
+    return record
+
+
+def duplicate_record(item: Item, original: dict[str, Any]) -> dict[str, Any]:
+    """Copy a finished record's verdict to an item with the same text."""
+    record = dict(original)
+    record.update(id=item.id, attempts=0, latency_s=0.0, prompt_tokens=0, output_tokens=0,
+                  duplicate_of=original.get("duplicate_of") or original["id"],
+                  ts=round(time.time(), 3))
+    return record
 
 
 def lock_output(path: Path) -> tuple[int, bool]:
@@ -1320,11 +1508,9 @@ class Checkpoint:
                 warn(f"{meta_path(self.path)}: cannot update ({exc.strerror}); records are unaffected")
 
     def _scan(self, end: int, torn: int) -> ResumeState:
-        """Read every complete line (up to end) once to learn what is finished.
-
-        A duplicate_id record finishes nothing: the id's first row still needs its own verdict.
-        """
-        scored, failed, permanent = array("q"), set(), array("q")
+        """Read every complete line (up to end) once to learn what is finished (FinalRecords' rule)."""
+        finals = FinalRecords()
+        add = finals.add
         digest_keys, digest_offsets = array("q"), array("q")
         skipped, repeated = SkippedLines(), array("q")
         records = 0
@@ -1340,24 +1526,17 @@ class Checkpoint:
                     continue
                 key, score, digest, kind = fields
                 records += 1
-                if score is not None:
-                    scored.append(key)
-                    if digest:
-                        with contextlib.suppress(ValueError):
-                            digest_keys.append(parse_digest(digest))
-                            digest_offsets.append(here)
-                elif kind == ErrorKind.DUPLICATE_ID:
+                if not add(key, score, kind, kind):
                     repeated.append(key)
-                elif kind in PERMANENT_ERRORS:
-                    permanent.append(key)
-                else:
-                    failed.add(key)
-        scored_set = KeySet(scored)
-        permanent = array("q", (k for k in permanent if k not in scored_set))
-        retried = sum(1 for k in failed if k not in scored_set)
+                elif score is not None and digest:
+                    with contextlib.suppress(ValueError):
+                        digest_keys.append(parse_digest(digest))
+                        digest_offsets.append(here)
+        scored, errors = finals.finish()
+        permanent = array("q", (key for key, kind in errors.items() if kind in PERMANENT_ERRORS))
         digests = DigestIndex(digest_keys, digest_offsets)
-        return ResumeState(scored_set, KeySet(permanent), digests, records, retried, skipped, torn,
-                           KeySet(repeated))
+        return ResumeState(scored, KeySet(permanent), digests, records, len(errors) - len(permanent), skipped,
+                           torn, KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
         """Write one record as one complete line; return its offset."""
@@ -2088,6 +2267,12 @@ class Endpoint:
             self._move(Health.READY)
         self.done += 1
         self.latency_sum += latency
+
+    def count_answer(self, answer: Answer) -> None:
+        """Count a written answer's tokens and whether it carried an expected score."""
+        self.prompt_tokens += answer.prompt_tokens or 0
+        self.output_tokens += answer.output_tokens or 0
+        self.expected += answer.score_expected is not None
 
     def note_outcome(self, fault: bool) -> None:
         """Update the running share of requests that ended in an endpoint fault."""
@@ -2841,7 +3026,7 @@ async def calibrate_endpoint(endpoint: Endpoint, config: Config) -> dict[str, An
 
     async def one(text: str) -> Answer:
         async with limit:
-            return await score_item(endpoint, Item(id="calibration", key=0, text=text, fields=fields), config)
+            return await score_item(endpoint, Item(id="calibration", text=text, fields=fields), config)
 
     samples = CALIBRATION_GOOD + CALIBRATION_POOR
     try:
@@ -3196,6 +3381,7 @@ class Run:
             while limit is None or self.tally.taken < limit:
                 if not chunk:
                     chunk = await asyncio.to_thread(take_chunk, self.reader, READ_CHUNK)
+                    chunk.count_skips(self.tally)
                 if not chunk:
                     break
                 for item in chunk:
@@ -3448,6 +3634,7 @@ class Run:
                 if item.racer is endpoint and item.tasks:
                     self.tally.hedges_won += 1
                 self.write(item, success_record(item, endpoint, outcome))
+                endpoint.count_answer(outcome)
             return
         if isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
             self.answered_badly(endpoint, item, outcome, started, now)
@@ -3752,70 +3939,6 @@ class Run:
                 raise StopRun(f"every endpoint is down and none has answered for "
                               f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
             self.progress.show(self.endpoints, paused=self.all_down_since is not None)
-
-
-def take_chunk(reader: Iterator[Item], size: int) -> list[Item]:
-    """Pull up to `size` items from the reader (runs in a thread)."""
-    return list(itertools.islice(reader, size))
-
-
-def done_filter(resume: ResumeState, tally: Tally) -> Callable[[int], bool]:
-    """Tell the reader which id keys the checkpoint already finished, counting them."""
-    scored, permanent = resume.scored, resume.permanent
-    repeated, met = (resume.repeated if len(resume.repeated) else None), set()
-    if not len(scored) and not len(permanent):
-        return lambda key: False
-
-    def done(key: int) -> bool:
-        if key in scored:
-            tally.skipped += 1
-            if repeated is not None and key in repeated:
-                # rows after the first with this id were noted as duplicate_id: they have no score
-                tally.skipped_permanent += key in met
-                met.add(key)
-            return True
-        if key in permanent:
-            tally.skipped += 1
-            tally.skipped_permanent += 1
-            return True
-        return False
-    return done
-
-
-def base_record(item: Item) -> dict[str, Any]:
-    return {"id": item.id, "score": None, "reason": None, "score_expected": None, "model": None, "model_digest": None,
-            "endpoint": None, "attempts": item.attempts, "latency_s": None, "prompt_tokens": None,
-            "output_tokens": None, "truncated": False, "temperature": None, "seed": None,
-            "hash": format_digest(item.digest) if item.digest else None, "duplicate_of": None,
-            "ts": round(time.time(), 3), "error": None, "error_kind": None}
-
-
-def success_record(item: Item, endpoint: Endpoint, answer: Answer) -> dict[str, Any]:
-    record = base_record(item)
-    record.update(score=answer.score, reason=answer.reason, score_expected=answer.score_expected, model=endpoint.model,
-                  model_digest=endpoint.digest[:12] if endpoint.digest else None, endpoint=endpoint.name,
-                  attempts=item.attempts + 1, latency_s=round(answer.latency, 3),
-                  prompt_tokens=answer.prompt_tokens, output_tokens=answer.output_tokens,
-                  truncated=answer.truncated, temperature=answer.temperature, seed=answer.seed)
-    endpoint.prompt_tokens += answer.prompt_tokens or 0
-    endpoint.output_tokens += answer.output_tokens or 0
-    endpoint.expected += answer.score_expected is not None
-    return record
-
-
-def error_record(item: Item, kind: ErrorKind, message: str, model: str | None, endpoint: str | None = None) -> dict[str, Any]:
-    record = base_record(item)
-    record.update(error=message, error_kind=kind, model=model, endpoint=endpoint)
-    return record
-
-
-def duplicate_record(item: Item, original: dict[str, Any]) -> dict[str, Any]:
-    """Copy a finished record's verdict to an item with the same text."""
-    record = dict(original)
-    record.update(id=item.id, attempts=0, latency_s=0.0, prompt_tokens=0, output_tokens=0,
-                  duplicate_of=original.get("duplicate_of") or original["id"],
-                  ts=round(time.time(), 3))
-    return record
 
 
 # ── Progress and summary ────────────────────────────────────────────────────────
@@ -4399,20 +4522,16 @@ def add_answer_stats(stats: Stats, endpoint: str, record: dict[str, Any]) -> Non
 def read_stats(path: Path) -> Stats:
     """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
     stats = Stats()
-    scored_keys, repeated_keys = array("q"), array("q")
-    last_error: dict[int, str] = {}
+    finals, repeated_keys = FinalRecords(), array("q")
     for record in iter_records(path, stats.skipped):
-        key = record_key(record["id"], record.get("error_kind"))
-        score = record["score"]
-        if score is None:
-            if record["error_kind"] == ErrorKind.DUPLICATE_ID:
-                # a later row's note says nothing of the id's own row; it names the row's line, so
-                # equal notes are one row noted again by a later run
-                repeated_keys.append(id_key(str(record.get("error"))))
-            else:
-                last_error[key] = record["error_kind"]
+        score, kind = record["score"], record.get("error_kind")
+        if not finals.add(record_key(record["id"], kind), score, kind, kind):
+            # a later row's note says nothing of the id's own row; it names the row's line, so
+            # equal notes are one row noted again by a later run
+            repeated_keys.append(id_key(str(record.get("error"))))
             continue
-        scored_keys.append(key)
+        if score is None:
+            continue
         stats.rows_scored += 1
         stats.histogram[score] += 1
         stats.truncated += bool(record.get("truncated"))
@@ -4427,8 +4546,7 @@ def read_stats(path: Path) -> Stats:
             stats.timeline.setdefault(endpoint, array("d")).append(ts)
             stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
             stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
-    done = KeySet(scored_keys)
-    stats.errors = Counter(kind for key, kind in last_error.items() if key not in done)
+    stats.errors = Counter(finals.finish()[1].values())
     if repeated_keys:
         stats.errors[ErrorKind.DUPLICATE_ID] = len(pc.unique(arrow_int64(repeated_keys)))
     return stats
@@ -4854,56 +4972,33 @@ def html_report(stats: Stats, source: Path) -> str:
 
 
 def answer_table(path: Path) -> pa.Table:
-    """Reduce a checkpoint to one row per id key: the last scored record, else the last error."""
-    columns: dict[str, list] = {name: [] for name in ("key", "rank", *EXPORT_COLUMNS)}
+    """Reduce a checkpoint to one row per id key: its final record (FinalRecords' rule)."""
+    columns: dict[str, list] = {name: [] for name in ("key", *EXPORT_COLUMNS)}
     chunks = []
+    finals = FinalRecords(positions=True)
     position = 0
 
     def flush() -> None:
-        if columns["key"]:
-            chunks.append(pa.table({
-                "key": pa.array(columns["key"], pa.int64()), "rank": pa.array(columns["rank"], pa.int64()),
-                "score": pa.array(columns["score"], pa.int64()),
-                "score_expected": pa.array(columns["score_expected"], pa.float64()),
-                "reason": pa.array(columns["reason"], pa.string()),
-                "model": pa.array(columns["model"], pa.string()),
-                "endpoint": pa.array(columns["endpoint"], pa.string()),
-                "error": pa.array(columns["error"], pa.string())}))
+        if columns["key"] or not chunks:
+            chunks.append(pa.table({"key": pa.array(columns["key"], pa.int64()),
+                                    **{name: pa.array(columns[name], NUMERIC_COLUMNS.get(name, pa.string()))
+                                       for name in EXPORT_COLUMNS}}))
             for values in columns.values():
                 values.clear()
 
     for record in iter_records(path):
-        if record["score"] is None and record["error_kind"] == ErrorKind.DUPLICATE_ID:
-            continue                   # a later row's note; the id's own row has its own record
+        key = record_key(record["id"], record.get("error_kind"))
+        if not finals.add(key, record["score"], record.get("error_kind"), position):
+            continue
         position += 1
-        ok = record["score"] is not None
-        columns["key"].append(record_key(record["id"], record.get("error_kind")))
-        columns["rank"].append(position + (1 << 40 if ok else 0))   # any success outranks any error
+        columns["key"].append(key)
         for name in EXPORT_COLUMNS:
             value = record.get(name)
             columns[name].append(value if name in NUMERIC_COLUMNS or value is None else clean_strings(str(value)))
         if len(columns["key"]) >= 65536:
             flush()
     flush()
-    if not chunks:
-        return pa.table({"key": pa.array([], pa.int64()), **{n: pa.array([], NUMERIC_COLUMNS.get(n, pa.string()))
-                                                              for n in EXPORT_COLUMNS}})
-    answers = pa.concat_tables(chunks)
-    best = answers.group_by("key").aggregate([("rank", "max")])
-    return answers.join(best, keys=["key", "rank"], right_keys=["key", "rank_max"], join_type="inner") \
-        .select(["key", *EXPORT_COLUMNS])
-
-
-def batch_keys(values: list[Any], labels: Iterable[str], seen: SeenKeys) -> tuple[pa.Array, pa.Array]:
-    """Key a batch's ids by the id rule of scoring (checked_id: labels for null or unwritable ids)
-    and mark the rows whose id appeared earlier in the input."""
-    keys, repeated = array("q"), []
-    for value, label in zip(values, labels):
-        ident, problem = checked_id(value, label)
-        key = row_key(ident, problem)
-        keys.append(key)
-        repeated.append(problem is None and not seen.add(key))
-    return arrow_int64(keys), pa.array(repeated, pa.bool_())
+    return pa.concat_tables(chunks).take(finals.positions())
 
 
 def clean_strings(value: Any) -> Any:
@@ -4937,50 +5032,11 @@ def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_pylist(mended, schema=schema)
 
 
-def input_batches(info: InputInfo, log: InputLog) -> Iterator[tuple[pa.RecordBatch, pa.Array, pa.Array]]:
-    """Stream the input as Arrow batches with each row's id key and whether its id is a repeat.
-
-    Ids follow the scoring readers' rule (row_id, checked_id), so every record finds its row.
-    """
-    seen = SeenKeys()
-    if info.kind == "parquet":
-        row = 0
-        for file in info.files:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=16384):
-                if info.id_column:
-                    keys, repeated = batch_keys(column_values(batch.column(info.id_column)),
-                                                (f"row:{row + i}" for i in range(batch.num_rows)), seen)
-                else:
-                    keys = pa.array(range(row, row + batch.num_rows), pa.int64())
-                    repeated = pa.array([False] * batch.num_rows, pa.bool_())
-                row += batch.num_rows
-                yield batch, keys, repeated
-        return
-    schema: pa.Schema | None = None
-    records, ids, numbers = [], [], []
-
-    def batch() -> tuple[pa.RecordBatch, pa.Array, pa.Array]:
-        nonlocal schema
-        table = arrow_rows(records, schema)
-        schema = schema or table.schema
-        if info.id_column:
-            keys, repeated = batch_keys(ids, (f"line:{n + 1}" for n in numbers), seen)
-        else:
-            keys, repeated = pa.array(numbers, pa.int64()), pa.array([False] * len(numbers), pa.bool_())
-        return (table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=schema),
-                keys, repeated)
-
-    for number, obj, _ in jsonl_rows(info.files[0], log):
-        if obj is None:
-            continue                           # malformed: no row to carry scores
-        records.append(obj)
-        numbers.append(number)
-        ids.append(obj.get(info.id_column) if info.id_column else number)
-        if len(records) >= 16384:
-            yield batch()
-            records, ids, numbers = [], [], []
-    if records:
-        yield batch()
+def rows_table(rows: Rows, schema: pa.Schema | None) -> pa.Table:
+    """Return rows read for export as an Arrow table (JSONL objects in the schema of the first run)."""
+    if isinstance(rows.data, pa.RecordBatch):
+        return pa.Table.from_batches([rows.data])
+    return arrow_rows(rows.data, schema)
 
 
 def blank_repeats(table: pa.Table, repeated: pa.Array) -> pa.Table:
@@ -5007,7 +5063,7 @@ def top_keys(answers: pa.Table, top: tuple[float, bool]) -> pa.Array:
     return scored.column("key").take(order[:count]).combine_chunks()
 
 
-def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog | None = None) -> tuple[int, int]:
+def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog) -> tuple[int, int]:
     """Write the input with the score columns appended, joined by id; return (rows written, scored)."""
     clash = [c for c in EXPORT_COLUMNS if c in info.columns]
     if clash:
@@ -5015,13 +5071,14 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog 
     answers = answer_table(config.output)
     keep = top_keys(answers, config.top) if config.top else None     # a threshold needs every row first
     temp = target.with_name(target.name + ".tmp")
-    writer = None
+    writer, schema = None, None
     written = scored = 0
     try:
-        for batch, keys, repeated in input_batches(info, log or InputLog()):
-            index = pc.index_in(keys, value_set=answers.column("key"))
-            picked = answers.take(index)
-            table = pa.Table.from_batches([batch])
+        for rows in input_rows(info, log):
+            keys, repeated = arrow_int64(rows.keys), pa.array(rows.repeated, pa.bool_())
+            picked = answers.take(pc.index_in(keys, value_set=answers.column("key")))
+            table = rows_table(rows, schema)
+            schema = schema or table.schema
             for name in EXPORT_COLUMNS:
                 table = table.append_column(name, picked.column(name).combine_chunks())
             table = blank_repeats(table, repeated)
@@ -5517,8 +5574,9 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
              f"{plural(resume.retried, 'failed row')} to retry.")
     tally = Tally()
     log = InputLog(config.input, warn, tally.unreadable)
-    reader = read_items(info, config.dedup, done_filter(resume, tally), log)
+    reader = read_items(info, config.dedup, FinishedRows(resume.scored, resume.permanent, resume.repeated), log)
     first = await asyncio.to_thread(take_chunk, reader, READ_CHUNK)
+    first.count_skips(tally)
     if not first and not config.check:
         warn(f"Nothing to do: every {'readable ' if tally.unreadable else ''}row of {config.input} "
              f"is already in {config.output}.")

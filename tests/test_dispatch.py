@@ -200,7 +200,7 @@ def fleet_run(n: int) -> tuple[score.Run, list[score.Endpoint]]:
 
 
 def item(i: int, **state) -> score.Item:
-    return score.Item(id=i, key=i, text=f"def f{i}(): pass", fields={}, **state)
+    return score.Item(id=i, text=f"def f{i}(): pass", fields={}, **state)
 
 
 def test_retries_finished_or_in_flight_elsewhere_neither_count_as_queued_nor_stay_queued():

@@ -516,7 +516,7 @@ def fleet_run(tmp_path, names=("e0", "e1")):
 
 
 def row_item(i: int, avoid=None) -> score.Item:
-    return score.Item(id=f"fn-{i}", key=i, text=f"def f{i}(): pass", fields={}, avoid=avoid)
+    return score.Item(id=f"fn-{i}", text=f"def f{i}(): pass", fields={}, avoid=avoid)
 
 
 def test_a_row_answered_badly_waits_for_another_endpoint_but_the_retry_queue_stays_bounded(tmp_path):

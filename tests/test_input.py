@@ -322,14 +322,17 @@ def written(record: dict) -> bytes:
 
 
 def test_record_builders_match_the_fast_scanner():
-    item = score.Item(id="fn-\"7\"", key=score.id_key("fn-\"7\""), text="def f(): pass", fields={})
+    keys = score.RECORD_KEYS
+    assert keys[:2] == ("id", "score") and keys[-1] == "error_kind" and "hash" in keys   # what RECORD_FIELDS reads
+    item = score.Item(id="fn-\"7\"", text="def f(): pass", fields={})
     item.digest = score.text_digest(item.text)
     failed = score.error_record(item, "attempts_exhausted", "bad answers", "m")
     success = score.base_record(item) | {"score": 7, "reason": "ok, \"fine\"\nreally", "endpoint": "é"}
-    copied = score.duplicate_record(score.Item(id=12, key=12, text=None, fields={}), success)
+    copied = score.duplicate_record(score.Item(id=12, text=None, fields={}), success)
     for record in (failed, success, copied):
+        assert tuple(record) == keys                           # every builder writes RECORD_KEYS in order
         line = written(record)
-        assert score.RECORD_FIELDS.match(line), line           # a reorder of base_record's keys fails here
+        assert score.RECORD_FIELDS.match(line), line           # a reorder of RECORD_KEYS fails here
         fields = score.scan_record(line)
         slow = json.loads(line)
         assert fields == (score.id_key(slow["id"]), slow["score"], slow["hash"], slow["error_kind"])

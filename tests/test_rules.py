@@ -466,7 +466,7 @@ def test_model_matches_treats_a_missing_tag_as_latest(wanted, name, same):
 
 
 def plan_item(code: str, **fields) -> score.Item:
-    return score.Item(id="x", key=1, text=code, fields=fields)
+    return score.Item(id="x", text=code, fields=fields)
 
 
 def test_code_used_twice_gets_half_the_room_each():
