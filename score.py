@@ -3154,7 +3154,7 @@ async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict
 # ── Scheduling ──────────────────────────────────────────────────────────────────
 
 
-class Signal:
+class Wakeup:
     """Wake every waiter when shared state changes; waiters re-check their condition."""
 
     def __init__(self, also: Callable[[], None] | None = None) -> None:
@@ -3296,163 +3296,182 @@ def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int
     return best
 
 
-class Run:
-    """Move items from the reader through the fleet into the checkpoint."""
+# ── Outcome policy: what an answer or a fault means for the row and the endpoint
 
-    def __init__(self, config: Config, info: InputInfo, endpoints: list[Endpoint],
-                 checkpoint: Checkpoint, resume: ResumeState, meta: dict[str, Any],
-                 reader: Iterator[Item], preloaded: list[Item], tally: Tally, progress: Progress) -> None:
-        self.config, self.info, self.endpoints = config, info, endpoints
-        self.checkpoint, self.resume, self.meta = checkpoint, resume, meta
-        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
-        # Each endpoint's driver sleeps on its own event. A rare change (an endpoint up or down,
-        # a row back in the queue, the input or the run over) wakes them all; a new row wakes one
-        # idle driver, so the cost of a completion does not grow with the fleet.
-        self.wakes = {endpoint: asyncio.Event() for endpoint in endpoints}
-        self.idle: dict[Endpoint, None] = {}    # drivers asleep with room and nothing worth taking
-        self.changed = Signal(also=self.wake_all)
-        self.written = Signal()                  # a row was written (the producer waits for duplicates' leaders)
+
+class Act(enum.Enum):
+    """What happens to a row after an outcome."""
+
+    # give it up (an error record), spend an attempt, send it again free, cut its code, take the endpoint out
+    WRITE, CHARGE, RESEND, SHRINK, RETIRE = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An outcome rule's decision, with the error kind and message it needs."""
+
+    act: Act
+    kind: ErrorKind | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """What the outcome rules know about one endpoint's answers at one moment."""
+
+    usable: int                 # usable answers in all
+    bad_run: int = 0            # unusable answers since the last usable one
+    bad_rows: int = 0           # rows answered unusably (first answers) since the last usable one
+    first_seen: float = 0.0     # running count of first answers to a row
+    first_bad: float = 0.0      # and of the unusable ones among them
+    last_bad: str = ""
+
+
+def answers_of(endpoint: Endpoint) -> Answers:
+    """Freeze what the outcome rules need to know about an endpoint's answers."""
+    return Answers(endpoint.done, endpoint.bad_run, endpoint.bad_rows, endpoint.first_seen, endpoint.first_bad,
+                   endpoint.last_bad)
+
+
+def fleet_share(others: Iterable[Answers]) -> float | None:
+    """Return the share of unusable answers on the rest of the fleet, once it has answered enough to tell."""
+    seen = bad = 0.0
+    for other in others:
+        seen, bad = seen + other.first_seen, bad + other.first_bad
+    return bad / seen if seen >= JUDGE_SEEN else None
+
+
+def worse_than_fleet(mine: Answers, fleet: float | None) -> tuple[float, float] | None:
+    """Return (its share, the fleet's) of unusable answers if this endpoint's is far above the rest's."""
+    if fleet is None or not mine.first_seen:
+        return None
+    share = mine.first_bad / mine.first_seen
+    return (share, fleet) if share >= JUDGE_SHARE and share >= JUDGE_RATIO * fleet else None
+
+
+def suspect(mine: Answers, fleet: float | None, others_usable: bool) -> bool:
+    """Say whether an endpoint's bad answers may be its own fault rather than the rows'.
+
+    It is, if it is far worse than the rest of the fleet, or while the rest has
+    not answered enough to compare with; a lone endpoint is judged on its own.
+    Whatever the fleet, several different rows in a row answered unusably,
+    with none usable between, say the endpoint has gone bad (a model that
+    started answering prose), not that the rows are.
+    """
+    if mine.bad_rows >= SUSPECT_RUN:
+        return True
+    if fleet is None:
+        return others_usable
+    return worse_than_fleet(mine, fleet) is not None
+
+
+def unusable_reason(mine: Answers, fleet: float | None) -> str | None:
+    """Say why an endpoint's unusable answers are its own fault, if they are: then it is taken out.
+
+    By comparison when the rest of the fleet has answered enough rows (first
+    answers to each row; rows failed elsewhere count for the rest, which only
+    makes it slower to blame an endpoint); alone, after UNUSABLE_RUN answers in
+    a row with not one usable, so a lone endpoint answering prose cannot loop.
+    An endpoint that has answered well is out after UNUSABLE_RUN different
+    rows in a row answered unusably: a row bad everywhere is retried between
+    good answers, so it never makes such a run.
+    """
+    last = mine.last_bad[:160]
+    if mine.usable == 0 and mine.bad_run >= UNUSABLE_RUN:
+        return f"{mine.bad_run} answers in a row, none usable (last: {last})"
+    if mine.bad_rows >= UNUSABLE_RUN:
+        return f"{mine.bad_rows} rows in a row answered, none usable (last: {last})"
+    worse = worse_than_fleet(mine, fleet)
+    if worse and mine.first_bad >= JUDGE_MIN:
+        return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"
+    return None
+
+
+def judge_bad_answer(outcome: Exception, mine: Answers, fleet: float | None, others_usable: bool,
+                     again: bool) -> Verdict:
+    """Decide on an unusable answer: the endpoint's fault, the row's, or neither.
+
+    A row pays one of its attempts for a bad answer from an endpoint that has
+    answered well and is not suspect, or that already answered this row badly
+    once (so every row's retries are bounded); otherwise it is simply re-sent
+    elsewhere. An answer of the wrong shape is never the row's fault.
+    """
+    if reason := unusable_reason(mine, fleet):
+        return Verdict(Act.RETIRE, message=reason)
+    if isinstance(outcome, ItemFault) and mine.usable and (again or not suspect(mine, fleet, others_usable)):
+        return Verdict(Act.CHARGE, outcome.kind, str(outcome))
+    return Verdict(Act.RESEND)
+
+
+def blames_row(fault: EndpointFault, proven: bool, row_faults: int, answered: int) -> bool:
+    """Say whether an endpoint fault counts against the row: only a server that works for other rows can blame it."""
+    return fault.item_related and (proven or bool(row_faults and answered))
+
+
+def judge_fault(fault: EndpointFault, row_faults: int, failed_on: int, by_chance: int, live: int) -> Verdict:
+    """Charge a row that keeps breaking servers, sparing their health; otherwise send it again for free.
+
+    `by_chance` is how many faults in a row the endpoint meets by chance at its
+    usual fault rate; `failed_on` counts the endpoints that failed on the row.
+    """
+    if fault.item_related and row_faults > max(POISON_FAULTS, by_chance) and failed_on >= min(2, live):
+        return Verdict(Act.CHARGE, ErrorKind.POISON, f"endpoints failed on this item {row_faults} times (last: {fault})")
+    return Verdict(Act.RESEND)
+
+
+def judge_overflow(overflow: ContextOverflow, shrinks: int) -> Verdict:
+    """Decide on a prompt too long for the server: give up, charge the row, or cut its code."""
+    if overflow.hopeless:        # nothing was sent, and no endpoint has more room than --num-ctx
+        return Verdict(Act.WRITE, ErrorKind.TOO_LONG, str(overflow))
+    if shrinks > MAX_SHRINKS:
+        return Verdict(Act.CHARGE, ErrorKind.TOO_LONG, f"prompt still too long after {MAX_SHRINKS} cuts: {overflow}")
+    return Verdict(Act.SHRINK)
+
+
+def cut_to(chars: int, overflow: ContextOverflow) -> int:
+    """Return the code budget to resend with: what the server's numbers say fits, or half."""
+    ratio = 0.5
+    if overflow.requested and overflow.limit:
+        ratio = max(0.1, min(0.9, (overflow.limit - NUM_PREDICT - CONTEXT_MARGIN) / overflow.requested))
+    return int(chars * ratio)
+
+
+def judge_attempts(attempts: int, max_attempts: int, kind: ErrorKind, last_error: str) -> Verdict:
+    """After a row paid an attempt: give it up when none are left, else send it again."""
+    if attempts >= max_attempts:
+        final = ErrorKind.ATTEMPTS_EXHAUSTED if kind in (ErrorKind.BAD_ANSWER, ErrorKind.REJECTED) else kind
+        return Verdict(Act.WRITE, final, f"{attempts} attempts; last: {last_error}")
+    return Verdict(Act.RESEND)
+
+
+# ── Dispatch policy: which waiting row an endpoint takes next
+
+
+class Backlog:
+    """The rows waiting for an endpoint, and the rules that give an endpoint its next one."""
+
+    def __init__(self, endpoints: list[Endpoint], hedge: bool, tally: Tally,
+                 wake_faster: Callable[[float], None] = lambda than: None) -> None:
+        self.endpoints, self.hedge, self.tally = endpoints, hedge, tally
+        self.wake_faster = wake_faster          # wakes idle drivers of endpoints faster than the given service time
         self.fresh: deque[Item] = deque()
         self.retry: deque[Item] = deque()
-        self.leaders: dict[int, Item] = {}       # digest → item whose answer duplicates await
-        self.waiting_followers = 0
-        self.unfinished = 0
-        self.producer_done = False
-        self.space = Signal()                    # the producer waits for room in the queue
-        self.done = asyncio.Event()
-        self.tg: asyncio.TaskGroup | None = None
-        self.all_down_since: float | None = None
-        self.last_answer = time.monotonic()      # the last good answer from any endpoint
-        self.supervisors: list[asyncio.Task] = []
+        self.closed = False                     # the input is read to the end: the end-of-input rules apply
+        self.space = Wakeup()                   # the producer waits for room in the queue
 
     @property
-    def finished(self) -> bool:
-        return self.producer_done and self.unfinished == 0
+    def waiting(self) -> bool:
+        return bool(self.fresh or self.retry)
 
-    def check_done(self) -> None:
-        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
-        self.written.notify()
-        if self.finished:
-            self.done.set()
-            for endpoint in self.endpoints:
-                endpoint.trouble.set()
-            for task in self.supervisors:    # a probe or model load still under way must not hold the end
-                task.cancel()
-            self.changed.notify()
-
-    def wake_all(self) -> None:
-        """Wake every driver to re-check its endpoint (after a rare change)."""
-        self.idle.clear()
-        for wake in self.wakes.values():
-            wake.set()
-
-    def wake_idle(self, every: bool = False) -> None:
-        """Wake one idle driver for a new row (or every idle one, to re-check)."""
-        while self.idle:
-            endpoint = next(iter(self.idle))
-            del self.idle[endpoint]
-            self.wakes[endpoint].set()
-            if not every:
-                return
-
-    def wake_faster(self, than: float, ratio: float = 1.0) -> None:
-        """Wake the idle drivers whose endpoints serve faster than `than` × `ratio` (end of input)."""
-        for endpoint in [e for e in self.idle if (e.limiter.service or math.inf) < than * ratio]:
-            del self.idle[endpoint]
-            self.wakes[endpoint].set()
-
-    async def run(self) -> None:
-        """Score until the input is exhausted and every taken item is written."""
-        async with asyncio.TaskGroup() as tg:
-            self.tg = tg
-            tg.create_task(self.produce())
-            tg.create_task(self.watch())
-            for endpoint in self.endpoints:
-                self.supervisors.append(tg.create_task(self.supervise(endpoint)))
-                tg.create_task(self.drive(endpoint))
-
-    # ── the producer
-
-    async def produce(self) -> None:
-        """Read items in a thread and hand them to the workers through a bounded queue."""
-        limit = self.config.limit
-        chunk, self.preloaded = self.preloaded, []
-        try:
-            while limit is None or self.tally.taken < limit:
-                if not chunk:
-                    chunk = await asyncio.to_thread(take_chunk, self.reader, READ_CHUNK)
-                    chunk.count_skips(self.tally)
-                if not chunk:
-                    break
-                for item in chunk:
-                    if limit is not None and self.tally.taken >= limit:
-                        break
-                    await self.admit(item)
-                chunk = []
-        finally:
-            self.producer_done = True
-            self.changed.notify()           # the end-of-input rules apply from now on
-            self.check_done()
-
-    async def admit(self, item: Item) -> None:
-        """Take one not-yet-done row: record it, fan it out, or queue it."""
-        self.tally.taken += 1
-        self.unfinished += 1
-        if item.problem:
-            kind, message = item.problem
-            self.write(item, error_record(item, kind, message, self.config.model))
-            return
-        if item.digest:
-            leader = self.leaders.get(item.digest)
-            if leader is not None:
-                leader.followers = leader.followers or []
-                leader.followers.append(item)
-                self.waiting_followers += 1
-                while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
-                    await self.written.wait()
-                return
-            offset = self.resume.digests.get(item.digest)
-            if offset is not None:
-                original = self.checkpoint.read_at(offset)
-                self.write(item, duplicate_record(item, original))
-                return
-            self.leaders[item.digest] = item
-        while len(self.fresh) >= QUEUE_SIZE:
-            await self.space.wait()
-        self.fresh.append(item)
-        self.wake_idle()
-
-    # ── the workers
-
-    async def drive(self, endpoint: Endpoint) -> None:
-        """Keep the endpoint's in-flight count at its limit while there is work."""
-        wake = self.wakes[endpoint]
-        while not self.finished and not endpoint.gone:
-            wake.clear()
-            item = self.pick(endpoint)
-            if item is not None:
-                self.launch(endpoint, item)
-                continue
-            self.rest(endpoint)
-            if (self.fresh or self.retry) and not self.producer_done and endpoint not in self.idle:
-                self.wake_idle()            # it was woken for a row it cannot take: pass it on
-            await wake.wait()
-
-    def rest(self, endpoint: Endpoint) -> None:
-        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
-        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
-            self.idle[endpoint] = None
-
-    def pick(self, endpoint: Endpoint) -> Item | None:
+    def take(self, endpoint: Endpoint, now: float) -> Item | None:
         """Choose the next item for an endpoint, or None if it should wait."""
-        now = time.monotonic()
         if not endpoint.can_take(now) or len(endpoint.inflight) >= endpoint.limiter.limit:
             return None
         self.drop_finished()
-        if self.producer_done and not self.worth_starting(endpoint, now):
+        if self.closed and not self.worth_starting(endpoint, now):
             if (item := self.left_for(endpoint, now)) is not None:
                 return item
-            return self.hedge_candidate(endpoint, now) if self.config.hedge else None
+            return self.hedge_candidate(endpoint, now) if self.hedge else None
         fallback = None
         for i, item in enumerate(self.retry):
             if item.tasks:
@@ -3474,7 +3493,7 @@ class Run:
             item = self.fresh.popleft()
             self.space.notify()
             return item
-        if self.producer_done and self.config.hedge:
+        if self.closed and self.hedge:
             return self.hedge_candidate(endpoint, now)
         endpoint.limiter.on_starved()
         return None
@@ -3533,7 +3552,7 @@ class Run:
 
     def worth_starting(self, endpoint: Endpoint, now: float) -> bool:
         """At the end of the input, leave the last rows to endpoints that will finish them sooner."""
-        if self.prefers(endpoint, now):     # with nothing queued, pick() goes on to racing
+        if self.prefers(endpoint, now):     # with nothing queued, take() goes on to racing
             return True
         self.wake_faster(finish_in(lane_of(endpoint), 1, now))     # those may be asleep with room
         return False
@@ -3560,222 +3579,98 @@ class Run:
             self.tally.hedges += 1
         return best
 
-    def launch(self, endpoint: Endpoint, item: Item) -> None:
-        """Start a worker task on the endpoint with this item."""
-        self.idle.pop(endpoint, None)
-        endpoint.inflight[item] = time.monotonic()
-        item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
-        if self.producer_done and self.config.hedge and self.idle:
-            self.offer_race(endpoint)
 
-    def release(self, endpoint: Endpoint, item: Item) -> None:
-        endpoint.inflight.pop(item, None)
-        item.tasks.pop(endpoint, None)
+# ── Fleet health: endpoints into service, down, back, or out
 
-    async def work(self, endpoint: Endpoint, item: Item | None) -> None:
-        """Score items on one endpoint back to back while there is room; only bugs escape.
 
-        Going straight on to the next item in the same task (rather than waking
-        the driver to start a new one) keeps the per-item cost of the coordinator low.
-        """
-        task = asyncio.current_task()
-        while item is not None:
-            started = endpoint.inflight[item] = time.monotonic()
-            item.tasks[endpoint] = task
-            try:
-                outcome: Answer | Exception = await score_item(endpoint, item, self.config)
-            except asyncio.CancelledError:
-                self.release(endpoint, item)
-                # Cancelled because its endpoint went down: a real re-send; otherwise the run is stopping.
-                self.requeue(item, resent=endpoint.health in (Health.DOWN, Health.GONE))
-                raise
-            except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
-                outcome = exc
-            self.release(endpoint, item)
-            self.settle(endpoint, item, outcome, started)
-            item = None if self.finished else self.pick(endpoint)
-            self.carry_on(endpoint, item)
+class Fleet:
+    """The run's endpoints and their health: bring each into service and back, take it down or out."""
 
-    def carry_on(self, endpoint: Endpoint, item: Item | None) -> None:
-        """After a completion: wake the endpoint's driver if it has room left, or let racers look."""
-        if item is None:
-            self.rest(endpoint)
-            return
-        self.idle.pop(endpoint, None)
-        endpoint.inflight[item] = time.monotonic()
-        if len(endpoint.inflight) < endpoint.limiter.limit and (self.fresh or self.retry):
-            self.wakes[endpoint].set()      # the limit went up
-        if self.producer_done and self.config.hedge and self.idle:
-            self.offer_race(endpoint)
+    def __init__(self, endpoints: list[Endpoint], config: Config, meta: dict[str, Any], checkpoint: Checkpoint,
+                 progress: Progress, changed: Wakeup) -> None:
+        self.endpoints, self.config, self.meta, self.checkpoint = endpoints, config, meta, checkpoint
+        self.progress, self.changed = progress, changed     # `changed` wakes every driver to re-check
+        self.over = asyncio.Event()                         # the run is over: supervisors stop
+        self.supervisors: list[asyncio.Task] = []
+        self.all_down_since: float | None = None
+        self.last_answer = time.monotonic()                 # the last good answer from any endpoint
 
-    def offer_race(self, endpoint: Endpoint) -> None:
-        """A last row started on this endpoint: wake idle endpoints fast enough to race it."""
-        self.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
+    def end(self) -> None:
+        """Stop supervising: a probe or model load still under way must not hold the end."""
+        self.over.set()
+        for endpoint in self.endpoints:
+            endpoint.trouble.set()
+        for task in self.supervisors:
+            task.cancel()
 
-    def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
-        """Put an unfinished item back for any endpoint, unless a copy is still running."""
-        if not (item.finished or item.tasks):
-            if resent:
-                self.tally.requeued += 1
-            else:
-                self.tally.cancelled += 1
-            (self.retry.appendleft if front else self.retry.append)(item)
-        self.changed.notify()       # either way a slot is free: a row left to this endpoint may be waiting
+    def live(self) -> int:
+        """Count the endpoints not taken out."""
+        return sum(1 for e in self.endpoints if not e.gone)
 
-    def settle(self, endpoint: Endpoint, item: Item, outcome: Answer | Exception, started: float) -> None:
-        """Decide what an outcome means for the item and for the endpoint."""
-        now = time.monotonic()
-        if isinstance(outcome, Answer):
-            self.last_answer = now
-            endpoint.record_success(outcome.latency, now)
-            endpoint.note_answer(True, first=not item.avoid or endpoint.name not in item.avoid)
-            endpoint.limiter.on_done(started, now)
-            if not item.finished:
-                if item.racer is endpoint and item.tasks:
-                    self.tally.hedges_won += 1
-                self.write(item, success_record(item, endpoint, outcome))
-                endpoint.count_answer(outcome)
-            return
-        if isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
-            self.answered_badly(endpoint, item, outcome, started, now)
-        elif isinstance(outcome, EndpointFault):
-            if outcome.item_related and (endpoint.proven or (item.faults and endpoint.done)):
-                # Only a server that works for other rows can blame this one.
-                item.faults += 1
-                item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
-            live = sum(1 for e in self.endpoints if not e.gone)
-            # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
-            chance = endpoint.fault_run_limit(max(0.0, endpoint.fault_weight - item.faults) / max(endpoint.outcomes, 10))
-            if outcome.item_related and item.faults > max(POISON_FAULTS, chance) \
-                    and len(item.fault_endpoints) >= min(2, live):
-                # This item keeps breaking servers: charge it, and spare the endpoint's health.
-                self.charge(endpoint, item, f"endpoints failed on this item {item.faults} times "
-                                            f"(last: {outcome})", ErrorKind.POISON)
-                return
-            if outcome.overload:
-                endpoint.limiter.on_overload(now)
-            elif not outcome.connect:
-                # The server spent a slot on it: counting it keeps a few random faults in a short
-                # window from reading as a limit that does not pay (its latency says nothing of service).
-                endpoint.limiter.on_done(started, now, answered=False)
-            if endpoint.record_fault(outcome, now):
-                self.take_down(endpoint, str(outcome))
-            else:
-                asyncio.get_running_loop().call_at(
-                    asyncio.get_running_loop().time() + max(0.0, endpoint.backoff_until - now) + 0.01,
-                    self.changed.notify)
-            self.requeue(item)
-        elif isinstance(outcome, ContextOverflow):
-            if outcome.hopeless:        # nothing was sent, and no endpoint has more room than --num-ctx
-                if not item.finished:
-                    self.write(item, error_record(item, ErrorKind.TOO_LONG, str(outcome), endpoint.model, endpoint.name))
-                return
-            endpoint.limiter.on_done(started, now)
-            if outcome.limit:
-                endpoint.ctx_tokens = min(endpoint.ctx_tokens, outcome.limit)
-            item.shrinks += 1
-            if item.shrinks > MAX_SHRINKS:
-                self.charge(endpoint, item, f"prompt still too long after {MAX_SHRINKS} cuts: {outcome}", ErrorKind.TOO_LONG)
-                return
-            current = min(len(item.text or ""), code_budget(endpoint, self.config.prompt, item))
-            ratio = 0.5
-            if outcome.requested and outcome.limit:
-                ratio = max(0.1, min(0.9, (outcome.limit - NUM_PREDICT - CONTEXT_MARGIN) / outcome.requested))
-            item.max_chars = int(current * ratio)
-            self.requeue(item)
-        elif isinstance(outcome, EndpointGone):
-            self.retire(endpoint, str(outcome))
-            self.requeue(item)
+    def compare(self, endpoint: Endpoint) -> tuple[float | None, bool]:
+        """Return what the outcome rules compare an endpoint with: the rest's share of unusable answers, any usable."""
+        fleet = fleet_share(answers_of(other) for other in self.endpoints
+                            if other is not endpoint and not other.gone)
+        return fleet, any(e is not endpoint and e.usable for e in self.endpoints)
 
-    def answered_badly(self, endpoint: Endpoint, item: Item, outcome: Exception, started: float, now: float) -> None:
-        """Count an unusable answer against the endpoint, and against the row only if the endpoint is trusted.
+    def check(self, now: float) -> None:
+        """End the run if it cannot go on; pause it (nothing is lost) while every endpoint is down."""
+        live = [e for e in self.endpoints if not e.gone]
+        if not live:
+            raise StopRun("every endpoint has been taken out: "
+                          + "; ".join(f"{e.name}: {e.detail}" for e in self.endpoints))
+        if (reason := load_failures(self.endpoints)) and self.config.max_downtime is None:
+            raise StopRun(f"{reason} (--max-downtime waits for one to recover)")
+        if any(e.alive for e in live):
+            if self.all_down_since is not None:
+                self.progress.note("an endpoint is back; resuming")
+            self.all_down_since = None
+        elif self.all_down_since is None:
+            self.all_down_since = now
+            self.progress.note("every endpoint is down: pausing (nothing is lost); waiting for one to return")
+        elif self.config.max_downtime is not None and now - self.last_answer > self.config.max_downtime:
+            # Counted from the last good answer, not from the last rejoin: a server that answers
+            # probes but fails every request keeps rejoining, and must not reset the clock.
+            raise StopRun(f"every endpoint is down and none has answered for "
+                          f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
 
-        A row pays one of its attempts for a bad answer from an endpoint that has
-        answered well and is not suspect, or that already answered this row badly
-        once (so every row's retries are bounded); otherwise it is simply re-sent
-        elsewhere. An answer of the wrong shape is never the row's fault.
-        """
+    def answered(self, endpoint: Endpoint, answer: Answer, first: bool, started: float, now: float) -> None:
+        """Count a usable answer: the endpoint is healthy."""
+        self.last_answer = now
+        endpoint.record_success(answer.latency, now)
+        endpoint.note_answer(True, first=first)
         endpoint.limiter.on_done(started, now)
-        again = item.avoid is not None and endpoint.name in item.avoid
+
+    def judge_answer(self, endpoint: Endpoint, outcome: Exception, again: bool, started: float,
+                     now: float) -> Verdict:
+        """Count an unusable answer and judge it against the fleet; take the endpoint out if it is to blame."""
+        endpoint.limiter.on_done(started, now)
         endpoint.note_answer(False, first=not again, message=str(outcome))
-        item.avoid = (item.avoid or set()) | {endpoint.name}
-        if reason := self.unusable_reason(endpoint):
-            self.retire(endpoint, reason)
-        elif isinstance(outcome, ItemFault) and endpoint.done and (again or not self.suspect(endpoint)):
-            self.charge(endpoint, item, str(outcome), outcome.kind)
-            return
-        endpoint.errors += 1
-        item.last_error = f"{endpoint.name}: {outcome}"
-        self.requeue(item, front=False)
+        verdict = judge_bad_answer(outcome, answers_of(endpoint), *self.compare(endpoint), again)
+        if verdict.act is Act.RETIRE:
+            self.retire(endpoint, verdict.message)
+        return verdict
 
-    def fleet_share(self, endpoint: Endpoint) -> float | None:
-        """Return the share of unusable answers on the rest of the fleet, once it has answered enough to tell."""
-        seen = bad = 0.0
-        for other in self.endpoints:
-            if other is not endpoint and not other.gone:
-                seen, bad = seen + other.first_seen, bad + other.first_bad
-        return bad / seen if seen >= JUDGE_SEEN else None
+    def note_overflow(self, endpoint: Endpoint, overflow: ContextOverflow, started: float, now: float) -> None:
+        """Learn the endpoint's context size from a prompt it found too long."""
+        endpoint.limiter.on_done(started, now)
+        if overflow.limit:
+            endpoint.ctx_tokens = min(endpoint.ctx_tokens, overflow.limit)
 
-    def worse_than_fleet(self, endpoint: Endpoint) -> tuple[float, float] | None:
-        """Return (its share, the fleet's) of unusable answers if this endpoint's is far above the rest's."""
-        fleet = self.fleet_share(endpoint)
-        if fleet is None or not endpoint.first_seen:
-            return None
-        mine = endpoint.first_bad / endpoint.first_seen
-        return (mine, fleet) if mine >= JUDGE_SHARE and mine >= JUDGE_RATIO * fleet else None
-
-    def suspect(self, endpoint: Endpoint) -> bool:
-        """Say whether an endpoint's bad answers may be its own fault rather than the rows'.
-
-        It is, if it is far worse than the rest of the fleet, or while the rest has
-        not answered enough to compare with; a lone endpoint is judged on its own.
-        Whatever the fleet, several different rows in a row answered unusably,
-        with none usable between, say the endpoint has gone bad (a model that
-        started answering prose), not that the rows are.
-        """
-        if endpoint.bad_rows >= SUSPECT_RUN:
-            return True
-        if self.fleet_share(endpoint) is None:
-            return any(e is not endpoint and e.usable for e in self.endpoints)
-        return self.worse_than_fleet(endpoint) is not None
-
-    def unusable_reason(self, endpoint: Endpoint) -> str | None:
-        """Say why an endpoint's unusable answers are its own fault, if they are: then it is taken out.
-
-        By comparison when the rest of the fleet has answered enough rows (first
-        answers to each row; rows failed elsewhere count for the rest, which only
-        makes it slower to blame an endpoint); alone, after UNUSABLE_RUN answers in
-        a row with not one usable, so a lone endpoint answering prose cannot loop.
-        An endpoint that has answered well is out after UNUSABLE_RUN different
-        rows in a row answered unusably: a row bad everywhere is retried between
-        good answers, so it never makes such a run.
-        """
-        last = endpoint.last_bad[:160]
-        if endpoint.done == 0 and endpoint.bad_run >= UNUSABLE_RUN:
-            return f"{endpoint.bad_run} answers in a row, none usable (last: {last})"
-        if endpoint.bad_rows >= UNUSABLE_RUN:
-            return f"{endpoint.bad_rows} rows in a row answered, none usable (last: {last})"
-        worse = self.worse_than_fleet(endpoint)
-        if worse and endpoint.first_bad >= JUDGE_MIN:
-            return f"{worse[0]:.0%} of its answers unusable against {worse[1]:.0%} on the other endpoints (last: {last})"
-        return None
-
-    def charge(self, endpoint: Endpoint, item: Item, message: str, kind: ErrorKind) -> None:
-        """Spend one of the item's attempts; write an error record when none are left."""
-        if item.finished:
-            return
-        item.attempts += 1
-        item.last_error = f"{endpoint.name}: {message}"
-        endpoint.errors += 1
-        if item.tasks:              # a raced copy is still running: let it decide
-            return
-        if item.attempts >= self.config.max_attempts:
-            final = ErrorKind.ATTEMPTS_EXHAUSTED if kind in (ErrorKind.BAD_ANSWER, ErrorKind.REJECTED) else kind
-            self.write(item, error_record(item, final, f"{item.attempts} attempts; last: {item.last_error}",
-                                          endpoint.model, endpoint.name))
+    def note_fault(self, endpoint: Endpoint, fault: EndpointFault, started: float, now: float) -> None:
+        """Count an endpoint fault against the endpoint: fewer in flight, a back-off, or down."""
+        if fault.overload:
+            endpoint.limiter.on_overload(now)
+        elif not fault.connect:
+            # The server spent a slot on it: counting it keeps a few random faults in a short
+            # window from reading as a limit that does not pay (its latency says nothing of service).
+            endpoint.limiter.on_done(started, now, answered=False)
+        if endpoint.record_fault(fault, now):
+            self.take_down(endpoint, str(fault))
         else:
-            item.avoid = (item.avoid or set()) | {endpoint.name}
-            self.requeue(item, front=False)
+            asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time() + max(0.0, endpoint.backoff_until - now) + 0.01,
+                self.changed.notify)
 
     def take_down(self, endpoint: Endpoint, reason: str) -> None:
         """Mark an endpoint down and hand its in-flight items to the others at once."""
@@ -3800,41 +3695,6 @@ class Run:
                 task.cancel()       # its CancelledError handler re-queues the item
         self.changed.notify()
 
-    # ── writing
-
-    def write(self, item: Item, record: dict[str, Any]) -> None:
-        """Append the item's record, fan it out to duplicates, and cancel raced copies."""
-        item.finished = True
-        for task in list(item.tasks.values()):
-            task.cancel()
-        offset = self.checkpoint.append(record)
-        self.count(record)
-        self.unfinished -= 1
-        if item.digest:
-            if self.leaders.get(item.digest) is item:
-                del self.leaders[item.digest]
-            if record["score"] is not None:
-                self.resume.digests.add(item.digest, offset)
-        followers, item.followers = item.followers or [], None
-        self.waiting_followers -= len(followers)
-        for follower in followers:
-            follower.finished = True
-            self.checkpoint.append(duplicate_record(follower, record))
-            self.count(record, duplicate=True)
-            self.unfinished -= 1
-        self.check_done()
-
-    def count(self, record: dict[str, Any], duplicate: bool = False) -> None:
-        if record["score"] is not None:
-            self.tally.scored += 1
-            self.tally.duplicates += duplicate or record.get("duplicate_of") is not None
-            self.tally.truncated += bool(record.get("truncated"))
-        else:
-            self.tally.errors[record["error_kind"]] += 1
-        self.progress.advance()
-
-    # ── health and the clock
-
     async def supervise(self, endpoint: Endpoint) -> None:
         """Bring an endpoint into service, and back after trouble, probing with growing pauses.
 
@@ -3842,7 +3702,7 @@ class Run:
         down again without a single good answer (a server whose runner is broken
         answers probes but fails every request), and resets on a good answer.
         """
-        while not self.finished and not endpoint.gone:
+        while not self.over.is_set() and not endpoint.gone:
             if endpoint.usable:
                 endpoint.trouble.clear()
                 await endpoint.trouble.wait()
@@ -3850,8 +3710,8 @@ class Run:
             if endpoint.health is Health.DOWN:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
-                        await self.done.wait()
-                if self.finished:
+                        await self.over.wait()
+                if self.over.is_set():
                     return
             try:
                 await self.bring_up(endpoint)
@@ -3866,7 +3726,7 @@ class Run:
                 if endpoint.health is Health.PENDING:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
-                            await self.done.wait()
+                            await self.over.wait()
                 continue
             if endpoint.down_since is not None:
                 self.progress.note(f"{endpoint.name} is back after "
@@ -3910,35 +3770,308 @@ class Run:
                                                  "digest": endpoint.digest}
         self.checkpoint.save_meta(self.meta)
 
+
+class Run:
+    """Move items from the reader through the fleet into the checkpoint."""
+
+    def __init__(self, config: Config, endpoints: list[Endpoint], checkpoint: Checkpoint, resume: ResumeState,
+                 meta: dict[str, Any], reader: Reader, preloaded: list[Item], tally: Tally,
+                 progress: Progress) -> None:
+        self.config, self.endpoints, self.checkpoint, self.resume = config, endpoints, checkpoint, resume
+        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
+        # Each endpoint's driver sleeps on its own event. A rare change (an endpoint up or down,
+        # a row back in the queue, the input or the run over) wakes them all; a new row wakes one
+        # idle driver, so the cost of a completion does not grow with the fleet.
+        self.wakes = {endpoint: asyncio.Event() for endpoint in endpoints}
+        self.idle: dict[Endpoint, None] = {}    # drivers asleep with room and nothing worth taking
+        self.changed = Wakeup(also=self.wake_all)
+        self.written = Wakeup()                  # a row was written (the producer waits for duplicates' leaders)
+        self.backlog = Backlog(endpoints, config.hedge, tally, self.wake_faster)
+        self.fleet = Fleet(endpoints, config, meta, checkpoint, progress, self.changed)
+        self.leaders: dict[int, Item] = {}       # digest → item whose answer duplicates await
+        self.waiting_followers = self.unfinished = 0
+        self.tg: asyncio.TaskGroup | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.backlog.closed and self.unfinished == 0
+
+    def check_done(self) -> None:
+        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
+        self.written.notify()
+        if self.finished:
+            self.fleet.end()
+            self.changed.notify()
+
+    def wake_all(self) -> None:
+        """Wake every driver to re-check its endpoint (after a rare change)."""
+        self.idle.clear()
+        for wake in self.wakes.values():
+            wake.set()
+
+    def wake_idle(self, every: bool = False) -> None:
+        """Wake one idle driver for a new row (or every idle one, to re-check)."""
+        while self.idle:
+            endpoint = next(iter(self.idle))
+            del self.idle[endpoint]
+            self.wakes[endpoint].set()
+            if not every:
+                return
+
+    def wake_faster(self, than: float, ratio: float = 1.0) -> None:
+        """Wake the idle drivers whose endpoints serve faster than `than` × `ratio` (end of input)."""
+        for endpoint in [e for e in self.idle if (e.limiter.service or math.inf) < than * ratio]:
+            del self.idle[endpoint]
+            self.wakes[endpoint].set()
+
+    async def run(self) -> None:
+        """Score until the input is exhausted and every taken item is written."""
+        async with asyncio.TaskGroup() as tg:
+            self.tg = tg
+            tg.create_task(self.produce())
+            tg.create_task(self.watch())
+            for endpoint in self.endpoints:
+                self.fleet.supervisors.append(tg.create_task(self.fleet.supervise(endpoint)))
+                tg.create_task(self.drive(endpoint))
+
+    # ── the producer
+
+    async def produce(self) -> None:
+        """Read items in a thread and hand them to the workers through a bounded queue."""
+        limit = self.config.limit
+        chunk, self.preloaded = self.preloaded, []
+        try:
+            while limit is None or self.tally.taken < limit:
+                if not chunk:
+                    chunk = await asyncio.to_thread(take_chunk, self.reader, READ_CHUNK)
+                    chunk.count_skips(self.tally)
+                if not chunk:
+                    break
+                for item in chunk:
+                    if limit is not None and self.tally.taken >= limit:
+                        break
+                    await self.admit(item)
+                chunk = []
+        finally:
+            self.backlog.closed = True
+            self.changed.notify()           # the end-of-input rules apply from now on
+            self.check_done()
+
+    async def admit(self, item: Item) -> None:
+        """Take one not-yet-done row: record it, fan it out, or queue it."""
+        self.tally.taken += 1
+        self.unfinished += 1
+        if item.problem:
+            kind, message = item.problem
+            self.write(item, error_record(item, kind, message, self.config.model))
+            return
+        if item.digest:
+            leader = self.leaders.get(item.digest)
+            if leader is not None:
+                leader.followers = leader.followers or []
+                leader.followers.append(item)
+                self.waiting_followers += 1
+                while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
+                    await self.written.wait()
+                return
+            offset = self.resume.digests.get(item.digest)
+            if offset is not None:
+                original = self.checkpoint.read_at(offset)
+                self.write(item, duplicate_record(item, original))
+                return
+            self.leaders[item.digest] = item
+        while len(self.backlog.fresh) >= QUEUE_SIZE:
+            await self.backlog.space.wait()
+        self.backlog.fresh.append(item)
+        self.wake_idle()
+
+    # ── the workers
+
+    async def drive(self, endpoint: Endpoint) -> None:
+        """Keep the endpoint's in-flight count at its limit while there is work."""
+        wake = self.wakes[endpoint]
+        while not self.finished and not endpoint.gone:
+            wake.clear()
+            item = self.backlog.take(endpoint, time.monotonic())
+            if item is not None:
+                item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
+                self.launch(endpoint, item)
+                continue
+            self.rest(endpoint)
+            if self.backlog.waiting and not self.backlog.closed and endpoint not in self.idle:
+                self.wake_idle()            # it was woken for a row it cannot take: pass it on
+            await wake.wait()
+
+    def rest(self, endpoint: Endpoint) -> None:
+        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
+        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
+            self.idle[endpoint] = None
+
+    def launch(self, endpoint: Endpoint, item: Item) -> None:
+        """Count a row as started here; if it is one of the last, wake idle endpoints fast enough to race it."""
+        self.idle.pop(endpoint, None)
+        endpoint.inflight[item] = time.monotonic()
+        if self.backlog.closed and self.config.hedge and self.idle:
+            self.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
+
+    def release(self, endpoint: Endpoint, item: Item) -> None:
+        endpoint.inflight.pop(item, None)
+        item.tasks.pop(endpoint, None)
+
+    async def work(self, endpoint: Endpoint, item: Item | None) -> None:
+        """Score items on one endpoint back to back while there is room; only bugs escape.
+
+        Going straight on to the next item in the same task (rather than waking
+        the driver to start a new one) keeps the per-item cost of the coordinator low.
+        """
+        task = asyncio.current_task()
+        while item is not None:
+            started = endpoint.inflight[item] = time.monotonic()
+            item.tasks[endpoint] = task
+            try:
+                outcome: Answer | Exception = await score_item(endpoint, item, self.config)
+            except asyncio.CancelledError:
+                self.release(endpoint, item)
+                # Cancelled because its endpoint went down: a real re-send; otherwise the run is stopping.
+                self.requeue(item, resent=endpoint.health in (Health.DOWN, Health.GONE))
+                raise
+            except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
+                outcome = exc
+            self.release(endpoint, item)
+            self.settle(endpoint, item, outcome, started)
+            item = None if self.finished else self.backlog.take(endpoint, time.monotonic())
+            self.carry_on(endpoint, item)
+
+    def carry_on(self, endpoint: Endpoint, item: Item | None) -> None:
+        """After a completion: wake the endpoint's driver if it has room left, or let racers look."""
+        if item is None:
+            self.rest(endpoint)
+            return
+        self.launch(endpoint, item)
+        if len(endpoint.inflight) < endpoint.limiter.limit and self.backlog.waiting:
+            self.wakes[endpoint].set()      # the limit went up
+
+    def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
+        """Put an unfinished item back for any endpoint, unless a copy is still running."""
+        if not (item.finished or item.tasks):
+            if resent:
+                self.tally.requeued += 1
+            else:
+                self.tally.cancelled += 1
+            (self.backlog.retry.appendleft if front else self.backlog.retry.append)(item)
+        self.changed.notify()       # either way a slot is free: a row left to this endpoint may be waiting
+
+    # ── outcomes: the rules decide, the run carries it out
+
+    def settle(self, endpoint: Endpoint, item: Item, outcome: Answer | Exception, started: float) -> None:
+        """Carry out what an outcome means for the item and for the endpoint."""
+        now = time.monotonic()
+        if isinstance(outcome, Answer):
+            self.fleet.answered(endpoint, outcome, not item.avoid or endpoint.name not in item.avoid, started, now)
+            if not item.finished:
+                if item.racer is endpoint and item.tasks:
+                    self.tally.hedges_won += 1
+                self.write(item, success_record(item, endpoint, outcome))
+                endpoint.count_answer(outcome)
+        elif isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
+            again = item.avoid is not None and endpoint.name in item.avoid
+            verdict = self.fleet.judge_answer(endpoint, outcome, again, started, now)
+            item.avoid = (item.avoid or set()) | {endpoint.name}
+            if verdict.act is Act.CHARGE:
+                self.charge(endpoint, item, verdict.message, verdict.kind)
+                return
+            endpoint.errors += 1
+            item.last_error = f"{endpoint.name}: {outcome}"
+            self.requeue(item, front=False)
+        elif isinstance(outcome, EndpointFault):
+            if blames_row(outcome, endpoint.proven, item.faults, endpoint.done):
+                item.faults += 1
+                item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
+            # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
+            chance = endpoint.fault_run_limit(max(0.0, endpoint.fault_weight - item.faults) / max(endpoint.outcomes, 10))
+            verdict = judge_fault(outcome, item.faults, len(item.fault_endpoints or ()), chance, self.fleet.live())
+            if verdict.act is Act.CHARGE:
+                self.charge(endpoint, item, verdict.message, verdict.kind)
+                return
+            self.fleet.note_fault(endpoint, outcome, started, now)
+            self.requeue(item)
+        elif isinstance(outcome, ContextOverflow):
+            if not outcome.hopeless:
+                self.fleet.note_overflow(endpoint, outcome, started, now)
+                item.shrinks += 1
+            verdict = judge_overflow(outcome, item.shrinks)
+            if verdict.act is Act.WRITE and not item.finished:
+                self.write(item, error_record(item, verdict.kind, verdict.message, endpoint.model, endpoint.name))
+            elif verdict.act is Act.CHARGE:
+                self.charge(endpoint, item, verdict.message, verdict.kind)
+            elif verdict.act is Act.SHRINK:
+                item.max_chars = cut_to(min(len(item.text or ""), code_budget(endpoint, self.config.prompt, item)),
+                                        outcome)
+                self.requeue(item)
+        elif isinstance(outcome, EndpointGone):
+            self.fleet.retire(endpoint, str(outcome))
+            self.requeue(item)
+
+    def charge(self, endpoint: Endpoint, item: Item, message: str, kind: ErrorKind) -> None:
+        """Spend one of the item's attempts; write an error record when none are left."""
+        if item.finished:
+            return
+        item.attempts += 1
+        item.last_error = f"{endpoint.name}: {message}"
+        endpoint.errors += 1
+        if item.tasks:              # a raced copy is still running: let it decide
+            return
+        verdict = judge_attempts(item.attempts, self.config.max_attempts, kind, item.last_error)
+        if verdict.act is Act.WRITE:
+            self.write(item, error_record(item, verdict.kind, verdict.message, endpoint.model, endpoint.name))
+        else:
+            item.avoid = (item.avoid or set()) | {endpoint.name}
+            self.requeue(item, front=False)
+
+    # ── writing
+
+    def write(self, item: Item, record: dict[str, Any]) -> None:
+        """Append the item's record, fan it out to duplicates, and cancel raced copies."""
+        item.finished = True
+        for task in list(item.tasks.values()):
+            task.cancel()
+        offset = self.checkpoint.append(record)
+        self.count(record)
+        self.unfinished -= 1
+        if item.digest:
+            if self.leaders.get(item.digest) is item:
+                del self.leaders[item.digest]
+            if record["score"] is not None:
+                self.resume.digests.add(item.digest, offset)
+        followers, item.followers = item.followers or [], None
+        self.waiting_followers -= len(followers)
+        for follower in followers:
+            follower.finished = True
+            self.checkpoint.append(duplicate_record(follower, record))
+            self.count(record, duplicate=True)
+            self.unfinished -= 1
+        self.check_done()
+
+    def count(self, record: dict[str, Any], duplicate: bool = False) -> None:
+        if record["score"] is not None:
+            self.tally.scored += 1
+            self.tally.duplicates += duplicate or record.get("duplicate_of") is not None
+            self.tally.truncated += bool(record.get("truncated"))
+        else:
+            self.tally.errors[record["error_kind"]] += 1
+        self.progress.advance()
+
     async def watch(self) -> None:
         """Refresh the display, fsync, and end the run if it cannot go on."""
         while not self.finished:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
-                    await self.done.wait()
+                    await self.fleet.over.wait()
             await self.checkpoint.sync_soon()
-            if self.producer_done or self.fresh or self.retry:
+            if self.backlog.closed or self.backlog.waiting:
                 self.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
-            now = time.monotonic()
-            live = [e for e in self.endpoints if not e.gone]
-            if not live:
-                raise StopRun("every endpoint has been taken out: "
-                              + "; ".join(f"{e.name}: {e.detail}" for e in self.endpoints))
-            if (reason := load_failures(self.endpoints)) and self.config.max_downtime is None:
-                raise StopRun(f"{reason} (--max-downtime waits for one to recover)")
-            if any(e.alive for e in live):
-                if self.all_down_since is not None:
-                    self.progress.note("an endpoint is back; resuming")
-                self.all_down_since = None
-            elif self.all_down_since is None:
-                self.all_down_since = now
-                self.progress.note("every endpoint is down: pausing (nothing is lost); waiting for one to return")
-            elif self.config.max_downtime is not None and now - self.last_answer > self.config.max_downtime:
-                # Counted from the last good answer, not from the last rejoin: a server that answers
-                # probes but fails every request keeps rejoining, and must not reset the clock.
-                raise StopRun(f"every endpoint is down and none has answered for "
-                              f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
-            self.progress.show(self.endpoints, paused=self.all_down_since is not None)
+            self.fleet.check(time.monotonic())
+            self.progress.show(self.endpoints, paused=self.fleet.all_down_since is not None)
 
 
 # ── Progress and summary ────────────────────────────────────────────────────────
@@ -5608,7 +5741,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                 return EXIT_OK
             checkpoint.save_meta(meta)
             progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
-            run = Run(config, info, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
+            run = Run(config, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
             if info.total is None and config.progress:
                 counter = asyncio.create_task(asyncio.to_thread(count_rows, info))
                 counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))

@@ -187,16 +187,15 @@ def test_a_mixed_fleet_keeps_laptops_busy_to_the_end_and_leaves_the_tail_to_the_
     assert after <= 16, after      # laptops idle while the GPU works alone: at most two of its rounds
 
 
-def fleet_run(n: int) -> tuple[score.Run, list[score.Endpoint]]:
-    """A run over n endpoints with its input read to the end, to ask its dispatch rules."""
+def fleet_run(n: int) -> tuple[score.Backlog, list[score.Endpoint]]:
+    """The backlog of a run over n endpoints with its input read to the end, to ask its dispatch rules."""
     config = score.parse_args(["x.jsonl"])
     endpoints = [score.Endpoint(score.EndpointSpec(url=f"http://127.0.0.1:{9 + i}", name=f"e{i}", api="ollama",
                                                    model=None, concurrency=None, key_env=None, line=i + 1), config)
                  for i in range(n)]
-    run = score.Run(config, None, endpoints, None, None, {}, iter([]), [], score.Tally(),
-                    score.Progress(False, None, 0))
-    run.producer_done = True
-    return run, endpoints
+    backlog = score.Backlog(endpoints, config.hedge, score.Tally())
+    backlog.closed = True
+    return backlog, endpoints
 
 
 def item(i: int, **state) -> score.Item:
@@ -214,7 +213,7 @@ def test_retries_finished_or_in_flight_elsewhere_neither_count_as_queued_nor_sta
     waiting = item(6)
     run.retry.extend([*done, running, waiting])
     assert run.queued() == 1
-    picked = run.pick(slow)
+    picked = run.take(slow, time.monotonic())
     # one row left: the fast machine finishes it sooner, so the slow one leaves it; with seven rows
     # really queued it would take one, as the fast machine can do only two before the slow one's first
     assert score.takes_queued_row(score.lane_of(slow), iter([score.lane_of(fast)]), 7, time.monotonic())

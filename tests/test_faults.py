@@ -504,15 +504,14 @@ def test_endpoint_answering_mostly_prose_is_judged_against_the_fleet(tmp_path, s
 
 
 def fleet_run(tmp_path, names=("e0", "e1")):
-    """A Run over idle endpoints with nothing read yet, for checking the dispatch rules directly."""
+    """The backlog of a run over idle endpoints with nothing read yet, for checking the dispatch rules directly."""
     endpoints = tmp_path / "e.txt"
     endpoints.write_text("".join(f"127.0.0.1:{9 + i} name={name}\n" for i, name in enumerate(names)))
     config = score.parse_args([str(tmp_path / "x.jsonl"), "--endpoints", str(endpoints)])
     fleet = [score.Endpoint(spec, config) for spec in config.endpoints]
     for endpoint in fleet:
         endpoint.came_up()
-    return score.Run(config=config, info=None, endpoints=fleet, checkpoint=None, resume=None, meta={},
-                     reader=iter(()), preloaded=[], tally=score.Tally(), progress=None)
+    return score.Backlog(fleet, config.hedge, score.Tally())
 
 
 def row_item(i: int, avoid=None) -> score.Item:
@@ -520,25 +519,25 @@ def row_item(i: int, avoid=None) -> score.Item:
 
 
 def test_a_row_answered_badly_waits_for_another_endpoint_but_the_retry_queue_stays_bounded(tmp_path):
-    run = fleet_run(tmp_path)
+    run, now = fleet_run(tmp_path), time.monotonic()
     e0, e1 = run.endpoints
     failed = row_item(0, avoid={"e0"})
     run.retry.append(failed)
     run.fresh.append(row_item(1))
-    assert run.pick(e0).id == "fn-1"                  # fresh work first, the failed row waits
-    run.producer_done = True
-    assert run.pick(e0) is None                       # after the input: still left to e1, which has not failed it
-    assert run.pick(e1) is failed
+    assert run.take(e0, now).id == "fn-1"             # fresh work first, the failed row waits
+    run.closed = True
+    assert run.take(e0, now) is None                  # after the input: still left to e1, which has not failed it
+    assert run.take(e1, now) is failed
     run.retry.append(failed)
     e1.went_down("asleep", 0.0)
-    assert run.pick(e0) is failed                     # nobody else can take it: a preference, not a ban
+    assert run.take(e0, now) is failed                # nobody else can take it: a preference, not a ban
     e1.came_up()
-    run.producer_done = False
+    run.closed = False
     run.retry.extend(row_item(i, avoid={"e0"}) for i in range(2, 1 + score.RETRY_BOUND))
     run.fresh.extend([row_item(9998), row_item(9999)])
-    assert run.pick(e0).id == "fn-9998"               # below the bound, failed rows still wait
+    assert run.take(e0, now).id == "fn-9998"          # below the bound, failed rows still wait
     run.retry.append(row_item(1 + score.RETRY_BOUND, avoid={"e0"}))
-    assert run.pick(e0).id == "fn-2"                  # at the bound the oldest waiting row goes first
+    assert run.take(e0, now).id == "fn-2"             # at the bound the oldest waiting row goes first
 
 
 def test_lone_endpoint_that_starts_answering_prose_stops_the_run_and_leaves_the_rest_for_resume(tmp_path, serve):
@@ -562,13 +561,20 @@ def test_lone_endpoint_that_starts_answering_prose_stops_the_run_and_leaves_the_
 
 
 def lone_run(config) -> tuple:
-    """A run with one endpoint and nothing to read, to ask its rules about the endpoint."""
+    """A fleet of one endpoint, to ask the outcome rules about it."""
     spec = score.EndpointSpec(url="http://127.0.0.1:1", name="a", api="ollama", model=None, concurrency=None,
                               key_env=None, line=1)
     endpoint = score.Endpoint(spec, config)
-    run = score.Run(config, None, [endpoint], None, None, {}, iter([]), [], score.Tally(),
-                    score.Progress(False, None, 0))
-    return run, endpoint
+    fleet = score.Fleet([endpoint], config, {}, None, score.Progress(False, None, 0), score.Wakeup())
+    return fleet, endpoint
+
+
+def suspect(fleet, endpoint) -> bool:
+    return score.suspect(score.answers_of(endpoint), *fleet.compare(endpoint))
+
+
+def unusable_reason(fleet, endpoint) -> str | None:
+    return score.unusable_reason(score.answers_of(endpoint), fleet.compare(endpoint)[0])
 
 
 def test_a_run_of_different_rows_answered_badly_makes_an_endpoint_suspect_then_takes_it_out():
@@ -576,13 +582,13 @@ def test_a_run_of_different_rows_answered_badly_makes_an_endpoint_suspect_then_t
     endpoint.record_success(0.1, 0.0)
     endpoint.note_answer(True, first=True)
     for n in range(1, score.UNUSABLE_RUN + 1):
-        assert run.unusable_reason(endpoint) is None
+        assert unusable_reason(run, endpoint) is None
         endpoint.note_answer(False, first=True, message="not a JSON object")
         endpoint.note_answer(False, first=False, message="not a JSON object")   # a repeat does not lengthen it
-        assert run.suspect(endpoint) == (n >= score.SUSPECT_RUN)
-    assert "none usable" in run.unusable_reason(endpoint)
+        assert suspect(run, endpoint) == (n >= score.SUSPECT_RUN)
+    assert "none usable" in unusable_reason(run, endpoint)
     endpoint.note_answer(True, first=True)
-    assert not run.suspect(endpoint) and run.unusable_reason(endpoint) is None
+    assert not suspect(run, endpoint) and unusable_reason(run, endpoint) is None
 
 
 def test_one_row_answered_badly_again_and_again_never_takes_a_proven_endpoint_out():
@@ -591,4 +597,4 @@ def test_one_row_answered_badly_again_and_again_never_takes_a_proven_endpoint_ou
     endpoint.note_answer(False, first=True, message="score 0 outside 1..10")
     for _ in range(3 * score.UNUSABLE_RUN):
         endpoint.note_answer(False, first=False, message="score 0 outside 1..10")
-    assert not run.suspect(endpoint) and run.unusable_reason(endpoint) is None
+    assert not suspect(run, endpoint) and unusable_reason(run, endpoint) is None
