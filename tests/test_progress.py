@@ -31,7 +31,7 @@ def test_progress_line_fits_100_columns_with_40_endpoints_and_names_the_ones_in_
     endpoints = tmp_path / "e.txt"
     endpoints.write_text(f"{refused_url()} name=asleep\n"
                          + "".join(f"{s.url} name=laptop-{i:02d}\n" for i, s in enumerate(servers + failing)))
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(37 * 24))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(37 * 12))
     socket_name = f"score-test-{tmp_path.name}"
     command = shlex.join([sys.executable, SCORE, str(data), "--endpoints", str(endpoints)]) + "; echo EXIT=$?"
     tmux = ["tmux", "-L", socket_name]
