@@ -144,13 +144,14 @@ def test_every_endpoint_down_at_start_then_back_completes_with_no_errors(tmp_pat
 
 
 def test_all_endpoints_down_mid_run_pauses_then_continues(tmp_path, serve):
-    a = serve(latency=0.02, slots=2)
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(120))
+    a = serve(latency=0.01, slots=2, hold_after=20)       # the outage comes after 20 rows, surely before the end
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
     endpoints = write_endpoints(tmp_path / "e.txt", [a])
     out = tmp_path / "fns.scores.jsonl"
     proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
-    wait_for(lambda: lines_in(out) >= 20, what="first records")
+    wait_for(lambda: lines_in(out) >= 20 and a.held, what="first records")
     a.go_down()
+    a.release()
     paused = ""
     while "pausing" not in paused:
         paused = proc.stderr.readline()
@@ -159,7 +160,7 @@ def test_all_endpoints_down_mid_run_pauses_then_continues(tmp_path, serve):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     records = read_records(out)
-    assert_complete(records, [r["id"] for r in rows(120)])
+    assert_complete(records, [r["id"] for r in rows(40)])
     assert all(r["error"] is None for r in records)
 
 
