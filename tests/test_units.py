@@ -255,7 +255,8 @@ def test_a_recorded_openai_answer_of_ten_yields_its_expected_score():
     # {"score": 10}: "1" then "0". At the first digit the grammar allows "1" (1 or 10) and "9";
     # "." is forbidden. After the "1", "0" (10) against "}" (1) splits the "1" 3 : 1.
     def e(token, p, alts):
-        return {"token": token, "logprob": math.log(p), "top_logprobs": [{"token": t, "logprob": math.log(q)} for t, q in alts]}
+        return {"token": token, "logprob": math.log(p),
+                "top_logprobs": [{"token": t, "logprob": math.log(q)} for t, q in alts]}
     content = [e('{"', 0.99, [('{"', 0.99)]), e("score", 0.99, [("score", 0.99)]), e('":', 0.99, [('":', 0.99)]),
                e(" ", 0.99, [(" ", 0.99)]), e("1", 0.6, [("1", 0.6), ("9", 0.2), (".", 0.2)]),
                e("0", 0.75, [("0", 0.75), ("}", 0.25)]), e("}", 0.99, [("}", 0.99)])]
