@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,8 +129,41 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
+def interrupt_after(out: Path, *args, records: int = 3, sig: int = signal.SIGTERM, held: tuple = (),
+                    release_at_signal: bool = False, command: list[str] | None = None, cwd: Path | None = None
+                    ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run score.py, send it `sig` once `out` holds `records` lines; return the ended run and out's whole records.
+
+    `held` are servers started with hold_after: the signal waits until each holds a request in flight,
+    so it surely lands mid-run; they are released once the process has ended (or, with
+    release_at_signal, right after the signal, for a signal the run should survive).
+    """
+    proc = subprocess.Popen(command or [sys.executable, SCORE, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+    released = False
+    try:
+        wait_for(lambda: lines_in(out) >= records or proc.poll() is not None, what=f"{records} records")
+        wait_for(lambda: all(s.held for s in held) or proc.poll() is not None, what="a request held in flight")
+        assert proc.poll() is None, f"score.py ended before the signal: {proc.communicate()[1]}"
+        proc.send_signal(sig)
+        if release_at_signal:
+            released = True
+            for server in held:
+                server.release()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if not released:
+            for server in held:
+                server.release()
+    complete = out.read_bytes().split(b"\n")[:-1] if out.exists() else []      # a kill may leave a torn line
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), [json.loads(l) for l in complete]
+
+
 __all__ = ["expected_score", "function_source", "rows", "write_jsonl", "write_parquet", "read_records", "scored",
-           "write_endpoints", "run_cli", "start_cli", "wait_for", "lines_in", "SCORE"]
+           "write_endpoints", "run_cli", "start_cli", "wait_for", "lines_in", "interrupt_after", "SCORE"]
 
 
 def pytest_collection_modifyitems(config, items):

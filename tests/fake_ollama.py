@@ -189,6 +189,8 @@ class Behaviour:
     full_tokens: int = 12                 # generated tokens per answer for each reason mode
     short_tokens: int = 9
     none_tokens: int = 6
+    hold_after: int | None = None         # after this many answers, chats (and the first model load) wait in
+                                          # flight until release(): a server that stops answering, on cue
     seed: int = 0
     owned_by: str = "fake"                # OpenAI mode: /v1/models' owned_by (llama.cpp: "llamacpp";
                                           # llama-cpp-python: "me")
@@ -249,7 +251,9 @@ class FakeOllama:
         self.answered = 0             # chat requests answered 200 with a score
         self.cancelled = 0            # chat requests abandoned by the client
         self.active_max = 0
+        self.held = 0                 # chat requests waiting for release()
         self.loaded = False
+        self._released: asyncio.Event | None = None
         self._active: dict[int, list] = {}     # id -> [remaining work, future]
         self._waiting: list[tuple[int, float, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
@@ -291,6 +295,10 @@ class FakeOllama:
         """Listen again on the same port."""
         self._call(self._listen())
 
+    def release(self, hold_after: int | None = None) -> None:
+        """Let every held request go on; hold again once `hold_after` answers have been given in all."""
+        self._call(self._release(hold_after))
+
     def stop(self) -> None:
         if self._loop is not None:
             self._call(self._close())
@@ -306,6 +314,7 @@ class FakeOllama:
     # ── server internals
 
     async def _open(self) -> None:
+        self._released = asyncio.Event()
         await self._listen()
         self._scheduler_task = asyncio.get_running_loop().create_task(self._scheduler())
 
@@ -319,6 +328,29 @@ class FakeOllama:
             await self._scheduler_task
         except asyncio.CancelledError:
             pass
+
+    async def _release(self, hold_after: int | None) -> None:
+        self.behaviour.hold_after = hold_after
+        self._released.set()
+        self._released = asyncio.Event()       # the next hold waits on a fresh event
+
+    async def _hold(self, reader: asyncio.StreamReader) -> bool:
+        """Keep a chat request waiting until release(); False if the client left meanwhile."""
+        released = asyncio.ensure_future(self._released.wait())
+        gone = asyncio.ensure_future(reader.read(1))
+        self.held += 1
+        try:
+            await asyncio.wait([released, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.held -= 1
+            for waiting in (released, gone):
+                if not waiting.done():
+                    waiting.cancel()
+                    try:
+                        await waiting
+                    except asyncio.CancelledError:
+                        pass
+        return released.done() and not gone.done()
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -416,6 +448,10 @@ class FakeOllama:
         if b.load_error:
             return 500, {"error": b.load_error}, "application/json"
         messages = body.get("messages") or []
+        if b.hold_after is not None and self.answered >= b.hold_after and (messages or not self.loaded) \
+                and not await self._hold(reader):
+            self.cancelled += 1
+            return None
         if not messages:                                   # Ollama: an empty chat loads the model
             await self._load()
             return 200, {"model": model, "created_at": "2024-12-06T00:48:09Z",

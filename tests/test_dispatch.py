@@ -172,14 +172,14 @@ def test_a_mixed_fleet_keeps_laptops_busy_to_the_end_and_leaves_the_tail_to_the_
     # Service times long beside a loaded machine's scheduling jitter, so only the rule decides who gets a row.
     gpu = fleet(1, latency=0.5, slots=8)[0]
     laptops = fleet(31, latency=2.0, slots=1)
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(500))
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(250))
     endpoints = tmp_path / "e.txt"
     endpoints.write_text(f"{gpu.url} name=gpu\n" + "".join(f"{s.url} name=lap{i}\n" for i, s in enumerate(laptops)))
     result = run_cli(data, "--endpoints", endpoints, "--no-progress", timeout=300)
     assert result.returncode == 0, result.stderr
     records = read_records(tmp_path / "fns.scores.jsonl")
     share = Counter(r["endpoint"] for r in records)
-    assert len(records) == 500
+    assert len(records) == 250
     laptop_rows = sorted(share[f"lap{i}"] for i in range(31))
     assert laptop_rows[-1] - laptop_rows[0] <= 1, laptop_rows          # no laptop hoards the last rows
     last_laptop = max(r["ts"] for r in records if r["endpoint"] != "gpu")

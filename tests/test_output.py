@@ -11,33 +11,29 @@ import subprocess
 import sys
 
 import score
-from conftest import SCORE, lines_in, read_records, rows, run_cli, start_cli, wait_for, write_endpoints, write_jsonl, \
-    write_parquet
+from conftest import SCORE, interrupt_after, read_records, rows, run_cli, write_endpoints, write_jsonl, write_parquet
 
 
 def test_resume_command_is_quoted_and_runs_from_the_same_folder(tmp_path, serve):
-    server = serve(latency=0.3, slots=2)
+    server = serve(latency=0.01, slots=2, hold_after=3)
     data_dir = tmp_path / "my data"
     work = tmp_path / "work dir"
     data_dir.mkdir()
     work.mkdir()
-    write_jsonl(data_dir / "x.jsonl", rows(40))
+    write_jsonl(data_dir / "x.jsonl", rows(12))
     write_endpoints(work / "e.txt", [server])
     out = data_dir / "x.scores.jsonl"
     argv = [sys.executable, SCORE, "../my data/x.jsonl", "--endpoints", "e.txt", "--no-progress", "--overwrite"]
-    proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: lines_in(out) >= 3, what="first records")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
-    lines = err.splitlines()
+    stopped, _ = interrupt_after(out, command=argv, cwd=work, sig=signal.SIGINT, held=[server])
+    assert stopped.returncode == 130, stopped.stderr
+    lines = stopped.stderr.splitlines()
     hint = lines[lines.index(next(l for l in lines if l.endswith("continue with:"))) + 1].strip()
     words = shlex.split(hint)
     assert words[1:] == [SCORE, "../my data/x.jsonl", "--endpoints", "e.txt", "--no-progress", "--resume"]
     words[0] = sys.executable if words[0] in ("python", "python3") else words[0]
     again = subprocess.run(words, cwd=work, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert {r["id"] for r in read_records(out) if r["score"] is not None} == {r["id"] for r in rows(40)}
+    assert {r["id"] for r in read_records(out) if r["score"] is not None} == {r["id"] for r in rows(12)}
 
 
 def test_invocation_names_a_console_script_as_typed(tmp_path, monkeypatch):
@@ -59,19 +55,17 @@ def summary_numbers(err: str, pattern: str) -> list[int]:
 
 
 def test_interrupted_summary_counts_rows_never_attempted_and_no_false_resends(tmp_path, serve):
-    server = serve(latency=0.3, slots=2)
+    server = serve(latency=0.01, slots=2, hold_after=3)
     data = write_parquet(tmp_path / "fns.parquet", rows(60))
     endpoints = write_endpoints(tmp_path / "e.txt", [server])
     out = tmp_path / "fns.scores.jsonl"
-    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
-    wait_for(lambda: lines_in(out) >= 3, what="first records")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
-    cancelled, never = summary_numbers(err, r"Stopped before the end: ([\d,]+) rows? in flight cancelled "
-                                            r"\(not written\), ([\d,]+) rows? never attempted")
-    assert cancelled >= 1 and lines_in(out) + cancelled + never == 60
-    assert "Re-sent" not in err                     # nothing was re-sent: the cancelled rows wait for --resume
+    stopped, records = interrupt_after(out, data, "--endpoints", endpoints, "--no-progress", sig=signal.SIGINT,
+                                       held=[server])
+    assert stopped.returncode == 130, stopped.stderr
+    cancelled, never = summary_numbers(stopped.stderr, r"Stopped before the end: ([\d,]+) rows? in flight cancelled "
+                                                       r"\(not written\), ([\d,]+) rows? never attempted")
+    assert cancelled >= 1 and len(records) + cancelled + never == 60
+    assert "Re-sent" not in stopped.stderr          # nothing was re-sent: the cancelled rows wait for --resume
 
 
 def test_summary_speaks_in_the_singular_for_one(tmp_path, serve):

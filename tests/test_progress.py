@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -31,8 +32,8 @@ def test_progress_line_fits_100_columns_with_40_endpoints_and_names_the_ones_in_
     endpoints = tmp_path / "e.txt"
     endpoints.write_text(f"{refused_url()} name=asleep\n"
                          + "".join(f"{s.url} name=laptop-{i:02d}\n" for i, s in enumerate(servers + failing)))
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(37 * 24))
-    socket_name = f"score-test-{tmp_path.name}"
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(37 * 12))
+    socket_name = f"score-test-{os.getpid()}-{tmp_path.name}"       # unique across pytest sessions too
     command = shlex.join([sys.executable, SCORE, str(data), "--endpoints", str(endpoints)]) + "; echo EXIT=$?"
     tmux = ["tmux", "-L", socket_name]
     subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "50", "-s", "run", command], check=True)
@@ -80,7 +81,7 @@ def test_clip_names_what_fits_and_counts_the_rest():
 
 def tmux_run(tmp_path, command: str) -> tuple[list[str], callable]:
     """Start `command` in a detached 100-column tmux session; return its argv prefix and a screen reader."""
-    tmux = ["tmux", "-L", f"score-test-{tmp_path.name}"]
+    tmux = ["tmux", "-L", f"score-test-{os.getpid()}-{tmp_path.name}"]
     subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "50", "-s", "run", command], check=True)
     subprocess.run([*tmux, "set-option", "-t", "run", "remain-on-exit", "on"], check=True)
     return tmux, lambda: subprocess.run([*tmux, "capture-pane", "-p", "-J", "-t", "run"], capture_output=True,

@@ -210,7 +210,7 @@ def test_html_report_of_a_large_fleet_renders_every_endpoint_and_the_pause(tmp_p
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
-    assert all(f"<td>node-{e:02d}</td>" for e in range(120)) and dom.count("<svg") > 120
+    assert all(f"<td>node-{e:02d}</td>" in dom for e in range(120)) and dom.count("<svg") > 120
     assert "no answers for 3h00m" in dom                               # the pause is drawn as a gap
     assert "took its verdict" in dom                                   # why the endpoints don't add up
     assert "nan" not in dom and "Expected scores" in dom

@@ -15,8 +15,8 @@ import pytest
 
 import score
 
-from conftest import (SCORE, expected_score, function_source, lines_in, read_records, rows, run_cli, scored,
-                      start_cli, wait_for, write_endpoints, write_jsonl, write_parquet)
+from conftest import (SCORE, expected_score, function_source, interrupt_after, lines_in, read_records, rows, run_cli,
+                      scored, start_cli, wait_for, write_endpoints, write_jsonl, write_parquet)
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
@@ -140,20 +140,23 @@ def test_a_run_that_stops_at_the_start_creates_no_files(tmp_path, serve):
 
 
 def test_a_second_writer_is_refused_from_the_start_of_the_first(tmp_path, serve):
-    server = serve(latency=0.05, slots=1, load_delay=6.0)      # the first run sits in warm-up a while
+    server = serve(latency=0.01, slots=1, hold_after=0)      # the first run sits in warm-up until released
     data = write_jsonl(tmp_path / "fns.jsonl", rows(30))
     endpoints = write_endpoints(tmp_path / "e.txt", [server])
     out = tmp_path / "fns.scores.jsonl"
     first = start_cli(data, "--endpoints", endpoints, "--no-progress")
     try:
-        wait_for(out.exists, what="the first run to take the output")
+        wait_for(lambda: out.exists() and server.held, what="the first run to take the output and load the model")
         for flags in ([], ["--resume"], ["--overwrite"]):
             assert "another score.py" in one_line_error(run_cli(data, "--endpoints", endpoints, *flags))
-        wait_for(lambda: lines_in(out) >= 1, what="first record")
+        server.release(hold_after=1)                              # one record, then it waits again
+        wait_for(lambda: lines_in(out) >= 1 and server.held, what="first record")
         assert "another score.py" in one_line_error(run_cli(data, "--endpoints", endpoints, "--resume"))
-        check = run_cli(data, "--endpoints", endpoints, "--resume", "--check")     # only reads: no lock needed
+        spare = write_endpoints(tmp_path / "spare.txt", [serve()])             # the held one would hold --check too
+        check = run_cli(data, "--endpoints", spare, "--resume", "--check")     # only reads: no lock needed
         assert check.returncode == 0, check.stderr
     finally:
+        server.release()
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert Counter(r["id"] for r in read_records(out)) == Counter(r["id"] for r in rows(30))
@@ -256,34 +259,29 @@ def test_closed_stderr_from_the_start_does_not_stop_the_work(tmp_path, serve):
 
 
 def test_sighup_saves_prints_the_resume_command_and_exits_129(tmp_path, serve):
-    server = serve(latency=0.3, slots=2)
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
+    server = serve(latency=0.01, slots=2, hold_after=3)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(12))
     endpoints = write_endpoints(tmp_path / "e.txt", [server])
     out = tmp_path / "fns.scores.jsonl"
-    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
-    wait_for(lambda: lines_in(out) >= 3, what="first records")
-    proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 129, err
-    assert "--resume" in err and "Traceback" not in err
-    assert out.read_bytes().endswith(b"\n")
+    stopped, records = interrupt_after(out, data, "--endpoints", endpoints, "--no-progress", sig=signal.SIGHUP,
+                                       held=[server])
+    assert stopped.returncode == 129, stopped.stderr
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert out.read_bytes().endswith(b"\n") and 3 <= len(records) < 12
     assert run_cli(data, "--endpoints", endpoints, "--resume").returncode == 0
-    assert sorted(scored(read_records(out))) == sorted(r["id"] for r in rows(40))
+    assert sorted(scored(read_records(out))) == sorted(r["id"] for r in rows(12))
 
 
 def test_sighup_under_nohup_is_ignored(tmp_path, serve):
-    server = serve(latency=0.05, slots=2)
-    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
+    server = serve(latency=0.01, slots=2, hold_after=3)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(12))
     endpoints = write_endpoints(tmp_path / "e.txt", [server])
     out = tmp_path / "fns.scores.jsonl"
-    proc = subprocess.Popen(["sh", "-c", 'trap "" HUP; exec "$@"', "sh", sys.executable, SCORE, str(data),
-                             "--endpoints", str(endpoints), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: lines_in(out) >= 3, what="first records")
-    proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert len(scored(read_records(out))) == 40
+    nohup = ["sh", "-c", 'trap "" HUP; exec "$@"', "sh", sys.executable, SCORE, str(data), "--endpoints",
+             str(endpoints), "--no-progress"]
+    ended, records = interrupt_after(out, command=nohup, sig=signal.SIGHUP, held=[server], release_at_signal=True)
+    assert ended.returncode == 0, ended.stderr
+    assert len(scored(records)) == 12
 
 
 # ── one line, exit 2, at the start
