@@ -370,11 +370,10 @@ class EndpointSpec:
     key_env: str | None
     line: int
 
-    def fixed_limit(self, default: int | None) -> int | None:
+    def fixed_limit(self, default: int | str) -> int | None:
         """Return the requests to keep in flight, or None to measure it; default is --concurrency's."""
-        if self.concurrency is None:
-            return default
-        return None if self.concurrency == AUTO else self.concurrency
+        value = default if self.concurrency is None else self.concurrency
+        return None if value == AUTO else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +391,7 @@ class Config:
     text_column: str | None
     prompt: str
     prompt_source: str
-    concurrency: int | None             # None: measured (AUTO)
+    concurrency: int | str              # a fixed limit, or AUTO to measure it
     timeout: float
     max_attempts: int
     limit: int | None
@@ -428,7 +427,7 @@ class Item:
     id: int | str
     text: str | None
     fields: dict[str, Any]
-    digest: int = 0               # content hash for duplicate fan-out (0 = none)
+    text_hash: int = 0            # for duplicate fan-out (0 = none)
     problem: tuple[ErrorKind, str] | None = None   # (error_kind, message): never sent
     attempts: int = 0             # item faults charged against --max-attempts
     faults: int = 0               # endpoint faults seen while carrying this item
@@ -541,7 +540,7 @@ class InputInfo:
 
 
 def hashed_key(data: bytes) -> int:
-    """Return a signed 64-bit digest of data."""
+    """Return a signed 64-bit hash of data."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
@@ -579,20 +578,20 @@ def record_key(ident: int | str, kind: str | None) -> int:
 TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
 
 
-def text_digest(text: str) -> int:
+def text_hash(text: str) -> int:
     """Hash code after a cheap normalization: line endings, trailing blanks, outer whitespace."""
     normal = TRAILING_BLANKS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
     value = int.from_bytes(hashlib.blake2b(normal.encode(), digest_size=8).digest(), "little", signed=True)
     return value or 1
 
 
-def format_digest(value: int) -> str:
-    """Render a content digest as 16 hex characters, as stored in records."""
+def format_hash(value: int) -> str:
+    """Render a text hash as 16 hex characters, as stored in records."""
     return (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little").hex()
 
 
-def parse_digest(text: str) -> int:
-    """Invert format_digest."""
+def parse_hash(text: str) -> int:
+    """Invert format_hash."""
     return int.from_bytes(bytes.fromhex(text), "little", signed=True)
 
 
@@ -820,11 +819,11 @@ class Rows:
 
 
 def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, info: InputInfo,
-                 done: Callable[[int], bool]) -> array:
-    """Return the in-group positions of rows not yet done (8 bytes each), decoding only their ids."""
+                 skip: Callable[[int], bool]) -> array:
+    """Return the in-group positions of rows not skipped (8 bytes each), decoding only their ids."""
     todo = array("q")
     if info.id_column is None:
-        todo.extend(i - start for i in range(start, end) if not done(i))
+        todo.extend(i - start for i in range(start, end) if not skip(i))
         return todo
     position = 0
     for batch in parquet.iter_batches(batch_size=65536, row_groups=[group], columns=[info.id_column]):
@@ -832,7 +831,7 @@ def pending_rows(parquet: pq.ParquetFile, group: int, start: int, end: int, info
             # row_identity's own fast path, inlined: this loop runs over every id on resume
             key = id_key(raw) if type(raw) is int or type(raw) is str and raw.isascii() \
                 else row_identity(info, start + position, raw)[2]
-            if not done(key):
+            if not skip(key):
                 todo.append(position)
             position += 1
     return todo
@@ -858,9 +857,9 @@ def group_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array | No
             yield rows
 
 
-def parquet_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None,
+def parquet_rows(info: InputInfo, log: InputLog, skip: Callable[[int], bool] | None,
                  columns: list[str] | None, size: int) -> Iterator[Rows]:
-    """Stream Parquet row group by row group. With `done`, each group's ids are read first to find
+    """Stream Parquet row group by row group. With `skip`, each group's ids are read first to find
     the rows still to do, then the other columns of just those rows: resuming near the end of a big
     file decodes ids, not gigabytes of code. A row group that cannot be read is noted and skipped."""
     seen = SeenKeys() if info.id_column else None
@@ -874,7 +873,7 @@ def parquet_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | N
             start = row
             row += parquet.metadata.row_group(group).num_rows
             try:
-                todo = None if done is None else pending_rows(parquet, group, start, row, info, done)
+                todo = None if skip is None else pending_rows(parquet, group, start, row, info, skip)
                 if todo is None or todo:
                     yield from group_rows(parquet, group, start, todo, info, columns, seen, size)
             except (pa.ArrowException, OSError) as exc:
@@ -906,14 +905,14 @@ def jsonl_rows(path: Path, log: InputLog,
                       "the rows after it are not scored")
 
 
-def jsonl_batches(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None, size: int,
+def jsonl_batches(info: InputInfo, log: InputLog, skip: Callable[[int], bool] | None, size: int,
                   malformed: bool) -> Iterator[Rows]:
-    """Stream JSONL in runs of `size` rows, passing over rows `done` says are finished; a malformed
+    """Stream JSONL in runs of `size` rows, passing over the rows `skip` names; a malformed
     line is a row with a problem (with `malformed`) or is left out."""
-    numbered, done = info.id_column is None, done or (lambda key: False)
+    numbered, skip = info.id_column is None, skip or (lambda key: False)
     seen = None if numbered else SeenKeys()
     rows = Rows([])
-    for number, obj, why in jsonl_rows(info.files[0], log, done if numbered else lambda number: False):
+    for number, obj, why in jsonl_rows(info.files[0], log, skip if numbered else lambda number: False):
         if obj is None:
             if not malformed:
                 continue
@@ -922,7 +921,7 @@ def jsonl_batches(info: InputInfo, log: InputLog, done: Callable[[int], bool] | 
             problem, obj = (ErrorKind.MALFORMED, f"{row_place(info, number)}: not valid JSON ({why})"), {}
         else:
             ident, problem, key = row_identity(info, number, obj.get(info.id_column) if info.id_column else None)
-        if not numbered and done(key):
+        if not numbered and skip(key):
             continue
         rows.data.append(obj)
         rows.add(number, ident, problem, key, seen)
@@ -933,13 +932,13 @@ def jsonl_batches(info: InputInfo, log: InputLog, done: Callable[[int], bool] | 
         yield rows
 
 
-def input_rows(info: InputInfo, log: InputLog, done: Callable[[int], bool] | None = None,
+def input_rows(info: InputInfo, log: InputLog, skip: Callable[[int], bool] | None = None,
                columns: list[str] | None = None, size: int = 16384, malformed: bool = False) -> Iterator[Rows]:
-    """Stream the input's rows not yet `done` (every row without it), never holding the dataset in
+    """Stream the input's rows, passing over those `skip` names (none without it), never holding the dataset in
     memory: the one reader of scoring and export. Parquet reads only `columns` (None: all)."""
     if info.kind == "parquet":
-        return parquet_rows(info, log, done, columns, size)
-    return jsonl_batches(info, log, done, size, malformed)
+        return parquet_rows(info, log, skip, columns, size)
+    return jsonl_batches(info, log, skip, size, malformed)
 
 
 def make_item(ident: int | str, text: Any, fields: dict[str, Any], dedup: bool,
@@ -968,7 +967,7 @@ def make_item(ident: int | str, text: Any, fields: dict[str, Any], dedup: bool,
         problem = (ErrorKind.BAD_ID, f"{where}: {problem[1]}")
     item = Item(id=ident, text=text if problem is None else None, fields=fields, problem=problem)
     if problem is None and dedup:
-        item.digest = text_digest(text)
+        item.text_hash = text_hash(text)
     return item
 
 
@@ -996,7 +995,7 @@ class FinishedRows:
         self.met: set[int] = set()
         self.skipped = self.skipped_permanent = 0
 
-    def finished(self, key: int) -> bool:
+    def skips(self, key: int) -> bool:
         """Tell whether the row with this key is finished, counting it if so."""
         if key in self.scored:
             self.skipped += 1
@@ -1017,16 +1016,16 @@ class Reader:
     """The input's rows still to do, as Items, and the filter that passes over the finished ones."""
 
     items: Iterator[Item]
-    done: FinishedRows
+    finished: FinishedRows
 
 
-def read_items(info: InputInfo, dedup: bool = True, done: FinishedRows | None = None,
+def read_items(info: InputInfo, dedup: bool = True, finished: FinishedRows | None = None,
                log: InputLog | None = None) -> Reader:
-    """Stream the rows not yet `done` (by id key) as Items; bad rows are named in the log as they are read."""
-    log, done = log or InputLog(), done or FinishedRows()
+    """Stream the rows not `finished` (by id key) as Items; bad rows are named in the log as they are read."""
+    log, finished = log or InputLog(), finished or FinishedRows()
     columns = [c for c in dict.fromkeys([info.id_column, info.text_column, *info.fields]) if c]
-    rows = input_rows(info, log, done.finished, columns, READ_BATCH, malformed=True)
-    return Reader(row_items(rows, info, dedup, log), done)
+    rows = input_rows(info, log, finished.skips, columns, READ_BATCH, malformed=True)
+    return Reader(row_items(rows, info, dedup, log), finished)
 
 
 class Chunk(list):
@@ -1042,9 +1041,9 @@ class Chunk(list):
 
 def take_chunk(reader: Reader, size: int) -> Chunk:
     """Pull up to `size` items from the reader (runs in a thread)."""
-    chunk, done = Chunk(itertools.islice(reader.items, size)), reader.done
-    chunk.skipped, chunk.skipped_permanent = done.skipped, done.skipped_permanent
-    done.skipped = done.skipped_permanent = 0
+    chunk, finished = Chunk(itertools.islice(reader.items, size)), reader.finished
+    chunk.skipped, chunk.skipped_permanent = finished.skipped, finished.skipped_permanent
+    finished.skipped = finished.skipped_permanent = 0
     return chunk
 
 
@@ -1124,28 +1123,28 @@ class SeenKeys:
         return len(self._keys) + len(self._recent)
 
 
-class DigestIndex:
-    """Map content digests to the checkpoint offset of the first scored record with that text."""
+class HashIndex:
+    """Map text hashes to the checkpoint offset of the first scored record with that text."""
 
     def __init__(self, keys: array | None = None, offsets: array | None = None) -> None:
-        # sorted by digest, and stably, so the first of equal digests is the earliest record
+        # sorted by hash, and stably, so the first of equal hashes is the earliest record
         self._keys, self._offsets = sort_together(keys or array("q"), offsets or array("q"))
         self._recent: dict[int, int] = {}
 
-    def get(self, digest: int) -> int | None:
-        """Return the record offset for digest, or None."""
-        offset = self._recent.get(digest)
+    def get(self, text_hash: int) -> int | None:
+        """Return the record offset for a text hash, or None."""
+        offset = self._recent.get(text_hash)
         if offset is not None:
             return offset
-        i = bisect.bisect_left(self._keys, digest)
-        if i < len(self._keys) and self._keys[i] == digest:
+        i = bisect.bisect_left(self._keys, text_hash)
+        if i < len(self._keys) and self._keys[i] == text_hash:
             return self._offsets[i]
         return None
 
-    def add(self, digest: int, offset: int) -> None:
+    def add(self, text_hash: int, offset: int) -> None:
         """Remember the first scored record of a text."""
-        if self.get(digest) is None:
-            self._recent[digest] = offset
+        if self.get(text_hash) is None:
+            self._recent[text_hash] = offset
             if len(self._recent) > max(50_000, len(self._keys) // 2):
                 self._compact()
 
@@ -1186,7 +1185,7 @@ class ResumeState:
 
     scored: KeySet
     permanent: KeySet               # ids with a permanent error and no score
-    digests: DigestIndex
+    hashes: HashIndex
     records: int = 0
     retried: int = 0                # ids whose last attempt failed: resume retries them
     skipped: SkippedLines = field(default_factory=SkippedLines)
@@ -1280,10 +1279,10 @@ def valid_record(record: Any) -> bool:
     """
     if not isinstance(record, dict) or "id" not in record or "score" not in record:
         return False
-    ident, score, kind, digest = record["id"], record["score"], record.get("error_kind"), record.get("hash")
+    ident, score, kind, stored_hash = record["id"], record["score"], record.get("error_kind"), record.get("hash")
     return ((type(ident) is int or type(ident) is str and writable(ident))
             and (type(score) is int and 1 <= score <= 10 or score is None and type(kind) is str)
-            and (kind is None or type(kind) is str) and (digest is None or type(digest) is str)
+            and (kind is None or type(kind) is str) and (stored_hash is None or type(stored_hash) is str)
             and valid_details(record))
 
 
@@ -1312,7 +1311,7 @@ def base_record(item: Item) -> dict[str, Any]:
     """Start a row's record: every key of RECORD_KEYS, in that order."""
     record = dict.fromkeys(RECORD_KEYS)
     record.update(id=item.id, attempts=item.attempts, truncated=False, ts=round(time.time(), 3),
-                  hash=format_digest(item.digest) if item.digest else None)
+                  hash=format_hash(item.text_hash) if item.text_hash else None)
     return record
 
 
@@ -1439,7 +1438,7 @@ class Checkpoint:
             except UsageError:
                 checkpoint.close()
                 raise
-        state = ResumeState(KeySet(array("q")), KeySet(array("q")), DigestIndex())
+        state = ResumeState(KeySet(array("q")), KeySet(array("q")), HashIndex())
         if overwrite and not resume and checkpoint.size:
             checkpoint._cut_to = 0
             checkpoint._held = []
@@ -1511,7 +1510,7 @@ class Checkpoint:
         """Read every complete line (up to end) once to learn what is finished (FinalRecords' rule)."""
         finals = FinalRecords()
         add = finals.add
-        digest_keys, digest_offsets = array("q"), array("q")
+        hash_keys, hash_offsets = array("q"), array("q")
         skipped, repeated = SkippedLines(), array("q")
         records = 0
         offset = 0
@@ -1524,18 +1523,18 @@ class Checkpoint:
                 if fields is None:
                     skipped.add(number)
                     continue
-                key, score, digest, kind = fields
+                key, score, stored_hash, kind = fields
                 records += 1
                 if not add(key, score, kind, kind):
                     repeated.append(key)
-                elif score is not None and digest:
+                elif score is not None and stored_hash:
                     with contextlib.suppress(ValueError):
-                        digest_keys.append(parse_digest(digest))
-                        digest_offsets.append(here)
+                        hash_keys.append(parse_hash(stored_hash))
+                        hash_offsets.append(here)
         scored, errors = finals.finish()
         permanent = array("q", (key for key, kind in errors.items() if kind in PERMANENT_ERRORS))
-        digests = DigestIndex(digest_keys, digest_offsets)
-        return ResumeState(scored, KeySet(permanent), digests, records, len(errors) - len(permanent), skipped,
+        hashes = HashIndex(hash_keys, hash_offsets)
+        return ResumeState(scored, KeySet(permanent), hashes, records, len(errors) - len(permanent), skipped,
                            torn, KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
@@ -1653,22 +1652,22 @@ def probe_sidecar(output: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
-PIN_BLOCK = 1 << 16         # bytes digested at each end of an input file
+PIN_BLOCK = 1 << 16         # bytes hashed at each end of an input file
 
 
-def block_digest(f, start: int, length: int) -> str:
-    """Digest `length` bytes of an open file from `start`."""
+def block_hash(f, start: int, length: int) -> str:
+    """Hash `length` bytes of an open file from `start`."""
     f.seek(start)
     return hashlib.blake2b(f.read(length), digest_size=16).hexdigest()
 
 
 def pin_file(path: Path, name: str, kind: str) -> dict[str, Any]:
-    """Pin an input file cheaply: size, Parquet row count, digests of its first and last 64 KiB."""
+    """Pin an input file cheaply: size, Parquet row count, hashes of its first and last 64 KiB."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            pin = {"file": name, "size": size, "head": block_digest(f, 0, min(size, PIN_BLOCK)),
-                   "tail": block_digest(f, max(0, size - PIN_BLOCK), min(size, PIN_BLOCK))}
+            pin = {"file": name, "size": size, "head": block_hash(f, 0, min(size, PIN_BLOCK)),
+                   "tail": block_hash(f, max(0, size - PIN_BLOCK), min(size, PIN_BLOCK))}
         if kind == "parquet":
             pin["rows"] = pq.read_metadata(path).num_rows
     except (OSError, pa.ArrowException) as exc:
@@ -1687,8 +1686,8 @@ def appended_to(path: Path, old: dict[str, Any]) -> bool:
     if size <= old_size:
         return False
     with open(path, "rb") as f:
-        return (block_digest(f, 0, min(old_size, PIN_BLOCK)) == old["head"]
-                and block_digest(f, max(0, old_size - PIN_BLOCK), min(old_size, PIN_BLOCK)) == old["tail"])
+        return (block_hash(f, 0, min(old_size, PIN_BLOCK)) == old["head"]
+                and block_hash(f, max(0, old_size - PIN_BLOCK), min(old_size, PIN_BLOCK)) == old["tail"])
 
 
 def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
@@ -2176,7 +2175,7 @@ class Endpoint:
         self._chat_url: httpx.URL | None = None
         self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
         # counters for the display and the summary
-        self.done = self.errors = self.fault_count = 0
+        self.scored = self.errors = self.fault_count = 0
         self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
         self.bad_rows = 0                            # rows answered unusably (first answers) since the last usable one
         self.last_bad = ""
@@ -2265,7 +2264,7 @@ class Endpoint:
         self.proven, self.probe_pause = True, 1.0
         if self._health is Health.BACKOFF:
             self._move(Health.READY)
-        self.done += 1
+        self.scored += 1
         self.latency_sum += latency
 
     def count_answer(self, answer: Answer) -> None:
@@ -2343,10 +2342,10 @@ class Endpoint:
                 Health.BACKOFF: "backing off"}.get(self._health, self._health.value)
 
     def label(self) -> str:
-        """Return a short status for the progress line: name, items done, limit or trouble."""
+        """Return a short status for the progress line: name, rows scored, limit or trouble."""
         if self._health is Health.READY:
-            return f"{self.name} {self.done} x{self.limiter.limit}"
-        return f"{self.name} {self.done} {self.status}"
+            return f"{self.name} {self.scored} x{self.limiter.limit}"
+        return f"{self.name} {self.scored} {self.status}"
 
 
 @functools.cache
@@ -2382,7 +2381,7 @@ def error_message(response: httpx.Response) -> str:
     return one_line(response.text)[:300]
 
 
-def retry_after(response: httpx.Response) -> float | None:
+def retry_after_seconds(response: httpx.Response) -> float | None:
     """Read Retry-After in seconds, if the server sent a usable one."""
     value = response.headers.get("retry-after", "")
     try:
@@ -2562,7 +2561,7 @@ async def warm_up(endpoint: Endpoint, config: Config) -> None:
         raise EndpointGone(f"the server refuses to load {endpoint.model}: {message}")
     if status >= 500 and status != 503:
         raise LoadFailed(f"cannot load {endpoint.model}: {message}")
-    raise EndpointFault(message, retry_after=retry_after(response))
+    raise EndpointFault(message, retry_after=retry_after_seconds(response))
 
 
 async def load_model(endpoint: Endpoint, config: Config) -> None:
@@ -2634,16 +2633,16 @@ def cut_text(text: str, limit: int) -> str:
     return text[:max(0, limit - len(TRUNCATION_MARK))] + TRUNCATION_MARK
 
 
-def render_prompt(template: str, item: Item, budget: int, field_cap: int | None = None) -> tuple[str, bool]:
+def render_prompt(template: str, item: Item, budget: int, cap: int | None = None) -> tuple[str, bool]:
     """Fill the template, cutting the code to `budget` characters and every other column's value
-    to `field_cap` if they are longer; say whether anything was cut."""
+    to `cap` if they are longer; say whether anything was cut."""
     code = item.text or ""
     truncated = len(code) > budget
     if truncated:
         code = cut_text(code, budget)
     fields = item.fields
-    if field_cap is not None and any(len(str(v)) > field_cap for v in fields.values()):
-        fields = {k: cut_text(str(v), field_cap) if len(str(v)) > field_cap else v for k, v in fields.items()}
+    if cap is not None and any(len(str(v)) > cap for v in fields.values()):
+        fields = {k: cut_text(str(v), cap) if len(str(v)) > cap else v for k, v in fields.items()}
         truncated = True
     return template.format_map({**fields, "code": code}), truncated
 
@@ -2888,7 +2887,7 @@ def classify(endpoint: Endpoint, response: httpx.Response) -> Exception:
     if status == 400 and ("does not support" in message or "model is required" in message):
         return EndpointGone(message)
     if status in (408, 425, 429, 499) or status >= 500:
-        return EndpointFault(message, retry_after=retry_after(response), overload=status in (429, 503))
+        return EndpointFault(message, retry_after=retry_after_seconds(response), overload=status in (429, 503))
     return ItemFault(message, kind=ErrorKind.REJECTED)
 
 
@@ -3050,11 +3049,11 @@ async def calibrate_endpoint(endpoint: Endpoint, config: Config) -> dict[str, An
         return [a.score_expected if expected else float(a.score) for a in side if a is not None]
 
     good_mean, poor_mean = statistics.fmean(values(good)), statistics.fmean(values(poor))
-    separation = good_mean - poor_mean
+    gap = good_mean - poor_mean
     return {"measure": "score_expected" if expected else "score", "probabilities": endpoint.gave_probabilities,
             "good": values(good), "poor": values(poor), "good_mean": round(good_mean, 3),
-            "poor_mean": round(poor_mean, 3), "separation": round(separation, 3),
-            "verdict": "ok" if separation >= CALIBRATION_GAP else "no separation"}
+            "poor_mean": round(poor_mean, 3), "separation": round(gap, 3),
+            "verdict": "ok" if gap >= CALIBRATION_GAP else "no separation"}
 
 
 def compare_calibrations(results: dict[str, dict[str, Any]]) -> None:
@@ -3101,7 +3100,7 @@ def calibration_table(endpoints: list[Endpoint], results: dict[str, dict[str, An
         probabilities = {"yes" if r.get("probabilities") else "no" for r in figures}
         rows.append([f"{len(passed)} others", probabilities.pop() if len(probabilities) == 1 else "some",
                      *means, "ok (averages)"])
-    return table(cut_names(rows), right={2, 3, 4})
+    return text_table(cut_names(rows), right={2, 3, 4})
 
 
 def name_list(names: list[str], shown: int = 3) -> str:
@@ -3239,13 +3238,13 @@ def finish_in(lane: Lane, nth: int, now: float) -> float:
     return max(service, (lane.inflight + nth) * service / lane.slots - head)
 
 
-def rows_before(lane: Lane, deadline: float, now: float) -> int:
-    """Count the new rows the lane would finish sooner than `deadline` seconds from now."""
-    if not lane.ready or lane.service is None or lane.service >= deadline or overdue(lane, now):
+def rows_before(lane: Lane, within: float, now: float) -> int:
+    """Count the new rows the lane would finish sooner than `within` seconds from now."""
+    if not lane.ready or lane.service is None or lane.service >= within or overdue(lane, now):
         return 0
     head = min(lane.service, now - lane.oldest) if lane.oldest is not None else 0.0
-    # finish_in(lane, n) < deadline  ⟺  inflight + n < (deadline + head) · slots / service
-    return max(0, math.ceil((deadline + head) * lane.slots / lane.service - lane.inflight) - 1)
+    # finish_in(lane, n) < within  ⟺  inflight + n < (within + head) · slots / service
+    return max(0, math.ceil((within + head) * lane.slots / lane.service - lane.inflight) - 1)
 
 
 def takes_queued_row(me: Lane, others: Iterator[Lane], queued: int, now: float) -> bool:
@@ -3329,7 +3328,7 @@ class Answers:
 
 def answers_of(endpoint: Endpoint) -> Answers:
     """Freeze what the outcome rules need to know about an endpoint's answers."""
-    return Answers(endpoint.done, endpoint.bad_run, endpoint.bad_rows, endpoint.first_seen, endpoint.first_bad,
+    return Answers(endpoint.scored, endpoint.bad_run, endpoint.bad_rows, endpoint.first_seen, endpoint.first_bad,
                    endpoint.last_bad)
 
 
@@ -3788,7 +3787,7 @@ class Run:
         self.written = Wakeup()                  # a row was written (the producer waits for duplicates' leaders)
         self.backlog = Backlog(endpoints, config.hedge, tally, self.wake_faster)
         self.fleet = Fleet(endpoints, config, meta, checkpoint, progress, self.changed)
-        self.leaders: dict[int, Item] = {}       # digest → item whose answer duplicates await
+        self.leaders: dict[int, Item] = {}       # text hash → item whose answer duplicates await
         self.waiting_followers = self.unfinished = 0
         self.tg: asyncio.TaskGroup | None = None
 
@@ -3796,7 +3795,7 @@ class Run:
     def finished(self) -> bool:
         return self.backlog.closed and self.unfinished == 0
 
-    def check_done(self) -> None:
+    def check_finished(self) -> None:
         """Wake whoever waits for a write; when the last item is written, tell every task to end."""
         self.written.notify()
         if self.finished:
@@ -3855,18 +3854,18 @@ class Run:
         finally:
             self.backlog.closed = True
             self.changed.notify()           # the end-of-input rules apply from now on
-            self.check_done()
+            self.check_finished()
 
     async def admit(self, item: Item) -> None:
-        """Take one not-yet-done row: record it, fan it out, or queue it."""
+        """Take one row the checkpoint has not finished: record it, fan it out, or queue it."""
         self.tally.taken += 1
         self.unfinished += 1
         if item.problem:
             kind, message = item.problem
             self.write(item, error_record(item, kind, message, self.config.model))
             return
-        if item.digest:
-            leader = self.leaders.get(item.digest)
+        if item.text_hash:
+            leader = self.leaders.get(item.text_hash)
             if leader is not None:
                 leader.followers = leader.followers or []
                 leader.followers.append(item)
@@ -3874,12 +3873,12 @@ class Run:
                 while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
                     await self.written.wait()
                 return
-            offset = self.resume.digests.get(item.digest)
+            offset = self.resume.hashes.get(item.text_hash)
             if offset is not None:
                 original = self.checkpoint.read_at(offset)
                 self.write(item, duplicate_record(item, original))
                 return
-            self.leaders[item.digest] = item
+            self.leaders[item.text_hash] = item
         while len(self.backlog.fresh) >= QUEUE_SIZE:
             await self.backlog.space.wait()
         self.backlog.fresh.append(item)
@@ -3984,7 +3983,7 @@ class Run:
             item.last_error = f"{endpoint.name}: {outcome}"
             self.requeue(item, front=False)
         elif isinstance(outcome, EndpointFault):
-            if blames_row(outcome, endpoint.proven, item.faults, endpoint.done):
+            if blames_row(outcome, endpoint.proven, item.faults, endpoint.scored):
                 item.faults += 1
                 item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
             # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
@@ -4038,11 +4037,11 @@ class Run:
         offset = self.checkpoint.append(record)
         self.count(record)
         self.unfinished -= 1
-        if item.digest:
-            if self.leaders.get(item.digest) is item:
-                del self.leaders[item.digest]
+        if item.text_hash:
+            if self.leaders.get(item.text_hash) is item:
+                del self.leaders[item.text_hash]
             if record["score"] is not None:
-                self.resume.digests.add(item.digest, offset)
+                self.resume.hashes.add(item.text_hash, offset)
         followers, item.followers = item.followers or [], None
         self.waiting_followers -= len(followers)
         for follower in followers:
@@ -4050,7 +4049,7 @@ class Run:
             self.checkpoint.append(duplicate_record(follower, record))
             self.count(record, duplicate=True)
             self.unfinished -= 1
-        self.check_done()
+        self.check_finished()
 
     def count(self, record: dict[str, Any], duplicate: bool = False) -> None:
         if record["score"] is not None:
@@ -4144,7 +4143,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+def text_table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
     """Lay out rows as aligned columns (the first row is the header)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -4308,8 +4307,8 @@ class Progress:
             self.bar.set_postfix_str(self.status(endpoints, paused, self.width(), now))   # a pause must show
         if self.enabled and not self.tty and now - self.logged >= 60:
             self.logged = now
-            done = self.count - self.initial
-            rate = done / max(1e-9, now - self.started)
+            written = self.count - self.initial
+            rate = written / max(1e-9, now - self.started)
             left = f", ETA {format_duration(((self.total or 0) - self.count) / rate)}" if rate and self.total else ""
             of = f"/{self.total:,}" if self.total else ""         # the status says the recent rate
             self.note(f"{self.count:,}{of} done{left} | {self.status(endpoints, paused, LOG_STATUS, now)}")
@@ -4360,12 +4359,12 @@ def preflight_table(endpoints: list[Endpoint]) -> str:
     rows += [[e.name, e.url.removeprefix("http://"), e.server or (e.api if e.api != Api.AUTO else "-"), e.model,
               (e.digest or "-")[:12]] for e in listed]
     rows = squeeze(rows, (1, 3, 0, 2), REPORT_WIDTH - len("  status"))
-    prefix = len(table(rows).splitlines()[0]) if listed else 0
+    prefix = len(text_table(rows).splitlines()[0]) if listed else 0
     wide = [i for i, e in enumerate(listed, 1) if prefix + 2 + len(status[e]) > REPORT_WIDTH]
     for i, e in enumerate(listed, 1):
         rows[i].append("" if i in wide else status[e])
     rows[0].append("status")
-    lines = table(rows).splitlines() if listed else []
+    lines = text_table(rows).splitlines() if listed else []
     for i in reversed(wide):
         lines.insert(i + 1, textwrap.fill(status[listed[i - 1]], REPORT_WIDTH, initial_indent="    ",
                                           subsequent_indent="    "))
@@ -4448,12 +4447,12 @@ def figure(value: float, unit: str = "") -> str:
 
 def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, total: int) -> list[str]:
     """One summary row for an endpoint, or for several taken together."""
-    done = sum(e.done for e in group)
+    scored = sum(e.scored for e in group)
     tokens = sum(e.output_tokens for e in group)
     limits = sorted(e.limiter.limit for e in group)
     limit = str(limits[0]) if limits[0] == limits[-1] else f"{limits[0]}-{limits[-1]}"
     service = [e.limiter.service for e in group if e.limiter.service is not None]
-    return [label, state[:13], f"{done:,}", f"{100 * done / total:.1f}%", figure(done / max(elapsed, 1e-9)),
+    return [label, state[:13], f"{scored:,}", f"{100 * scored / total:.1f}%", figure(scored / max(elapsed, 1e-9)),
             figure(statistics.median(service), "s") if service else "-",
             figure(tokens / max(elapsed, 1e-9)) if tokens else "-", str(sum(e.errors for e in group)),
             str(sum(e.fault_count for e in group)),
@@ -4462,14 +4461,14 @@ def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, 
 
 def endpoint_rows(run: Run, elapsed: float) -> list[list[str]]:
     """One summary row per endpoint, or the notable ones plus an aggregate "others" row."""
-    rate = {e.name: e.done / max(elapsed, 1e-9) for e in run.endpoints}
+    rate = {e.name: e.scored / max(elapsed, 1e-9) for e in run.endpoints}
     by_name = {e.name: e for e in run.endpoints}
     typical = statistics.median(rate.values()) if rate else 0.0
     shown = notable(list(by_name), [
         (lambda n: by_name[n].health not in (Health.READY, Health.WARMING), FLEET_ROWS),
         (lambda n: by_name[n].errors + by_name[n].fault_count, 3),
         (lambda n: (rate[n] < typical / 2) / (1e-9 + rate[n]), 3)])
-    total = sum(e.done for e in run.endpoints) or 1
+    total = sum(e.scored for e in run.endpoints) or 1
     rows = [["endpoint", "state", "items", "share", "items/s", "service", "tok/s", "errors", "faults", "limit"]]
     rows += [endpoint_row(n, by_name[n].status, [by_name[n]], elapsed, total) for n in shown]
     rest = [e for e in run.endpoints if e.name not in shown]
@@ -4498,12 +4497,12 @@ def stop_line(run: Run) -> str:
 
 def answer_line(run: Run) -> str:
     """Say how many tokens an answer cost and how many rows got an expected score."""
-    answered = sum(e.done for e in run.endpoints)
+    answered = sum(e.scored for e in run.endpoints)
     if not answered:
         return ""
     tokens = sum(e.output_tokens for e in run.endpoints)
     expected = sum(e.expected for e in run.endpoints)
-    without = [e.name for e in run.endpoints if e.done and not e.expected]
+    without = [e.name for e in run.endpoints if e.scored and not e.expected]
     return (f"Generated {tokens / answered:.1f} tokens per answer (--reason {run.config.reason}); "
             f"{expected:,} of {answered:,} answers carry score_expected"
             + (f" (no token probabilities from {name_list(without)})" if without else "") + ".")
@@ -4541,7 +4540,7 @@ def summary(run: Run, elapsed: float) -> str:
         lines.append(f"{len(gone) - 5} more endpoints were taken out; the log above says why.")
     for message in t.unreadable:
         lines.append(f"Input not read to the end: {message}.")
-    lines.append(table(endpoint_rows(run, elapsed), right={2, 3, 4, 5, 6, 7, 8}))
+    lines.append(text_table(endpoint_rows(run, elapsed), right={2, 3, 4, 5, 6, 7, 8}))
     return fit(lines)
 
 
@@ -4841,7 +4840,7 @@ def distribution_lines(stats: Stats) -> list[str]:
     lines = [f"Score distribution ({plural(stats.rows_scored, 'row')} scored"
              + (f", {stats.duplicates:,} as {'a duplicate' if stats.duplicates == 1 else 'duplicates'}"
                 if stats.duplicates else "") + "):",
-             table(rows, right={1, 2, 4})]
+             text_table(rows, right={1, 2, 4})]
     if stats.expected_rows:
         lines.append("  (expected: rows whose score_expected rounds to that score)")
     return lines
@@ -4862,7 +4861,7 @@ def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
         rows.append([name, f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
                      *([format_mean(expected[name].mean)] if stats.expected_rows else []),
                      "|" + spark(shares[name], top) + "|"])
-    laid = table(cut_names(rows, REPORT_WIDTH - 2), right={1, 2, 3} if stats.expected_rows else {1, 2})
+    laid = text_table(cut_names(rows, REPORT_WIDTH - 2), right={1, 2, 3} if stats.expected_rows else {1, 2})
     return ["Per endpoint (histograms share one scale):", *("  " + line for line in laid.splitlines())]
 
 
@@ -5333,8 +5332,8 @@ def score_arg(text: str) -> int:
     raise argparse.ArgumentTypeError(f"expected a whole score from 1 to 10, got {text!r}")
 
 
-def concurrency_arg(text: str) -> int | None:
-    return None if text == AUTO else positive_int(text)
+def concurrency_arg(text: str) -> int | str:
+    return AUTO if text == AUTO else positive_int(text)
 
 
 def top_arg(text: str) -> tuple[float, bool]:
@@ -5393,7 +5392,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how long Ollama keeps the model loaded after a request ({DURATION_HELP}; -1 forever, 0 unload; "
              "default 30m)")
     add = groups["run"].add_argument
-    add("--concurrency", type=concurrency_arg, default=None, metavar="N|auto",
+    add("--concurrency", type=concurrency_arg, default=AUTO, metavar="N|auto",
         help="requests in flight per endpoint unless its line says (default auto: adaptive)")
     add("--timeout", type=at_least_a_second, default=600.0, metavar="DURATION",
         help=f"per-request limit ({DURATION_HELP}; default 600s)")
@@ -5576,7 +5575,7 @@ async def preflight(endpoints: list[Endpoint], config: Config) -> None:
             rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items()
                                                        for n, d in names.items()]
             raise UsageError("the same model name is a different build on different endpoints, so their scores "
-                             "would not be comparable:\n" + table(rows) +
+                             "would not be comparable:\n" + text_table(rows) +
                              "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
         if not any(e.checked for e in endpoints) and all(e.gone for e in endpoints):
             raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))

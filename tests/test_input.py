@@ -325,7 +325,7 @@ def test_record_builders_match_the_fast_scanner():
     keys = score.RECORD_KEYS
     assert keys[:2] == ("id", "score") and keys[-1] == "error_kind" and "hash" in keys   # what RECORD_FIELDS reads
     item = score.Item(id="fn-\"7\"", text="def f(): pass", fields={})
-    item.digest = score.text_digest(item.text)
+    item.text_hash = score.text_hash(item.text)
     failed = score.error_record(item, "attempts_exhausted", "bad answers", "m")
     success = score.base_record(item) | {"score": 7, "reason": "ok, \"fine\"\nreally", "endpoint": "é"}
     copied = score.duplicate_record(score.Item(id=12, text=None, fields={}), success)

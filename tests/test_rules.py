@@ -1,4 +1,4 @@
-"""Direct tests of the pure rules: answers, server errors, digests, key sets, and argument parsing.
+"""Direct tests of the pure rules: answers, server errors, text hashes, key sets, and argument parsing.
 
 Server answers are the exact bodies real servers send (see PROTOCOL.md and the servers' sources),
 wrapped in real httpx.Response objects; expected values are worked out here from those numbers.
@@ -275,7 +275,7 @@ def test_an_ollama_500_never_asks_for_another_format(endpoints):
     assert type(result) is score.EndpointFault
 
 
-# ── content digests ─────────────────────────────────────────────────────────────
+# ── text hashes ─────────────────────────────────────────────────────────────────
 
 CODE = "def add(a, b):\n    return a + b"
 
@@ -293,9 +293,9 @@ def stored_hash(text: str) -> str:
     "\n\n  def add(a, b):\n    return a + b\n\n",
     " \t\r\ndef add(a, b):\r\n    return a + b\r\n",
 ])
-def test_text_digest_ignores_line_endings_trailing_blanks_and_outer_whitespace(variant):
-    assert score.text_digest(variant) == score.text_digest(CODE)
-    assert score.format_digest(score.text_digest(variant)) == stored_hash(CODE)
+def test_text_hash_ignores_line_endings_trailing_blanks_and_outer_whitespace(variant):
+    assert score.text_hash(variant) == score.text_hash(CODE)
+    assert score.format_hash(score.text_hash(variant)) == stored_hash(CODE)
 
 
 @pytest.mark.parametrize("other", [
@@ -304,14 +304,14 @@ def test_text_digest_ignores_line_endings_trailing_blanks_and_outer_whitespace(v
     "def add(a,b):\n    return a + b",
     "def add(a, b):\n    return a - b",
 ])
-def test_text_digest_keeps_differences_that_matter(other):
-    assert score.text_digest(other) != score.text_digest(CODE)
-    assert score.format_digest(score.text_digest(other)) == stored_hash(other)
+def test_text_hash_keeps_differences_that_matter(other):
+    assert score.text_hash(other) != score.text_hash(CODE)
+    assert score.format_hash(score.text_hash(other)) == stored_hash(other)
 
 
-def test_text_digest_is_never_zero_because_zero_means_no_digest():
-    assert score.text_digest("") != 0
-    assert score.text_digest("   \n") == score.text_digest("")
+def test_text_hash_is_never_zero_because_zero_means_no_hash():
+    assert score.text_hash("") != 0
+    assert score.text_hash("   \n") == score.text_hash("")
 
 
 @pytest.mark.parametrize("value, text", [
@@ -321,61 +321,61 @@ def test_text_digest_is_never_zero_because_zero_means_no_digest():
     (-(1 << 63), "0000000000000080"),
     ((1 << 63) - 1, "ffffffffffffff7f"),
 ])
-def test_format_digest_is_little_endian_hex_and_parse_digest_inverts_it(value, text):
-    assert score.format_digest(value) == text
-    assert score.parse_digest(text) == value
+def test_format_hash_is_little_endian_hex_and_parse_hash_inverts_it(value, text):
+    assert score.format_hash(value) == text
+    assert score.parse_hash(text) == value
 
 
-def test_digest_round_trip_over_many_values():
+def test_hash_round_trip_over_many_values():
     rng = random.Random(7)
     for _ in range(2000):
         value = rng.randrange(-(1 << 63), 1 << 63)
-        text = score.format_digest(value)
+        text = score.format_hash(value)
         assert len(text) == 16 and text == text.lower()
-        assert score.parse_digest(text) == value
+        assert score.parse_hash(text) == value
 
 
-# ── DigestIndex and KeySet ──────────────────────────────────────────────────────
+# ── HashIndex and KeySet ──────────────────────────────────────────────────────
 
 
 def first_offsets(keys: list[int], offsets: list[int]) -> dict[int, int]:
-    """Each digest's first record, in checkpoint order."""
+    """Each hash's first record, in checkpoint order."""
     first: dict[int, int] = {}
     for key, offset in zip(keys, offsets):
         first.setdefault(key, offset)
     return first
 
 
-def test_digest_index_gives_the_first_record_of_equal_texts():
+def test_hash_index_gives_the_first_record_of_equal_texts():
     keys = [5, 3, 5, 5, -2, 3]
     offsets = [0, 100, 200, 300, 400, 500]
-    index = score.DigestIndex(array("q", keys), array("q", offsets))
+    index = score.HashIndex(array("q", keys), array("q", offsets))
     assert index.get(5) == 0 and index.get(3) == 100 and index.get(-2) == 400
     assert index.get(4) is None and index.get(-5) is None
 
 
-def test_digest_index_first_wins_in_a_large_checkpoint():
+def test_hash_index_first_wins_in_a_large_checkpoint():
     rng = random.Random(3)
     keys = [rng.randrange(-500, 500) for _ in range(20_000)]        # many repeats, out of order
     offsets = [i * 37 for i in range(len(keys))]
-    index = score.DigestIndex(array("q", keys), array("q", offsets))
+    index = score.HashIndex(array("q", keys), array("q", offsets))
     expected = first_offsets(keys, offsets)
     assert all(index.get(key) == offset for key, offset in expected.items())
     assert all(index.get(key) is None for key in range(-600, 600) if key not in expected)
 
 
-def test_digest_index_add_never_replaces_an_earlier_record():
-    index = score.DigestIndex(array("q", [9]), array("q", [0]))
+def test_hash_index_add_never_replaces_an_earlier_record():
+    index = score.HashIndex(array("q", [9]), array("q", [0]))
     index.add(9, 50)
     index.add(7, 60)
     index.add(7, 70)
     assert index.get(9) == 0 and index.get(7) == 60
 
 
-def test_digest_index_keeps_every_entry_and_the_first_of_each_across_compaction():
+def test_hash_index_keeps_every_entry_and_the_first_of_each_across_compaction():
     rng = random.Random(11)
     loaded = rng.sample(range(-(1 << 62), 1 << 62, 1 << 40), 1000)
-    index = score.DigestIndex(array("q", loaded), array("q", range(1000)))
+    index = score.HashIndex(array("q", loaded), array("q", range(1000)))
     # more additions than the in-memory buffer holds (50,000), so they get folded into the arrays
     added = [rng.randrange(-(1 << 63), 1 << 63) for _ in range(60_000)]
     for offset, key in enumerate(added, start=1000):
@@ -387,8 +387,8 @@ def test_digest_index_keeps_every_entry_and_the_first_of_each_across_compaction(
     assert all(index.get(key) == offset for key, offset in expected.items())
 
 
-def test_empty_digest_index_knows_nothing():
-    index = score.DigestIndex()
+def test_empty_hash_index_knows_nothing():
+    index = score.HashIndex()
     assert index.get(0) is None and index.get(123) is None and len(index) == 0
 
 
