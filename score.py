@@ -43,9 +43,10 @@ Exit codes:
          or an existing output without --resume/--overwrite
     129  terminal closed (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM)
 
-Layout of this file (in the order data flows):
-    Constants · Data model · Errors · Input · Checkpoint · Endpoints · Scoring ·
-    Scheduling · Progress and summary · Export and report · CLI
+Layout of this file (in the order data flows; each name is defined above its first use):
+    Constants · Small utilities · Types and errors · Input · Records and checkpoint ·
+    Endpoints and HTTP · Scoring protocol · Dispatch and outcome policies · Fleet health · Run ·
+    Live view and summary · Reports and export · Job running · CLI
 """
 
 from __future__ import annotations
@@ -89,7 +90,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-# ── Constants ───────────────────────────────────────────────────────────────────
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock; run one writer per file there
+    fcntl = None
+
+
+# ── Constants ─────────────────────────────────────────────────────────────────────
+# Defaults and limits, the answer schema, the built-in prompt and the calibration functions.
+
 
 __version__ = "0.3.0"
 
@@ -255,27 +264,6 @@ CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own marku
 MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
 TRUNCATION_MARK = "\n... [truncated]"
 
-
-class ErrorKind(enum.StrEnum):
-    """Why a row has no score: the `error_kind` of its record (README lists them; never rename one)."""
-
-    EMPTY = "empty"
-    MALFORMED = "malformed"
-    NO_ID = "no_id"
-    TEMPLATE = "template"
-    BAD_TEXT = "bad_text"
-    BAD_ID = "bad_id"
-    DUPLICATE_ID = "duplicate_id"
-    BAD_ANSWER = "bad_answer"                   # an answer we cannot use; recorded as attempts_exhausted
-    REJECTED = "rejected"                       # an HTTP 400 for this row; recorded as attempts_exhausted
-    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
-    POISON = "poison"
-    TOO_LONG = "too_long"
-
-
-PERMANENT_ERRORS = frozenset({ErrorKind.EMPTY, ErrorKind.MALFORMED, ErrorKind.NO_ID, ErrorKind.TEMPLATE,
-                              ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
-
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
 FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
 FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
@@ -322,7 +310,190 @@ BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remainin
 RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
 LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
 
-# ── Data model ──────────────────────────────────────────────────────────────────
+FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
+REPORT_WIDTH = 100          # columns the end summary and the text report stay within
+
+NAME_WIDTH = 28             # endpoint names longer than this are cut in the middle in tables and charts
+
+
+# ── Small utilities ───────────────────────────────────────────────────────────────
+# Text, numbers, tables and a wake-up that every later section uses.
+
+
+def one_line(value: object) -> str:
+    """Squash an exception or text to a single line."""
+    return " ".join(str(value).split())
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """Say "1 row" / "2 rows"."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
+def figure(value: float, unit: str = "") -> str:
+    """Two decimals for small figures, none for large ones, so columns stay narrow."""
+    return f"{value:.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds as 45s, 12m05s, 3h07m or 2d04h."""
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_rate(rate: float) -> str:
+    """Render items/s with one decimal while small, none once large."""
+    return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
+
+
+def sketch(value: Any) -> str:
+    """Describe an unexpected JSON value briefly: its type and the start of its text."""
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+    return kind if value is None else f"{kind} ({one_line(json.dumps(value))[:60]})"
+
+
+def name_list(names: list[str], shown: int = 3) -> str:
+    """Name a few endpoints and count the rest: "a, b, c and 37 more"."""
+    head = ", ".join(names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """Cut a long name in the middle, keeping both ends, so `mac-pro-2019-alice` and `-bob` stay apart."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return name[:width - 1 - tail] + "…" + name[len(name) - tail:]
+
+
+def clip(parts: list[str], budget: int, sep: str = ", ") -> str:
+    """Join as many parts as fit in `budget` characters, ending with "+N" when N do not."""
+    whole = sep.join(parts)
+    if len(whole) <= budget:
+        return whole
+    text = ""
+    for i, part in enumerate(parts):
+        rest = f"+{len(parts) - i - 1}"
+        if len(text) + (len(sep) if text else 0) + len(part) + len(sep) + len(rest) > budget:
+            rest = f"+{len(parts) - i}"
+            text = f"{text}{sep}{rest}" if text else rest
+            return text if len(text) <= budget else ""
+        text = f"{text}{sep}{part}" if text else part
+    return text
+
+
+def fit(lines: list[str]) -> str:
+    """Join report lines, wrapping prose (never tables) to REPORT_WIDTH columns."""
+    return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ")
+                     if len(line) > REPORT_WIDTH and "\n" not in line else line for line in lines)
+
+
+def text_table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Lay out rows as aligned columns (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def cut_names(rows: list[list[str]], limit: int = REPORT_WIDTH) -> list[list[str]]:
+    """Cut the first column's names as little as lets the table fit `limit` columns (never below 16)."""
+    others = sum(max(len(r[i]) for r in rows) + 2 for i in range(1, len(rows[0])))
+    width = max(16, min(NAME_WIDTH, limit - others))
+    return [[short_name(r[0], width), *r[1:]] for r in rows]
+
+
+def warn(message: str) -> None:
+    """Print a line on stderr without breaking the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def arrow_int64(values: array) -> pa.Array:
+    """View an array('q') as an Arrow array without copying."""
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def to_array(values: pa.Array) -> array:
+    """Copy an Arrow int64 array back into an array('q')."""
+    out = array("q")
+    out.frombytes(values.buffers()[1].to_pybytes()[values.offset * 8:(values.offset + len(values)) * 8])
+    return out
+
+
+def sort_together(keys: array, *others: array) -> tuple[array, ...]:
+    """Sort keys (stably, in C++) and carry parallel arrays along; a Python sort of a million
+    ints would allocate ~40 MB of int objects."""
+    if not keys:
+        return (keys, *others)
+    order = pc.sort_indices(arrow_int64(keys))
+    return tuple(to_array(arrow_int64(a).take(order)) for a in (keys, *others))
+
+
+class Wakeup:
+    """Wake every waiter when shared state changes; waiters re-check their condition."""
+
+    def __init__(self, also: Callable[[], None] | None = None) -> None:
+        self._waiters: list[asyncio.Future] = []
+        self.also = also
+
+    def notify(self) -> None:
+        """Wake all current waiters (and run the `also` hook)."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+        if self.also is not None:
+            self.also()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Sleep until the next notify (or timeout)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters and not waiter.done():
+                self._waiters.remove(waiter)
+
+
+# ── Types and errors ──────────────────────────────────────────────────────────────
+# The values a run passes around, and whose fault decides what happens next.
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a row has no score: the `error_kind` of its record (README lists them; never rename one)."""
+
+    EMPTY = "empty"
+    MALFORMED = "malformed"
+    NO_ID = "no_id"
+    TEMPLATE = "template"
+    BAD_TEXT = "bad_text"
+    BAD_ID = "bad_id"
+    DUPLICATE_ID = "duplicate_id"
+    BAD_ANSWER = "bad_answer"                   # an answer we cannot use; recorded as attempts_exhausted
+    REJECTED = "rejected"                       # an HTTP 400 for this row; recorded as attempts_exhausted
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    POISON = "poison"
+    TOO_LONG = "too_long"
+
+
+PERMANENT_ERRORS = frozenset({ErrorKind.EMPTY, ErrorKind.MALFORMED, ErrorKind.NO_ID, ErrorKind.TEMPLATE,
+                              ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
 
 
 class Api(enum.StrEnum):
@@ -458,12 +629,9 @@ class Answer:
     score_expected: float | None = None      # Σ k·p(k) from the token probabilities, when the server gave them
 
 
-# ── Errors ──────────────────────────────────────────────────────────────────────
 # Whose fault decides what happens next: an endpoint's trouble re-queues the item
 # for free, an item's trouble costs one of its attempts, a fatal answer retires
 # the endpoint, and a UsageError ends the run with exit 2 before damage is done.
-
-
 class UsageError(Exception):
     """Bad command line, input or environment: one line, exit 2."""
 
@@ -523,7 +691,26 @@ class StopRun(Exception):
         self.code = code
 
 
-# ── Input ───────────────────────────────────────────────────────────────────────
+@dataclass(slots=True)
+class Tally:
+    """Counters for the end summary and the exit code."""
+
+    taken: int = 0
+    scored: int = 0
+    duplicates: int = 0
+    skipped: int = 0                # already finished in the checkpoint
+    skipped_permanent: int = 0      # finished earlier with a permanent error
+    truncated: int = 0
+    hedges: int = 0
+    hedges_won: int = 0
+    requeued: int = 0
+    cancelled: int = 0              # in flight when the run stopped: not re-sent, left for --resume
+    errors: Counter = field(default_factory=Counter)
+    unreadable: list[str] = field(default_factory=list)    # parts of the input that could not be read
+
+
+# ── Input ─────────────────────────────────────────────────────────────────────────
+# One reader for Parquet and JSONL: rows, their ids and keys, bad rows, finished rows passed over.
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,6 +1044,32 @@ def group_rows(parquet: pq.ParquetFile, group: int, start: int, todo: array | No
             yield rows
 
 
+class SeenKeys:
+    """A growing set of 64-bit keys: a sorted array plus a small recent set folded in now and then,
+    so a dataset's ids cost ~8 bytes each rather than a Python set's ~70."""
+
+    def __init__(self) -> None:
+        self._keys = array("q")
+        self._recent: set[int] = set()
+
+    def add(self, key: int) -> bool:
+        """Add a key; return False if it was already there."""
+        if key in self._recent:
+            return False
+        i = bisect.bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            return False
+        self._recent.add(key)
+        if len(self._recent) >= 65536:
+            keys = array("q", self._keys)
+            keys.extend(self._recent)
+            (self._keys,), self._recent = sort_together(keys), set()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+
 def parquet_rows(info: InputInfo, log: InputLog, skip: Callable[[int], bool] | None,
                  columns: list[str] | None, size: int) -> Iterator[Rows]:
     """Stream Parquet row group by row group. With `skip`, each group's ids are read first to find
@@ -1059,28 +1272,8 @@ def count_rows(info: InputInfo) -> int:
     return count + (last != b"\n")
 
 
-# ── Checkpoint ──────────────────────────────────────────────────────────────────
-
-
-def arrow_int64(values: array) -> pa.Array:
-    """View an array('q') as an Arrow array without copying."""
-    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
-
-
-def to_array(values: pa.Array) -> array:
-    """Copy an Arrow int64 array back into an array('q')."""
-    out = array("q")
-    out.frombytes(values.buffers()[1].to_pybytes()[values.offset * 8:(values.offset + len(values)) * 8])
-    return out
-
-
-def sort_together(keys: array, *others: array) -> tuple[array, ...]:
-    """Sort keys (stably, in C++) and carry parallel arrays along; a Python sort of a million
-    ints would allocate ~40 MB of int objects."""
-    if not keys:
-        return (keys, *others)
-    order = pc.sort_indices(arrow_int64(keys))
-    return tuple(to_array(arrow_int64(a).take(order)) for a in (keys, *others))
+# ── Records and checkpoint ────────────────────────────────────────────────────────
+# The record format, its fast scanner, each id's final record, the checkpoint and its sidecar.
 
 
 class KeySet:
@@ -1097,32 +1290,6 @@ class KeySet:
         return len(self._keys)
 
 
-class SeenKeys:
-    """A growing set of 64-bit keys: a sorted array plus a small recent set folded in now and then,
-    so a dataset's ids cost ~8 bytes each rather than a Python set's ~70."""
-
-    def __init__(self) -> None:
-        self._keys = array("q")
-        self._recent: set[int] = set()
-
-    def add(self, key: int) -> bool:
-        """Add a key; return False if it was already there."""
-        if key in self._recent:
-            return False
-        i = bisect.bisect_left(self._keys, key)
-        if i < len(self._keys) and self._keys[i] == key:
-            return False
-        self._recent.add(key)
-        if len(self._recent) >= 65536:
-            keys = array("q", self._keys)
-            keys.extend(self._recent)
-            (self._keys,), self._recent = sort_together(keys), set()
-        return True
-
-    def __len__(self) -> int:
-        return len(self._keys) + len(self._recent)
-
-
 class HashIndex:
     """Map text hashes to the checkpoint offset of the first scored record with that text."""
 
@@ -1131,20 +1298,20 @@ class HashIndex:
         self._keys, self._offsets = sort_together(keys or array("q"), offsets or array("q"))
         self._recent: dict[int, int] = {}
 
-    def get(self, text_hash: int) -> int | None:
+    def get(self, hashed: int) -> int | None:
         """Return the record offset for a text hash, or None."""
-        offset = self._recent.get(text_hash)
+        offset = self._recent.get(hashed)
         if offset is not None:
             return offset
-        i = bisect.bisect_left(self._keys, text_hash)
-        if i < len(self._keys) and self._keys[i] == text_hash:
+        i = bisect.bisect_left(self._keys, hashed)
+        if i < len(self._keys) and self._keys[i] == hashed:
             return self._offsets[i]
         return None
 
-    def add(self, text_hash: int, offset: int) -> None:
+    def add(self, hashed: int, offset: int) -> None:
         """Remember the first scored record of a text."""
-        if self.get(text_hash) is None:
-            self._recent[text_hash] = offset
+        if self.get(hashed) is None:
+            self._recent[hashed] = offset
             if len(self._recent) > max(50_000, len(self._keys) // 2):
                 self._compact()
 
@@ -1227,12 +1394,6 @@ class FinalRecords:
         return pa.concat_arrays([last.cast(pa.int64()), pa.array(self.finish()[1].values(), pa.int64())])
 
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows has no flock; run one writer per file there
-    fcntl = None
-
-
 # Every record score.py writes has these keys in this order (base_record builds them so).
 RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
                "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
@@ -1249,41 +1410,55 @@ def finite(value: Any) -> bool:
     return type(value) is int or type(value) is float and math.isfinite(value)
 
 
-RECORD_TEXTS = ("endpoint", "reason", "model", "error")
-RECORD_COUNTS = ("output_tokens", "prompt_tokens")
 LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
 
 
-def valid_details(record: dict[str, Any]) -> bool:
-    """Tell whether the fields the report and export read hold what score.py writes (absent is null)."""
-    get = record.get
-    ts, expected, latency, original = get("ts"), get("score_expected"), get("latency_s"), get("duplicate_of")
-    # A reason or an error is a server's text and may hold a lone surrogate (record_line writes it escaped);
-    # an endpoint's name and a model's come from us and never do.
-    return (all(get(name) is None or type(get(name)) is str for name in RECORD_TEXTS)
-            and all(writable(get(name)) for name in ("endpoint", "model"))
-            and all(get(name) is None or type(get(name)) is int and get(name) >= 0 for name in RECORD_COUNTS)
-            and (ts is None or finite(ts) and 0 < ts < LATEST_TS)
-            and (expected is None or finite(expected) and 1 <= expected <= 10)
-            and (latency is None or finite(latency) and latency >= 0)
-            and (original is None or type(original) is int or type(original) is str and writable(original))
-            and type(get("truncated", False)) is bool)
+def is_text(value: Any) -> bool:
+    return type(value) is str
+
+
+def is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+# What the report and export read of a record besides its id, score, error_kind and hash, and the
+# values score.py writes there. A reason or an error is a server's text and may hold a lone surrogate
+# (record_line writes it escaped); an endpoint's name and a model's come from us and never do.
+DETAILS: dict[str, Callable[[Any], bool]] = {
+    "reason": is_text, "error": is_text,
+    "endpoint": lambda v: is_text(v) and writable(v), "model": lambda v: is_text(v) and writable(v),
+    "output_tokens": is_count, "prompt_tokens": is_count,
+    "ts": lambda v: finite(v) and 0 < v < LATEST_TS,
+    "score_expected": lambda v: finite(v) and 1 <= v <= 10,
+    "latency_s": lambda v: finite(v) and v >= 0,
+    "duplicate_of": lambda v: type(v) is int or is_text(v) and writable(v),
+    "truncated": lambda v: type(v) is bool,
+}
+
+
+def clean_details(record: dict[str, Any]) -> dict[str, Any]:
+    """Null the details that hold what score.py never writes: the line still counts as its id's
+    record, exactly as resume's scanner counts it, but a hand-edited value cannot reach a report."""
+    for name, fits in DETAILS.items():
+        value = record.get(name)
+        if value is not None and not fits(value):
+            record[name] = None
+    return record
 
 
 def valid_record(record: Any) -> bool:
     """Tell whether a decoded line is a record score.py could have written; no other line counts.
 
     The id is an int or a writable string, the score an int in 1..10 or null (and then
-    error_kind says why), error_kind and hash are strings or null, and every field the
-    report and export read has the type and range score.py writes (valid_details).
+    error_kind says why), and error_kind and hash are strings or null: the fields the fast
+    scanner reads, so resume, report and export count the same lines.
     """
     if not isinstance(record, dict) or "id" not in record or "score" not in record:
         return False
     ident, score, kind, stored_hash = record["id"], record["score"], record.get("error_kind"), record.get("hash")
     return ((type(ident) is int or type(ident) is str and writable(ident))
             and (type(score) is int and 1 <= score <= 10 or score is None and type(kind) is str)
-            and (kind is None or type(kind) is str) and (stored_hash is None or type(stored_hash) is str)
-            and valid_details(record))
+            and (kind is None or type(kind) is str) and (stored_hash is None or type(stored_hash) is str))
 
 
 def scan_record(line: bytes) -> tuple[int, int | None, str | None, str | None] | None:
@@ -1385,6 +1560,52 @@ def record_line(record: dict[str, Any]) -> bytes:
 
 TAIL_MAX = 1 << 20           # a last line longer than this, without its newline, is no record of ours
 HOLD_MAX = (10_000, 4 << 20)    # --overwrite keeps at most this many records / bytes back
+
+
+def meta_path(output: Path) -> Path:
+    """Return the sidecar that pins what a checkpoint's records mean."""
+    return output.with_name(output.name + ".meta.json")
+
+
+def write_meta(output: Path, meta: dict[str, Any]) -> None:
+    """Write the sidecar atomically (temp file + rename)."""
+    target = meta_path(output)
+    temp = target.with_name(target.name + ".tmp")
+    try:
+        try:
+            text = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:      # a server's text with a lone surrogate: keep it escaped
+            text = (json.dumps(meta, indent=2) + "\n").encode()
+        temp.write_bytes(text)
+        os.replace(temp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)     # never leave a half-written temp file behind
+        raise
+
+
+def probe_sidecar(output: Path) -> None:
+    """Fail now, not at the first record, if the sidecar cannot be written beside the output."""
+    target = meta_path(output)
+    temp = target.with_name(target.name + ".tmp")
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory, so the output's sidecar cannot be written there")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if temp.is_file() and not temp.is_symlink():
+            return                  # left by an interrupted run; write_meta replaces it
+        raise UsageError(f"{temp} is in the way of the output's sidecar; remove it") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the sidecar {temp} beside the output ({exc.strerror})") from None
+    try:
+        os.write(fd, b" " * 4096)   # a sidecar's worth, so a full disk stops the run here
+        os.fsync(fd)
+    except OSError as exc:
+        raise UsageError(f"cannot write the sidecar {temp} beside the output ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
 
 
 class Checkpoint:
@@ -1606,52 +1827,6 @@ class Checkpoint:
             self._fd = -1
 
 
-def meta_path(output: Path) -> Path:
-    """Return the sidecar that pins what a checkpoint's records mean."""
-    return output.with_name(output.name + ".meta.json")
-
-
-def write_meta(output: Path, meta: dict[str, Any]) -> None:
-    """Write the sidecar atomically (temp file + rename)."""
-    target = meta_path(output)
-    temp = target.with_name(target.name + ".tmp")
-    try:
-        try:
-            text = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
-        except UnicodeEncodeError:      # a server's text with a lone surrogate: keep it escaped
-            text = (json.dumps(meta, indent=2) + "\n").encode()
-        temp.write_bytes(text)
-        os.replace(temp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)     # never leave a half-written temp file behind
-        raise
-
-
-def probe_sidecar(output: Path) -> None:
-    """Fail now, not at the first record, if the sidecar cannot be written beside the output."""
-    target = meta_path(output)
-    temp = target.with_name(target.name + ".tmp")
-    if target.is_dir():
-        raise UsageError(f"{target} is a directory, so the output's sidecar cannot be written there")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        if temp.is_file() and not temp.is_symlink():
-            return                  # left by an interrupted run; write_meta replaces it
-        raise UsageError(f"{temp} is in the way of the output's sidecar; remove it") from None
-    except OSError as exc:
-        raise UsageError(f"cannot write the sidecar {temp} beside the output ({exc.strerror})") from None
-    try:
-        os.write(fd, b" " * 4096)   # a sidecar's worth, so a full disk stops the run here
-        os.fsync(fd)
-    except OSError as exc:
-        raise UsageError(f"cannot write the sidecar {temp} beside the output ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-        temp.unlink(missing_ok=True)
-
-
 PIN_BLOCK = 1 << 16         # bytes hashed at each end of an input file
 
 
@@ -1850,7 +2025,8 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
     return meta
 
 
-# ── Endpoints ───────────────────────────────────────────────────────────────────
+# ── Endpoints and HTTP ────────────────────────────────────────────────────────────
+# The endpoints file, each endpoint's health and limit, and the requests of preflight.
 
 
 def normalize_url(text: str) -> tuple[str, Api | None]:
@@ -2327,6 +2503,10 @@ class Endpoint:
         self.backed_off(now + delay)
         return False
 
+    def sidecar_entry(self) -> dict[str, str | None]:
+        """Say what the sidecar keeps of the endpoint: where it is, and which model and build it serves."""
+        return {"url": self.url, "model": self.model, "digest": self.digest}
+
     def headers(self) -> dict[str, str]:
         """Build request headers; the key comes from the environment only."""
         if self.spec.key_env:
@@ -2390,6 +2570,23 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
+def describe_transport(exc: Exception) -> str:
+    """Name a transport error the way a person would."""
+    text = one_line(exc)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "read timed out"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"connection dropped ({text})" if text else "connection dropped"
+    cause: BaseException | None = exc
+    while cause is not None:          # httpx hides the OS error ("All connection attempts failed")
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    return text or type(exc).__name__
+
+
 async def exchange(endpoint: Endpoint, method: str, url: str | httpx.URL, body: Any, cap: int,
                    timeout: Any = httpx.USE_CLIENT_DEFAULT) -> tuple[httpx.Response, bytes]:
     """Send one request and read at most `cap` bytes of the answer; trouble on the wire is the endpoint's."""
@@ -2418,13 +2615,6 @@ def readable(response: httpx.Response, data: bytes) -> httpx.Response:
     headers = [(k, v) for k, v in response.headers.multi_items()
                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
     return httpx.Response(response.status_code, headers=headers, content=data, request=response.request)
-
-
-def sketch(value: Any) -> str:
-    """Describe an unexpected JSON value briefly: its type and the start of its text."""
-    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
-    return kind if value is None else f"{kind} ({one_line(json.dumps(value))[:60]})"
 
 
 @contextlib.asynccontextmanager
@@ -2542,6 +2732,11 @@ async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
     endpoint.checked = True
 
 
+def ollama_options(config: Config, temperature: float, seed: int) -> dict[str, Any]:
+    """Build Ollama options; num_ctx never varies, since changing it reloads the model."""
+    return {"temperature": temperature, "seed": seed, "num_ctx": config.num_ctx, "num_predict": NUM_PREDICT}
+
+
 async def warm_up(endpoint: Endpoint, config: Config) -> None:
     """Load the model before dispatch so a cold laptop's load is not taken for a failure."""
     if endpoint.api != Api.OLLAMA:
@@ -2593,29 +2788,8 @@ def load_failures(endpoints: list[Endpoint]) -> str | None:
     return "no endpoint can serve: " + "; ".join(f"{e.name}: {e.load_error}" for e in live)
 
 
-def describe_transport(exc: Exception) -> str:
-    """Name a transport error the way a person would."""
-    text = one_line(exc)
-    if isinstance(exc, httpx.ConnectTimeout):
-        return "connect timed out"
-    if isinstance(exc, httpx.ReadTimeout):
-        return "read timed out"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return f"connection dropped ({text})" if text else "connection dropped"
-    cause: BaseException | None = exc
-    while cause is not None:          # httpx hides the OS error ("All connection attempts failed")
-        if isinstance(cause, OSError) and cause.errno:
-            return os.strerror(cause.errno).lower()
-        cause = cause.__cause__ or cause.__context__
-    return text or type(exc).__name__
-
-
-# ── Scoring ─────────────────────────────────────────────────────────────────────
-
-
-def ollama_options(config: Config, temperature: float, seed: int) -> dict[str, Any]:
-    """Build Ollama options; num_ctx never varies, since changing it reloads the model."""
-    return {"temperature": temperature, "seed": seed, "num_ctx": config.num_ctx, "num_predict": NUM_PREDICT}
+# ── Scoring protocol ──────────────────────────────────────────────────────────────
+# Prompt, request, answer and expected score; the calibration sets at preflight.
 
 
 def retry_settings(config: Config, attempt: int) -> tuple[float, int]:
@@ -3103,12 +3277,6 @@ def calibration_table(endpoints: list[Endpoint], results: dict[str, dict[str, An
     return text_table(cut_names(rows), right={2, 3, 4})
 
 
-def name_list(names: list[str], shown: int = 3) -> str:
-    """Name a few endpoints and count the rest: "a, b, c and 37 more"."""
-    head = ", ".join(names[:shown])
-    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def calibration_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
     """Say loudly what a failed calibration means for the scores, once per kind of failure."""
     by_kind: dict[tuple[str, str], list[str]] = {}
@@ -3150,58 +3318,8 @@ async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict
     return results
 
 
-# ── Scheduling ──────────────────────────────────────────────────────────────────
-
-
-class Wakeup:
-    """Wake every waiter when shared state changes; waiters re-check their condition."""
-
-    def __init__(self, also: Callable[[], None] | None = None) -> None:
-        self._waiters: list[asyncio.Future] = []
-        self.also = also
-
-    def notify(self) -> None:
-        """Wake all current waiters (and run the `also` hook)."""
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
-        if self.also is not None:
-            self.also()
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Sleep until the next notify (or timeout)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            if timeout is None:
-                await waiter
-            else:
-                async with asyncio.timeout(timeout):
-                    await waiter
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in self._waiters and not waiter.done():
-                self._waiters.remove(waiter)
-
-
-@dataclass(slots=True)
-class Tally:
-    """Counters for the end summary and the exit code."""
-
-    taken: int = 0
-    scored: int = 0
-    duplicates: int = 0
-    skipped: int = 0                # already finished in the checkpoint
-    skipped_permanent: int = 0      # finished earlier with a permanent error
-    truncated: int = 0
-    hedges: int = 0
-    hedges_won: int = 0
-    requeued: int = 0
-    cancelled: int = 0              # in flight when the run stopped: not re-sent, left for --resume
-    errors: Counter = field(default_factory=Counter)
-    unreadable: list[str] = field(default_factory=list)    # parts of the input that could not be read
+# ── Dispatch and outcome policies ─────────────────────────────────────────────────
+# Pure rules: which endpoint takes which row, which row to race, what an outcome means.
 
 
 @dataclass(frozen=True, slots=True)
@@ -3294,8 +3412,6 @@ def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int
             best, best_left = key, left
     return best
 
-
-# ── Outcome policy: what an answer or a fault means for the row and the endpoint
 
 
 class Act(enum.Enum):
@@ -3443,8 +3559,6 @@ def judge_attempts(attempts: int, max_attempts: int, kind: ErrorKind, last_error
     return Verdict(Act.RESEND)
 
 
-# ── Dispatch policy: which waiting row an endpoint takes next
-
 
 class Backlog:
     """The rows waiting for an endpoint, and the rules that give an endpoint its next one."""
@@ -3579,7 +3693,8 @@ class Backlog:
         return best
 
 
-# ── Fleet health: endpoints into service, down, back, or out
+# ── Fleet health ──────────────────────────────────────────────────────────────────
+# Endpoints into service and back, down or out; the run paused or stopped when none is left.
 
 
 class Fleet:
@@ -3765,9 +3880,12 @@ class Fleet:
                     and other.digest != endpoint.digest:
                 raise EndpointGone(f"{endpoint.model} here is build {endpoint.digest[:12]}, but "
                                    f"{other.name} has {other.digest[:12]} (--allow-mixed-models to accept)")
-        self.meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
-                                                 "digest": endpoint.digest}
+        self.meta["endpoints"][endpoint.name] = endpoint.sidecar_entry()
         self.checkpoint.save_meta(self.meta)
+
+
+# ── Run ───────────────────────────────────────────────────────────────────────────
+# The core loop: read rows, dispatch them, write their records, watch the clock.
 
 
 class Run:
@@ -4073,100 +4191,8 @@ class Run:
             self.progress.show(self.endpoints, paused=self.fleet.all_down_since is not None)
 
 
-# ── Progress and summary ────────────────────────────────────────────────────────
-
-
-def warn(message: str) -> None:
-    """Print a line on stderr without breaking the progress bar."""
-    tqdm.write(message, file=sys.stderr)
-
-
-class QuietStream:
-    """A console stream that falls silent, instead of raising, once nobody reads it.
-
-    A closed pipe (`2>&1 | head -1`) or a hung-up terminal must cost the messages, never the run.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.broken = False
-
-    def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                self.stream.write(text)
-                self.stream.flush()
-            except (OSError, ValueError):
-                self.silence()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.broken:
-            try:
-                self.stream.flush()
-            except (OSError, ValueError):
-                self.silence()
-
-    def isatty(self) -> bool:
-        try:
-            return not self.broken and self.stream.isatty()
-        except (OSError, ValueError):
-            return False
-
-    def silence(self) -> None:
-        """Stop writing; point the descriptor at /dev/null so the interpreter's last flush succeeds."""
-        self.broken = True
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            fd = self.stream.fileno()
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, fd)
-            os.close(null)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
-def one_line(value: object) -> str:
-    """Squash an exception or text to a single line."""
-    return " ".join(str(value).split())
-
-
-def format_duration(seconds: float) -> str:
-    """Render seconds as 45s, 12m05s, 3h07m or 2d04h."""
-    seconds = int(max(0, seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def text_table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    """Lay out rows as aligned columns (the first row is the header)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def clip(parts: list[str], budget: int, sep: str = ", ") -> str:
-    """Join as many parts as fit in `budget` characters, ending with "+N" when N do not."""
-    whole = sep.join(parts)
-    if len(whole) <= budget:
-        return whole
-    text = ""
-    for i, part in enumerate(parts):
-        rest = f"+{len(parts) - i - 1}"
-        if len(text) + (len(sep) if text else 0) + len(part) + len(sep) + len(rest) > budget:
-            rest = f"+{len(parts) - i}"
-            text = f"{text}{sep}{rest}" if text else rest
-            return text if len(text) <= budget else ""
-        text = f"{text}{sep}{part}" if text else part
-    return text
+# ── Live view and summary ─────────────────────────────────────────────────────────
+# The progress line, the preflight table and the end-of-run summary.
 
 
 def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[str]:
@@ -4216,11 +4242,6 @@ class Bar(tqdm):
         if self.recent_rate is not None:
             found["rate"] = self.recent_rate
         return found
-
-
-def format_rate(rate: float) -> str:
-    """Render items/s with one decimal while small, none once large."""
-    return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
 
 
 class Progress:
@@ -4390,39 +4411,6 @@ def waiting_lines(endpoints: list[Endpoint], default: str) -> str:
     return "\n".join(lines)
 
 
-FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
-REPORT_WIDTH = 100          # columns the end summary and the text report stay within
-
-
-def fit(lines: list[str]) -> str:
-    """Join report lines, wrapping prose (never tables) to REPORT_WIDTH columns."""
-    return "\n".join(textwrap.fill(line, REPORT_WIDTH, subsequent_indent="  ")
-                     if len(line) > REPORT_WIDTH and "\n" not in line else line for line in lines)
-
-
-NAME_WIDTH = 28             # endpoint names longer than this are cut in the middle in tables and charts
-
-
-def short_name(name: str, width: int = NAME_WIDTH) -> str:
-    """Cut a long name in the middle, keeping both ends, so `mac-pro-2019-alice` and `-bob` stay apart."""
-    if len(name) <= width:
-        return name
-    tail = (width - 1) // 2
-    return name[:width - 1 - tail] + "…" + name[len(name) - tail:]
-
-
-def cut_names(rows: list[list[str]], limit: int = REPORT_WIDTH) -> list[list[str]]:
-    """Cut the first column's names as little as lets the table fit `limit` columns (never below 16)."""
-    others = sum(max(len(r[i]) for r in rows) + 2 for i in range(1, len(rows[0])))
-    width = max(16, min(NAME_WIDTH, limit - others))
-    return [[short_name(r[0], width), *r[1:]] for r in rows]
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """Say "1 row" / "2 rows"."""
-    return f"{n:,} {word if n == 1 else words or word + 's'}"
-
-
 def notable(names: list[str], flags: list[tuple[Callable[[str], float], int]]) -> list[str]:
     """Keep up to FLEET_ROWS - 1 names, the ones the flags mark, in the flags' order of concern.
 
@@ -4438,11 +4426,6 @@ def notable(names: list[str], flags: list[tuple[Callable[[str], float], int]]) -
             if weight > 0 and len(picked) < FLEET_ROWS - 1:
                 picked.setdefault(name)
     return [n for n in names if n in picked]
-
-
-def figure(value: float, unit: str = "") -> str:
-    """Two decimals for small figures, none for large ones, so columns stay narrow."""
-    return f"{value:.2f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
 
 
 def endpoint_row(label: str, state: str, group: list[Endpoint], elapsed: float, total: int) -> list[str]:
@@ -4549,7 +4532,9 @@ def exit_code(tally: Tally) -> int:
     return EXIT_INCOMPLETE if tally.errors or tally.skipped_permanent or tally.unreadable else EXIT_OK
 
 
-# ── Export and report ───────────────────────────────────────────────────────────
+# ── Reports and export ────────────────────────────────────────────────────────────
+# The text and HTML reports and the Parquet export, read back from the checkpoint.
+
 
 DISAGREE_POINTS = 0.5       # an endpoint whose mean score differs from the rest's by more than this
 DISAGREE_MIN_ITEMS = 50     # on at least this many items on each side
@@ -4633,7 +4618,7 @@ def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[di
             except ValueError:
                 record = None
             if valid_record(record):
-                yield record
+                yield clean_details(record)
             else:
                 skipped.add(number)
 
@@ -5103,6 +5088,17 @@ def html_report(stats: Stats, source: Path) -> str:
             + "".join(sections) + "</body></html>\n")
 
 
+def clean_strings(value: Any) -> Any:
+    """Replace what UTF-8 cannot hold (lone surrogates) in a JSON value."""
+    if isinstance(value, str):
+        return value if writable(value) else value.encode("utf-8", "replace").decode()
+    if isinstance(value, dict):
+        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    return value
+
+
 def answer_table(path: Path) -> pa.Table:
     """Reduce a checkpoint to one row per id key: its final record (FinalRecords' rule)."""
     columns: dict[str, list] = {name: [] for name in ("key", *EXPORT_COLUMNS)}
@@ -5131,17 +5127,6 @@ def answer_table(path: Path) -> pa.Table:
             flush()
     flush()
     return pa.concat_tables(chunks).take(finals.positions())
-
-
-def clean_strings(value: Any) -> Any:
-    """Replace what UTF-8 cannot hold (lone surrogates) in a JSON value."""
-    if isinstance(value, str):
-        return value if writable(value) else value.encode("utf-8", "replace").decode()
-    if isinstance(value, dict):
-        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [clean_strings(v) for v in value]
-    return value
 
 
 def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
@@ -5262,7 +5247,485 @@ def write_reports(config: Config, ran: bool = False) -> int:
     return EXIT_OK
 
 
-# ── CLI ─────────────────────────────────────────────────────────────────────────
+# ── Job running ───────────────────────────────────────────────────────────────────
+# Preflight, one whole job from the first request to its exit code, signals, the resume command.
+
+
+class QuietStream:
+    """A console stream that falls silent, instead of raising, once nobody reads it.
+
+    A closed pipe (`2>&1 | head -1`) or a hung-up terminal must cost the messages, never the run.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.silence()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def silence(self) -> None:
+        """Stop writing; point the descriptor at /dev/null so the interpreter's last flush succeeds."""
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def guard_streams() -> Callable[[], None]:
+    """Make stdout/stderr safe to lose mid-run; return what undoes it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:     # closed (`2>&-`): the checkpoint would get this number, and stray writes with it
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    saved = sys.stdout, sys.stderr
+    opened = [open(os.devnull, "w") for stream in saved if stream is None]
+    spare = iter(opened)
+    sys.stdout, sys.stderr = (QuietStream(stream if stream is not None else next(spare)) for stream in saved)
+
+    def restore() -> None:
+        sys.stdout, sys.stderr = saved
+        for stream in opened:
+            stream.close()
+    return restore
+
+
+def interpreter() -> str:
+    """Name the running Python the way a shell on this machine would find it."""
+    for name in ("python", "python3"):
+        found = shutil.which(name)
+        if found and os.path.abspath(found) == os.path.abspath(sys.executable):
+            return name
+    return sys.executable
+
+
+def invocation(argv0: str) -> list[str]:
+    """Spell how this program was started, valid again from the same folder."""
+    if argv0.endswith(".py"):
+        return [interpreter(), argv0]
+    name = Path(argv0).name                # the `score` console script
+    found = shutil.which(name)
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return [name]
+    return [argv0]
+
+
+def resume_command(config: Config) -> str:
+    """Spell out, shell-quoted, the command that continues this run."""
+    words = [w for w in config.command or ("score.py", str(config.input)) if w not in ("--overwrite", "--resume")]
+    return shlex.join([*words, "--resume"])
+
+
+def rerun_command(config: Config) -> str:
+    """Spell out, shell-quoted, this very command (nothing was written: run it again as it was)."""
+    return shlex.join(config.command) if config.command else resume_command(config)
+
+
+def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
+    """Record what preflight's check-and-load of one endpoint came to."""
+    exc = task.exception()
+    if exc is None:
+        return
+    if isinstance(exc, EndpointGone):
+        endpoint.taken_out(str(exc))
+    elif isinstance(exc, EndpointFault):
+        endpoint.failed_to_come_up(str(exc), time.monotonic())
+    else:
+        raise exc
+
+
+def try_it_command() -> str | None:
+    """Spell the command that runs examples/try_it.py from this folder, if it ships beside score.py."""
+    path = Path(__file__).resolve().parent / "examples" / "try_it.py"
+    if not path.is_file():
+        return None
+    relative = os.path.relpath(path)
+    shown = relative if not relative.startswith("..") else str(path)
+    return shlex.join([interpreter(), shown])
+
+
+def first_run_hint(endpoints: list[Endpoint], config: Config) -> str:
+    """Say what to do when the fleet is one local Ollama that is not running (the quick start, as shipped)."""
+    if len(endpoints) != 1 or "refused" not in endpoints[0].detail \
+            or httpx.URL(endpoints[0].url).host not in ("localhost", "127.0.0.1", "::1"):
+        return ""
+    lines = [f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine.",
+             "To go on, either",
+             f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;",
+             "  - or list your machines in endpoints.txt, one URL per line (or name a file with --endpoints);"]
+    if (command := try_it_command()) is not None:
+        lines += ["  - or try score.py without Ollama:", f"      {command}"]
+    return "\n".join(lines + ["Ctrl-C stops the wait; nothing has been scored."])
+
+
+async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[Endpoint, asyncio.Task]) -> None:
+    """Check and load every endpoint until one is ready (the rest get a grace) or each has answered."""
+    started = time.monotonic()
+    give_up = started + config.startup_timeout
+    retry_at: dict[Endpoint, float] = {}
+    ready_at: float | None = None
+    told, told_loading, next_left = False, False, started + 15.0
+    while True:
+        for e in endpoints:
+            if e.health is Health.PENDING and e not in tasks and time.monotonic() >= retry_at.get(e, 0.0):
+                tasks[e] = asyncio.create_task(start_endpoint(e, config))
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=1.0)
+        else:
+            await asyncio.sleep(1.0)
+        now = time.monotonic()
+        for e, task in list(tasks.items()):
+            if task.done():
+                del tasks[e]
+                settle_start(e, task)
+                retry_at[e] = now + 5.0
+        if ready_at is None and any(e.health is Health.READY for e in endpoints):
+            ready_at = now
+        answered = any(e.checked or e.gone for e in endpoints)
+        if (ready_at is not None and (not tasks or now - ready_at >= PREFLIGHT_GRACE)) or (answered and not tasks):
+            return
+        if not answered and now >= give_up:
+            raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
+                             + waiting_lines(endpoints, "no complete answer"))
+        if not answered and not told and (all(e in retry_at for e in endpoints) or now - started >= 10.0):
+            told = True
+            warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:\n"
+                 + waiting_lines(endpoints, "no complete answer yet")
+                 + first_run_hint(endpoints, config))
+        if told and not answered and now >= next_left:
+            next_left += 15.0
+            warn(f"[{time.strftime('%H:%M:%S')}] still no endpoint answers; giving up in "
+                 f"{format_duration(give_up - now)} (--startup-timeout)")
+        loading = [e.name for e in tasks if e.health is Health.WARMING]
+        if loading and not told_loading and ready_at is None and now - started >= 3.0:
+            told_loading = True
+            warn(f"Loading the model on {clip(loading, REPORT_WIDTH - 60)} (a cold start can take minutes)")
+
+
+async def preflight(endpoints: list[Endpoint], config: Config) -> None:
+    """Check every endpoint and load its model in parallel; refuse mixed builds; start on what is ready.
+
+    Endpoints still checking or loading when dispatch begins keep their task
+    (endpoint.starting), which the run's supervisor takes over.
+    """
+    tasks: dict[Endpoint, asyncio.Task] = {}
+    handed = False
+    try:
+        await wait_for_fleet(endpoints, config, tasks)
+        warn(preflight_table(endpoints))
+        builds: dict[str, dict[str, str]] = {}
+        for e in endpoints:
+            if e.digest:
+                builds.setdefault(e.model, {})[e.name] = e.digest
+        mixed = {model: names for model, names in builds.items() if len(set(names.values())) > 1}
+        if mixed and not config.allow_mixed_models:
+            rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items()
+                                                       for n, d in names.items()]
+            raise UsageError("the same model name is a different build on different endpoints, so their scores "
+                             "would not be comparable:\n" + text_table(rows) +
+                             "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
+        if not any(e.checked for e in endpoints) and all(e.gone for e in endpoints):
+            raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
+        if (reason := load_failures(endpoints)) and config.max_downtime is None:
+            raise StopRun(f"{reason} (free memory or pick a smaller model; --max-downtime waits for one to recover)")
+        for endpoint, task in tasks.items():
+            endpoint.starting = task
+        handed = True
+    finally:
+        if not handed:
+            for task in tasks.values():
+                task.cancel()
+
+
+def path_key(path: Path) -> tuple:
+    """Identify a file by inode when it exists (so links count as the same file), else by its resolved name."""
+    try:
+        stat = path.stat()
+        return ("inode", stat.st_dev, stat.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def replaceable(flag: str, path: Path) -> None:
+    """Refuse a target that exists and is not a regular file; for --export / --report-html, one we did not write."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot check it ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{flag} {path}: exists and is not a regular file; choose another path")
+    if flag not in ("--export", "--report-html") or not info.st_size:
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    if flag == "--export" and not head.startswith(b"PAR1"):
+        raise UsageError(f"{flag} {path}: exists and is not a Parquet file, so it is not an export to replace; "
+                         "choose another path or remove it")
+    if flag == "--report-html" and not (head.lower().startswith(b"<!doctype html>")
+                                        and b"<title>score.py report: " in head):
+        raise UsageError(f"{flag} {path}: exists and is not a report score.py wrote, so it is not one to replace; "
+                         "choose another path or remove it")
+
+
+def check_writable(flag: str, path: Path, probe: bool) -> None:
+    """Fail at the start, not after days of scoring, if a report or export path cannot be written."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
+    replaceable(flag, path)
+    if not probe:
+        return
+    existed = path.exists()
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write ({exc.strerror})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def check_outputs(config: Config, info: InputInfo) -> None:
+    """Refuse, before anything is opened for writing, outputs that would overwrite the input or each other."""
+    if not config.output.name:
+        raise UsageError(f"-o {str(config.output)!r}: needs a file name")
+    if config.output.absolute().parts[1:2] in (("dev",), ("proc",)):
+        # /dev/stdout can be a regular file when redirected, but its sidecar would land in /dev
+        raise UsageError(f"-o {config.output}: a checkpoint must be a file of its own, not a device or stream")
+    outputs = [(flag, path) for flag, path in (("-o", config.output), ("the sidecar", meta_path(config.output)),
+                                               ("--export", config.export), ("--report-html", config.report_html))
+               if path is not None]
+    inputs = {path_key(file) for file in info.files}
+    folder = config.input.resolve() if config.input.is_dir() else None
+    read = {path_key(path): f"{what} {path}" for what, path in (("the endpoints file", config.endpoints_file),
+                                                               ("the prompt file", config.prompt_file)) if path}
+    seen: dict[tuple, str] = {}
+    for flag, path in outputs:
+        key = path_key(path)
+        if key in read:
+            raise UsageError(f"{flag} {path} is {read[key]}, which this run reads; choose another path")
+        if key in inputs or (folder is not None and path.resolve().is_relative_to(folder)):
+            where = "is" if key in inputs else "is inside"
+            raise UsageError(f"{flag} {path} {where} the input {config.input}: writing there would destroy "
+                             "the dataset; choose a path outside it")
+        if key in seen:
+            raise UsageError(f"{flag} {path} is the same file as {seen[key]}; choose another path")
+        seen[key] = f"{flag} {path}"
+        if flag in ("-o", "the sidecar"):
+            replaceable(flag, path)
+    for flag, path in outputs[2:]:
+        check_writable(flag, path, probe=not config.check)
+
+
+def stop_starting(endpoints: list[Endpoint]) -> None:
+    """Cancel check-and-load tasks the run never took over (--check, or an early stop)."""
+    for endpoint in endpoints:
+        if endpoint.starting is not None:
+            endpoint.starting.cancel()
+
+
+def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.Task) -> list[int]:
+    """SIGINT/SIGTERM/SIGHUP cancel the run (which then saves and exits 130/143/129); a second one exits at once."""
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if received:   # every line written is already complete, so leaving now loses nothing
+            os._exit(EXIT_SIGNAL[sig])
+        received.append(sig)
+        main_task.cancel()
+
+    for sig in EXIT_SIGNAL:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue            # started under nohup: a closed terminal must not stop the run
+        loop.add_signal_handler(sig, on_signal, sig)
+    return received
+
+
+def print_first_prompt(config: Config, first: list[Item], endpoints: list[Endpoint]) -> None:
+    """Show (on stdout) the prompt the first pending row would get, for --check."""
+    sample = next((item for item in first if item.text is not None), None)
+    if sample is None:
+        return
+    usable = next((e for e in endpoints if e.checked), endpoints[0])
+    try:
+        prompt, _ = fit_prompt(usable, config, sample)
+    except ContextOverflow as exc:
+        prompt = f"(not sent: {exc})"
+    print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
+
+
+def finish_outputs(config: Config, code: int) -> int:
+    """Print the run report, write the export and HTML asked for; keep the run's exit code."""
+    return write_reports(config, ran=True) or code
+
+
+def describe_resume(config: Config, resume: ResumeState) -> None:
+    """Say what resuming found in the checkpoint."""
+    if resume.torn_bytes:
+        warn(f"{config.output}: ends with a torn final line ({resume.torn_bytes} bytes) left by an interrupted "
+             "run; it is cut before the next record")
+    if resume.skipped.count:
+        warn(resume.skipped.describe(config.output))
+    if resume.records:
+        permanent = "a permanent error" if len(resume.permanent) == 1 else "permanent errors"
+        warn(f"Resuming {config.output}: {plural(len(resume.scored), 'row')} scored, "
+             f"{len(resume.permanent):,} with {permanent}, "
+             f"{plural(resume.retried, 'failed row')} to retry.")
+
+
+def run_stopper(group: ExceptionGroup) -> StopRun:
+    """Find the StopRun that ended the run's task group; a UsageError or a bug goes on up."""
+    expected, rest = group.split((StopRun, UsageError))
+    if rest is not None or expected is None:
+        raise group
+    problem = expected.exceptions[0]
+    while isinstance(problem, ExceptionGroup):
+        problem = problem.exceptions[0]
+    if isinstance(problem, UsageError):
+        raise problem from None
+    return problem
+
+
+def after_run(config: Config, checkpoint: Checkpoint, code: int, began: bool, interrupted: bool,
+              stopped: bool) -> int:
+    """Tell the user how to go on after the run, then write reports and exports; return the exit code."""
+    if interrupted and not began:
+        warn("Interrupted before scoring began: nothing was scored in this run.")
+        return code
+    if config.overwrite and checkpoint.untouched:
+        warn(f"Nothing new was written: {config.output} is left as it was.")
+        return code
+    if interrupted:
+        warn(f"Interrupted. Every finished row is saved in {config.output}; continue with:\n"
+             f"  {resume_command(config)}")
+        return code
+    if stopped:
+        warn(f"Stopped early. Every finished row is saved in {config.output}; once that is fixed, continue with:\n"
+             f"  {resume_command(config)}")
+    return finish_outputs(config, code)
+
+
+async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpoint: Checkpoint,
+                  resume: ResumeState) -> int:
+    """Preflight, score, summarise, export."""
+    describe_resume(config, resume)
+    tally = Tally()
+    log = InputLog(config.input, warn, tally.unreadable)
+    reader = read_items(info, config.dedup, FinishedRows(resume.scored, resume.permanent, resume.repeated), log)
+    first = await asyncio.to_thread(take_chunk, reader, READ_CHUNK)
+    first.count_skips(tally)
+    if not first and not config.check:
+        warn(f"Nothing to do: every {'readable ' if tally.unreadable else ''}row of {config.input} "
+             f"is already in {config.output}.")
+        # Only reports and exports run: their success is the answer, unless the input itself is cut short.
+        return finish_outputs(config, EXIT_INCOMPLETE if tally.unreadable else EXIT_OK)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    received = install_signal_handlers(loop, main_task)
+    endpoints = [Endpoint(spec, config) for spec in config.endpoints]
+    progress: Progress | None = None
+    run: Run | None = None
+    code = EXIT_OK
+    stopped = False
+    started = time.monotonic()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for endpoint in endpoints:
+                endpoint.client = await stack.enter_async_context(make_client(endpoint, config))
+            stack.callback(stop_starting, endpoints)
+            await preflight(endpoints, config)
+            if wants_calibration(config, info, resume):
+                meta.setdefault("calibration", {}).update(await calibrate(endpoints, config))
+            meta["endpoints"].update((e.name, e.sidecar_entry()) for e in endpoints if e.digest)
+            if config.check:
+                print_first_prompt(config, first, endpoints)
+                return EXIT_OK
+            checkpoint.save_meta(meta)
+            progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
+            run = Run(config, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
+            if info.total is None and config.progress:
+                counter = asyncio.create_task(asyncio.to_thread(count_rows, info))
+                counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))
+            started = time.monotonic()
+            await run.run()
+            checkpoint.release()
+            code = exit_code(run.tally)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        main_task.uncancel()
+        code = EXIT_SIGNAL[received[0]]
+    except StopRun as problem:                # from preflight: nothing was sent
+        warn(f"score.py: stopped: {problem}")
+        if problem.code == EXIT_INCOMPLETE:
+            warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
+        return problem.code
+    except ExceptionGroup as group:
+        problem = run_stopper(group)
+        warn(f"score.py: stopped: {problem}")
+        code, stopped = problem.code, True
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpoint.sync()
+        for sig in EXIT_SIGNAL:
+            loop.remove_signal_handler(sig)
+    if run is not None:
+        warn(summary(run, time.monotonic() - started))
+    return after_run(config, checkpoint, code, began=run is not None, interrupted=bool(received), stopped=stopped)
+
+
+async def amain(config: Config) -> int:
+    """Run the whole job; return the exit code."""
+    info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
+    check_outputs(config, info)
+    if config.report:
+        return write_reports(config)
+    meta = check_meta(config, info)
+    checkpoint, resume = Checkpoint.open(config.output, resume=config.resume, overwrite=config.overwrite,
+                                         check=config.check)
+    checkpoint.save_meta(meta)
+    try:
+        return await run_job(config, info, meta, checkpoint, resume)
+    finally:
+        checkpoint.close()
+
+
+# ── CLI ───────────────────────────────────────────────────────────────────────────
+# Arguments become a Config at the boundary; main.
 
 
 def parse_duration(text: str) -> float:
@@ -5472,420 +5935,6 @@ def parse_args(argv: list[str] | None) -> Config:
         report=args.report, report_html=args.report_html, reason=args.reason, top=args.top,
         calibration=args.calibration, require_calibration=args.require_calibration,
         endpoints_file=endpoints_file, prompt_file=args.prompt_file)
-
-
-def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
-    """Record what preflight's check-and-load of one endpoint came to."""
-    exc = task.exception()
-    if exc is None:
-        return
-    if isinstance(exc, EndpointGone):
-        endpoint.taken_out(str(exc))
-    elif isinstance(exc, EndpointFault):
-        endpoint.failed_to_come_up(str(exc), time.monotonic())
-    else:
-        raise exc
-
-
-def try_it_command() -> str | None:
-    """Spell the command that runs examples/try_it.py from this folder, if it ships beside score.py."""
-    path = Path(__file__).resolve().parent / "examples" / "try_it.py"
-    if not path.is_file():
-        return None
-    relative = os.path.relpath(path)
-    shown = relative if not relative.startswith("..") else str(path)
-    return shlex.join([interpreter(), shown])
-
-
-def first_run_hint(endpoints: list[Endpoint], config: Config) -> str:
-    """Say what to do when the fleet is one local Ollama that is not running (the quick start, as shipped)."""
-    if len(endpoints) != 1 or "refused" not in endpoints[0].detail \
-            or httpx.URL(endpoints[0].url).host not in ("localhost", "127.0.0.1", "::1"):
-        return ""
-    lines = [f"\nNothing listens at {endpoints[0].url}: Ollama is not running on this machine.",
-             "To go on, either",
-             f"  - start Ollama (`ollama serve`, or open the Ollama app), then `ollama pull {config.model}`;",
-             "  - or list your machines in endpoints.txt, one URL per line (or name a file with --endpoints);"]
-    if (command := try_it_command()) is not None:
-        lines += ["  - or try score.py without Ollama:", f"      {command}"]
-    return "\n".join(lines + ["Ctrl-C stops the wait; nothing has been scored."])
-
-
-async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[Endpoint, asyncio.Task]) -> None:
-    """Check and load every endpoint until one is ready (the rest get a grace) or each has answered."""
-    started = time.monotonic()
-    give_up = started + config.startup_timeout
-    retry_at: dict[Endpoint, float] = {}
-    ready_at: float | None = None
-    told, told_loading, next_left = False, False, started + 15.0
-    while True:
-        for e in endpoints:
-            if e.health is Health.PENDING and e not in tasks and time.monotonic() >= retry_at.get(e, 0.0):
-                tasks[e] = asyncio.create_task(start_endpoint(e, config))
-        if tasks:
-            await asyncio.wait(tasks.values(), timeout=1.0)
-        else:
-            await asyncio.sleep(1.0)
-        now = time.monotonic()
-        for e, task in list(tasks.items()):
-            if task.done():
-                del tasks[e]
-                settle_start(e, task)
-                retry_at[e] = now + 5.0
-        if ready_at is None and any(e.health is Health.READY for e in endpoints):
-            ready_at = now
-        answered = any(e.checked or e.gone for e in endpoints)
-        if (ready_at is not None and (not tasks or now - ready_at >= PREFLIGHT_GRACE)) or (answered and not tasks):
-            return
-        if not answered and now >= give_up:
-            raise UsageError(f"no endpoint answered within {config.startup_timeout:g} s (--startup-timeout):\n"
-                             + waiting_lines(endpoints, "no complete answer"))
-        if not answered and not told and (all(e in retry_at for e in endpoints) or now - started >= 10.0):
-            told = True
-            warn(f"No endpoint answers yet; retrying for up to {format_duration(config.startup_timeout)}:\n"
-                 + waiting_lines(endpoints, "no complete answer yet")
-                 + first_run_hint(endpoints, config))
-        if told and not answered and now >= next_left:
-            next_left += 15.0
-            warn(f"[{time.strftime('%H:%M:%S')}] still no endpoint answers; giving up in "
-                 f"{format_duration(give_up - now)} (--startup-timeout)")
-        loading = [e.name for e in tasks if e.health is Health.WARMING]
-        if loading and not told_loading and ready_at is None and now - started >= 3.0:
-            told_loading = True
-            warn(f"Loading the model on {clip(loading, REPORT_WIDTH - 60)} (a cold start can take minutes)")
-
-
-async def preflight(endpoints: list[Endpoint], config: Config) -> None:
-    """Check every endpoint and load its model in parallel; refuse mixed builds; start on what is ready.
-
-    Endpoints still checking or loading when dispatch begins keep their task
-    (endpoint.starting), which the run's supervisor takes over.
-    """
-    tasks: dict[Endpoint, asyncio.Task] = {}
-    handed = False
-    try:
-        await wait_for_fleet(endpoints, config, tasks)
-        warn(preflight_table(endpoints))
-        builds: dict[str, dict[str, str]] = {}
-        for e in endpoints:
-            if e.digest:
-                builds.setdefault(e.model, {})[e.name] = e.digest
-        mixed = {model: names for model, names in builds.items() if len(set(names.values())) > 1}
-        if mixed and not config.allow_mixed_models:
-            rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items()
-                                                       for n, d in names.items()]
-            raise UsageError("the same model name is a different build on different endpoints, so their scores "
-                             "would not be comparable:\n" + text_table(rows) +
-                             "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
-        if not any(e.checked for e in endpoints) and all(e.gone for e in endpoints):
-            raise UsageError("no endpoint can score: " + "; ".join(f"{e.name}: {e.detail}" for e in endpoints))
-        if (reason := load_failures(endpoints)) and config.max_downtime is None:
-            raise StopRun(f"{reason} (free memory or pick a smaller model; --max-downtime waits for one to recover)")
-        for endpoint, task in tasks.items():
-            endpoint.starting = task
-        handed = True
-    finally:
-        if not handed:
-            for task in tasks.values():
-                task.cancel()
-
-
-def path_key(path: Path) -> tuple:
-    """Identify a file by inode when it exists (so links count as the same file), else by its resolved name."""
-    try:
-        stat = path.stat()
-        return ("inode", stat.st_dev, stat.st_ino)
-    except OSError:
-        return ("path", str(path.resolve()))
-
-
-def replaceable(flag: str, path: Path) -> None:
-    """Refuse a target that exists and is not a regular file; for --export / --report-html, one we did not write."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot check it ({exc.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{flag} {path}: exists and is not a regular file; choose another path")
-    if flag not in ("--export", "--report-html") or not info.st_size:
-        return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
-    if flag == "--export" and not head.startswith(b"PAR1"):
-        raise UsageError(f"{flag} {path}: exists and is not a Parquet file, so it is not an export to replace; "
-                         "choose another path or remove it")
-    if flag == "--report-html" and not (head.lower().startswith(b"<!doctype html>")
-                                        and b"<title>score.py report: " in head):
-        raise UsageError(f"{flag} {path}: exists and is not a report score.py wrote, so it is not one to replace; "
-                         "choose another path or remove it")
-
-
-def check_writable(flag: str, path: Path, probe: bool) -> None:
-    """Fail at the start, not after days of scoring, if a report or export path cannot be written."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory")
-    if not path.parent.is_dir():
-        raise UsageError(f"{flag} {path}: folder {path.parent} does not exist")
-    replaceable(flag, path)
-    if not probe:
-        return
-    existed = path.exists()
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot write ({exc.strerror})") from None
-    if not existed:
-        path.unlink(missing_ok=True)
-
-
-def check_outputs(config: Config, info: InputInfo) -> None:
-    """Refuse, before anything is opened for writing, outputs that would overwrite the input or each other."""
-    if not config.output.name:
-        raise UsageError(f"-o {str(config.output)!r}: needs a file name")
-    if config.output.absolute().parts[1:2] in (("dev",), ("proc",)):
-        # /dev/stdout can be a regular file when redirected, but its sidecar would land in /dev
-        raise UsageError(f"-o {config.output}: a checkpoint must be a file of its own, not a device or stream")
-    outputs = [(flag, path) for flag, path in (("-o", config.output), ("the sidecar", meta_path(config.output)),
-                                               ("--export", config.export), ("--report-html", config.report_html))
-               if path is not None]
-    inputs = {path_key(file) for file in info.files}
-    folder = config.input.resolve() if config.input.is_dir() else None
-    read = {path_key(path): f"{what} {path}" for what, path in (("the endpoints file", config.endpoints_file),
-                                                               ("the prompt file", config.prompt_file)) if path}
-    seen: dict[tuple, str] = {}
-    for flag, path in outputs:
-        key = path_key(path)
-        if key in read:
-            raise UsageError(f"{flag} {path} is {read[key]}, which this run reads; choose another path")
-        if key in inputs or (folder is not None and path.resolve().is_relative_to(folder)):
-            where = "is" if key in inputs else "is inside"
-            raise UsageError(f"{flag} {path} {where} the input {config.input}: writing there would destroy "
-                             "the dataset; choose a path outside it")
-        if key in seen:
-            raise UsageError(f"{flag} {path} is the same file as {seen[key]}; choose another path")
-        seen[key] = f"{flag} {path}"
-        if flag in ("-o", "the sidecar"):
-            replaceable(flag, path)
-    for flag, path in outputs[2:]:
-        check_writable(flag, path, probe=not config.check)
-
-
-async def amain(config: Config) -> int:
-    """Run the whole job; return the exit code."""
-    info = inspect_input(config.input, config.id_column, config.text_column, config.prompt)
-    check_outputs(config, info)
-    if config.report:
-        return write_reports(config)
-    meta = check_meta(config, info)
-    checkpoint, resume = Checkpoint.open(config.output, resume=config.resume, overwrite=config.overwrite,
-                                         check=config.check)
-    checkpoint.save_meta(meta)
-    try:
-        return await run_job(config, info, meta, checkpoint, resume)
-    finally:
-        checkpoint.close()
-
-
-async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpoint: Checkpoint,
-                  resume: ResumeState) -> int:
-    """Preflight, score, summarise, export."""
-    if resume.torn_bytes:
-        warn(f"{config.output}: ends with a torn final line ({resume.torn_bytes} bytes) left by an interrupted "
-             "run; it is cut before the next record")
-    if resume.skipped.count:
-        warn(resume.skipped.describe(config.output))
-    if resume.records:
-        permanent = "a permanent error" if len(resume.permanent) == 1 else "permanent errors"
-        warn(f"Resuming {config.output}: {plural(len(resume.scored), 'row')} scored, "
-             f"{len(resume.permanent):,} with {permanent}, "
-             f"{plural(resume.retried, 'failed row')} to retry.")
-    tally = Tally()
-    log = InputLog(config.input, warn, tally.unreadable)
-    reader = read_items(info, config.dedup, FinishedRows(resume.scored, resume.permanent, resume.repeated), log)
-    first = await asyncio.to_thread(take_chunk, reader, READ_CHUNK)
-    first.count_skips(tally)
-    if not first and not config.check:
-        warn(f"Nothing to do: every {'readable ' if tally.unreadable else ''}row of {config.input} "
-             f"is already in {config.output}.")
-        # Only reports and exports run: their success is the answer, unless the input itself is cut short.
-        return finish_outputs(config, EXIT_INCOMPLETE if tally.unreadable else EXIT_OK)
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    received = install_signal_handlers(loop, main_task)
-    endpoints = [Endpoint(spec, config) for spec in config.endpoints]
-    progress: Progress | None = None
-    run: Run | None = None
-    code = EXIT_OK
-    stopped = False
-    started = time.monotonic()
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for endpoint in endpoints:
-                endpoint.client = await stack.enter_async_context(make_client(endpoint, config))
-            stack.callback(stop_starting, endpoints)
-            await preflight(endpoints, config)
-            if wants_calibration(config, info, resume):
-                meta.setdefault("calibration", {}).update(await calibrate(endpoints, config))
-            for endpoint in endpoints:
-                if endpoint.digest:
-                    meta["endpoints"][endpoint.name] = {"url": endpoint.url, "model": endpoint.model,
-                                                        "digest": endpoint.digest}
-            if config.check:
-                print_first_prompt(config, first, endpoints)
-                return EXIT_OK
-            checkpoint.save_meta(meta)
-            progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
-            run = Run(config, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
-            if info.total is None and config.progress:
-                counter = asyncio.create_task(asyncio.to_thread(count_rows, info))
-                counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))
-            started = time.monotonic()
-            await run.run()
-            checkpoint.release()
-            code = exit_code(run.tally)
-    except asyncio.CancelledError:
-        if not received:
-            raise
-        main_task.uncancel()
-        code = EXIT_SIGNAL[received[0]]
-    except StopRun as problem:                # from preflight: nothing was sent
-        warn(f"score.py: stopped: {problem}")
-        if problem.code == EXIT_INCOMPLETE:
-            warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
-        return problem.code
-    except ExceptionGroup as group:
-        expected, rest = group.split((StopRun, UsageError))
-        if rest is not None or expected is None:
-            raise
-        problem = expected.exceptions[0]
-        while isinstance(problem, ExceptionGroup):
-            problem = problem.exceptions[0]
-        if isinstance(problem, UsageError):
-            raise problem from None
-        warn(f"score.py: stopped: {problem}")
-        code, stopped = problem.code, True
-    finally:
-        if progress is not None:
-            progress.close()
-        checkpoint.sync()
-        for sig in EXIT_SIGNAL:
-            loop.remove_signal_handler(sig)
-    if run is not None:
-        warn(summary(run, time.monotonic() - started))
-    if received and run is None:
-        warn("Interrupted before scoring began: nothing was scored in this run.")
-        return code
-    if config.overwrite and checkpoint.untouched:
-        warn(f"Nothing new was written: {config.output} is left as it was.")
-        return code
-    if received:
-        warn(f"Interrupted. Every finished row is saved in {config.output}; continue with:\n"
-             f"  {resume_command(config)}")
-        return code
-    if stopped:
-        warn(f"Stopped early. Every finished row is saved in {config.output}; once that is fixed, continue with:\n"
-             f"  {resume_command(config)}")
-    return finish_outputs(config, code)
-
-
-def stop_starting(endpoints: list[Endpoint]) -> None:
-    """Cancel check-and-load tasks the run never took over (--check, or an early stop)."""
-    for endpoint in endpoints:
-        if endpoint.starting is not None:
-            endpoint.starting.cancel()
-
-
-def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.Task) -> list[int]:
-    """SIGINT/SIGTERM/SIGHUP cancel the run (which then saves and exits 130/143/129); a second one exits at once."""
-    received: list[int] = []
-
-    def on_signal(sig: int) -> None:
-        if received:   # every line written is already complete, so leaving now loses nothing
-            os._exit(EXIT_SIGNAL[sig])
-        received.append(sig)
-        main_task.cancel()
-
-    for sig in EXIT_SIGNAL:
-        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-            continue            # started under nohup: a closed terminal must not stop the run
-        loop.add_signal_handler(sig, on_signal, sig)
-    return received
-
-
-def print_first_prompt(config: Config, first: list[Item], endpoints: list[Endpoint]) -> None:
-    """Show (on stdout) the prompt the first pending row would get, for --check."""
-    sample = next((item for item in first if item.text is not None), None)
-    if sample is None:
-        return
-    usable = next((e for e in endpoints if e.checked), endpoints[0])
-    try:
-        prompt, _ = fit_prompt(usable, config, sample)
-    except ContextOverflow as exc:
-        prompt = f"(not sent: {exc})"
-    print(f"--- first prompt (row id {sample.id!r}) ---\n{prompt}")
-
-
-def interpreter() -> str:
-    """Name the running Python the way a shell on this machine would find it."""
-    for name in ("python", "python3"):
-        found = shutil.which(name)
-        if found and os.path.abspath(found) == os.path.abspath(sys.executable):
-            return name
-    return sys.executable
-
-
-def invocation(argv0: str) -> list[str]:
-    """Spell how this program was started, valid again from the same folder."""
-    if argv0.endswith(".py"):
-        return [interpreter(), argv0]
-    name = Path(argv0).name                # the `score` console script
-    found = shutil.which(name)
-    if found and os.path.realpath(found) == os.path.realpath(argv0):
-        return [name]
-    return [argv0]
-
-
-def resume_command(config: Config) -> str:
-    """Spell out, shell-quoted, the command that continues this run."""
-    words = [w for w in config.command or ("score.py", str(config.input)) if w not in ("--overwrite", "--resume")]
-    return shlex.join([*words, "--resume"])
-
-
-def rerun_command(config: Config) -> str:
-    """Spell out, shell-quoted, this very command (nothing was written: run it again as it was)."""
-    return shlex.join(config.command) if config.command else resume_command(config)
-
-
-def finish_outputs(config: Config, code: int) -> int:
-    """Print the run report, write the export and HTML asked for; keep the run's exit code."""
-    return write_reports(config, ran=True) or code
-
-
-def guard_streams() -> Callable[[], None]:
-    """Make stdout/stderr safe to lose mid-run; return what undoes it."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:     # closed (`2>&-`): the checkpoint would get this number, and stray writes with it
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-    saved = sys.stdout, sys.stderr
-    opened = [open(os.devnull, "w") for stream in saved if stream is None]
-    spare = iter(opened)
-    sys.stdout, sys.stderr = (QuietStream(stream if stream is not None else next(spare)) for stream in saved)
-
-    def restore() -> None:
-        sys.stdout, sys.stderr = saved
-        for stream in opened:
-            stream.close()
-    return restore
 
 
 def main(argv: list[str] | None = None, command: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -18,11 +19,13 @@ from conftest import SCORE, rows, wait_for, write_jsonl
 BAR = re.compile(r"\d+%\|.{10,}?\| *\d")     # percentage, a bar of at least 10 columns, the count
 
 
-def refused_url() -> str:
-    """A loopback URL where nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+def refused_urls(n: int) -> list[str]:
+    """Distinct loopback URLs where nothing listens (the ports are held together, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [f"http://127.0.0.1:{s.getsockname()[1]}" for s in held]
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
@@ -30,7 +33,7 @@ def test_progress_line_fits_100_columns_with_40_endpoints_and_names_the_ones_in_
     servers = fleet(37, latency=0.25, slots=1)
     failing = fleet(2, latency=0.01, fail_500=1.0)
     endpoints = tmp_path / "e.txt"
-    endpoints.write_text(f"{refused_url()} name=asleep\n"
+    endpoints.write_text(f"{refused_urls(1)[0]} name=asleep\n"
                          + "".join(f"{s.url} name=laptop-{i:02d}\n" for i, s in enumerate(servers + failing)))
     data = write_jsonl(tmp_path / "fns.jsonl", rows(37 * 12))
     socket_name = f"score-test-{os.getpid()}-{tmp_path.name}"       # unique across pytest sessions too
@@ -126,7 +129,7 @@ def test_everything_before_the_run_fits_100_columns_on_a_large_fleet_with_long_n
     servers = fleet(37, latency=0.01)
     asleep = [f"macbook-pro-2019-engineering-floor-{i}" for i in range(3)]
     endpoints = tmp_path / "e.txt"
-    endpoints.write_text("".join(f"{refused_url()} name={n}\n" for n in asleep)
+    endpoints.write_text("".join(f"{url} name={n}\n" for url, n in zip(refused_urls(len(asleep)), asleep))
                          + "".join(f"{s.url} name=gpu-box-in-the-basement-{i:02d}\n" for i, s in enumerate(servers)))
     data = write_jsonl(tmp_path / "fns.jsonl", rows(80))
     result = subprocess.run([sys.executable, SCORE, str(data), "--endpoints", str(endpoints), "--limit", "80"],
@@ -145,7 +148,8 @@ def test_everything_before_the_run_fits_100_columns_on_a_large_fleet_with_long_n
 
 def test_no_endpoint_answers_lists_a_large_fleet_within_100_columns(tmp_path):
     endpoints = tmp_path / "e.txt"
-    endpoints.write_text("".join(f"{refused_url()} name=macbook-pro-2019-engineering-{i:02d}\n" for i in range(40)))
+    endpoints.write_text("".join(f"{url} name=macbook-pro-2019-engineering-{i:02d}\n"
+                                 for i, url in enumerate(refused_urls(40))))
     data = write_jsonl(tmp_path / "fns.jsonl", rows(5))
     result = subprocess.run([sys.executable, SCORE, str(data), "--endpoints", str(endpoints),
                              "--startup-timeout", "1"], capture_output=True, text=True, timeout=120)

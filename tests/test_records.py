@@ -88,6 +88,17 @@ def test_a_checkpoint_of_only_notes_and_errors_has_no_scored_id(tmp_path):
     assert score.id_key(7) not in resumed(path).scored
 
 
+def test_a_hand_edited_detail_does_not_make_resume_and_export_disagree(tmp_path):
+    odd = {**record("x", 6), "ts": -1, "prompt_tokens": -1, "latency_s": "slow", "score_expected": 11.0,
+           "truncated": "no", "endpoint": 7}
+    path = write_checkpoint(tmp_path / "out.jsonl", [odd, record("y", 3)])
+    assert score.scan_record(path.read_bytes().splitlines()[0]) is not None     # the fast scanner counts it
+    agree(path, {score.id_key("x"): (6, None), score.id_key("y"): (3, None)}, retried=0)
+    stats = score.read_stats(path)
+    assert stats.rows_scored == 2 and "7" not in stats.per_endpoint      # counted, its odd details left out
+    assert score.text_report(stats)                                      # and the report still renders
+
+
 def test_export_joins_each_jsonl_row_to_its_ids_final_record(tmp_path):
     code = "def f(x):\n    return x\n"
     data = write_jsonl(tmp_path / "fns.jsonl", [
@@ -130,7 +141,7 @@ def test_the_reader_hands_its_skips_over_with_each_chunk(tmp_path):
         record("r0", 4), record("r1", kind="empty"), record("r2", kind="attempts_exhausted")])
     state = resumed(path)
     info = score.inspect_input(data, None, None, score.DEFAULT_PROMPT)
-    reader = score.read_items(info, done=score.FinishedRows(state.scored, state.permanent, state.repeated))
+    reader = score.read_items(info, finished=score.FinishedRows(state.scored, state.permanent, state.repeated))
     chunk = score.take_chunk(reader, 2)
     assert [item.id for item in chunk] == ["r2", "r3"]
     assert (chunk.skipped, chunk.skipped_permanent) == (2, 1)
