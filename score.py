@@ -2476,6 +2476,8 @@ class Endpoint:
         share = self.run_share if share is None else share
         if share <= 0:
             return DOWN_AFTER
+        if share >= 1:                    # it fails every request: no run of faults is unlikely there
+            return FAULT_RUN_CAP
         run = math.ceil(math.log(FAULT_RUN_ODDS) / math.log(share))
         return max(DOWN_AFTER, min(FAULT_RUN_CAP, run))
 

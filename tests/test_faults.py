@@ -96,6 +96,31 @@ def test_dead_endpoint_is_not_drained_and_fails_no_item(tmp_path, serve):
     assert probes
 
 
+def test_an_endpoint_failing_every_request_for_long_never_stops_the_run(tmp_path, serve):
+    broken = serve(fail_500=1.0)                 # keeps coming back from probes, fails every request
+    good = serve(latency=0.01, slots=2, hold_after=10)
+    data = write_jsonl(tmp_path / "fns.jsonl", rows(40))
+    endpoints = write_endpoints(tmp_path / "e.txt", [good, broken])
+    out = tmp_path / "fns.scores.jsonl"
+    proc = start_cli(data, "--endpoints", endpoints, "--no-progress")
+    # Every request of the broken one fails: after a dozen, its share of faults reads as 1 exactly.
+    wait_for(lambda: broken.chats >= 4 * score.DOWN_AFTER + 1 or proc.poll() is not None, timeout=90,
+             what="the broken endpoint failing a dozen requests")
+    good.release()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert_complete(read_records(out), [r["id"] for r in rows(40)])
+
+
+def test_an_always_failing_endpoint_has_the_longest_run_of_chance_faults():
+    spec = score.EndpointSpec(url="http://127.0.0.1:1", name="a", api="ollama", model=None, concurrency=None,
+                              key_env=None, line=1)
+    endpoint = score.Endpoint(spec, score.parse_args(["x.jsonl"]))
+    assert endpoint.fault_run_limit(1.0) == score.FAULT_RUN_CAP
+    assert endpoint.fault_run_limit(0.999) == score.FAULT_RUN_CAP
+    assert endpoint.fault_run_limit(0.0) == score.DOWN_AFTER
+
+
 def test_hung_endpoint_does_not_stall_the_end_of_the_run(tmp_path, serve):
     hung = serve(hang=1.0)
     good = serve(latency=0.01)
