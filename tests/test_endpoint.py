@@ -117,7 +117,7 @@ def test_a_backoff_rests_until_its_time_and_a_good_answer_ends_it(endpoint):
     endpoint.backed_off(10.0)
     assert endpoint.usable and endpoint.status == "backing off"
     assert not endpoint.can_take(9.9) and endpoint.can_take(10.0)
-    endpoint.record_success(0.1, 10.0)
+    endpoint.record_success()
     assert endpoint.health is Health.READY and endpoint.proven and endpoint.probe_pause == 1.0
 
 
@@ -141,7 +141,7 @@ def test_going_down_notes_when_and_why_and_wakes_the_supervisor(endpoint):
 
 def test_a_proven_endpoint_going_down_keeps_its_probe_pace(endpoint):
     endpoint.came_up()
-    endpoint.record_success(0.1, 0.0)
+    endpoint.record_success()
     endpoint.went_down("HTTP 500", 5.0)
     assert endpoint.probe_pause == 1.0
 
