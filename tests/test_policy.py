@@ -252,3 +252,9 @@ def test_a_copy_about_to_finish_or_answered_badly_by_the_racer_is_not_raced():
     queue.hedge = False
     slow.inflight = {row(3): NOW - 1.0}
     assert queue.take(fast, NOW) is None                     # racing is off
+
+
+def test_a_row_knows_which_endpoints_answered_it_badly():
+    assert not row(1).answered_badly_by("e0")
+    marked = row(2, avoid={"e0"})
+    assert marked.answered_badly_by("e0") and not marked.answered_badly_by("e1")
