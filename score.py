@@ -2385,6 +2385,7 @@ class Endpoint:
 
     @property
     def usable(self) -> bool:
+        """Serving rows, now or after its back-off."""
         return self._health in (Health.READY, Health.BACKOFF)
 
     @property
@@ -2397,6 +2398,7 @@ class Endpoint:
         return self._health is Health.GONE
 
     def _move(self, health: Health) -> None:
+        """Move to another health, refusing any move HEALTH_MOVES does not list."""
         if health not in HEALTH_MOVES[self._health]:
             raise RuntimeError(f"{self.name}: health cannot go from {self._health} to {health}")
         self._health = health
@@ -3714,6 +3716,7 @@ class Backlog:
             return None
 
         def copies() -> Iterator[tuple[Item, Lane, float, int]]:
+            """Yield each copy in flight elsewhere that this endpoint may race, with its lane, start and rank."""
             for other in self.endpoints:
                 if other is endpoint or not other.inflight:
                     continue
@@ -3926,37 +3929,17 @@ class Fleet:
 # The core loop: read rows, dispatch them, write their records, watch the clock.
 
 
-class Run:
-    """Move items from the reader through the fleet into the checkpoint."""
+class Drivers:
+    """When each endpoint's driver wakes up.
 
-    def __init__(self, config: Config, endpoints: list[Endpoint], checkpoint: Checkpoint, hashes: HashIndex,
-                 meta: dict[str, Any], reader: Reader, preloaded: list[Item], tally: Tally,
-                 progress: Progress) -> None:
-        self.config, self.endpoints, self.checkpoint, self.hashes = config, endpoints, checkpoint, hashes
-        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
-        # Each endpoint's driver sleeps on its own event. A rare change (an endpoint up or down,
-        # a row back in the queue, the input or the run over) wakes them all; a new row wakes one
-        # idle driver, so the cost of a completion does not grow with the fleet.
+    Each driver sleeps on its own event. A rare change (an endpoint up or down, a row back in the
+    queue, the input or the run over) wakes them all; a new row wakes one idle driver, so the cost
+    of a completion does not grow with the fleet.
+    """
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
         self.wakes = {endpoint: asyncio.Event() for endpoint in endpoints}
         self.idle: dict[Endpoint, None] = {}    # drivers asleep with room and nothing worth taking
-        self.changed = Wakeup(also=self.wake_all)
-        self.written = Wakeup()                  # a row was written (the producer waits for duplicates' leaders)
-        self.backlog = Backlog(endpoints, config.hedge, self.wake_faster)
-        self.fleet = Fleet(endpoints, config, meta, checkpoint, progress, self.changed)
-        self.leaders: dict[int, Item] = {}       # text hash → item whose answer duplicates await
-        self.waiting_followers = self.unfinished = 0
-        self.tg: asyncio.TaskGroup | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.backlog.closed and self.unfinished == 0
-
-    def check_finished(self) -> None:
-        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
-        self.written.notify()
-        if self.finished:
-            self.fleet.end()
-            self.changed.notify()
 
     def wake_all(self) -> None:
         """Wake every driver to re-check its endpoint (after a rare change)."""
@@ -3978,6 +3961,40 @@ class Run:
         for endpoint in [e for e in self.idle if (e.limiter.service or math.inf) < than * ratio]:
             del self.idle[endpoint]
             self.wakes[endpoint].set()
+
+    def rest(self, endpoint: Endpoint) -> None:
+        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
+        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
+            self.idle[endpoint] = None
+
+
+class Run:
+    """Move items from the reader through the fleet into the checkpoint."""
+
+    def __init__(self, config: Config, endpoints: list[Endpoint], checkpoint: Checkpoint, hashes: HashIndex,
+                 meta: dict[str, Any], reader: Reader, preloaded: list[Item], tally: Tally,
+                 progress: Progress) -> None:
+        self.config, self.endpoints, self.checkpoint, self.hashes = config, endpoints, checkpoint, hashes
+        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
+        self.drivers = Drivers(endpoints)
+        self.changed = Wakeup(also=self.drivers.wake_all)
+        self.written = Wakeup()                  # a row was written (the producer waits for duplicates' leaders)
+        self.backlog = Backlog(endpoints, config.hedge, self.drivers.wake_faster)
+        self.fleet = Fleet(endpoints, config, meta, checkpoint, progress, self.changed)
+        self.leaders: dict[int, Item] = {}       # text hash → item whose answer duplicates await
+        self.waiting_followers = self.unfinished = 0
+        self.tg: asyncio.TaskGroup | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.backlog.closed and self.unfinished == 0
+
+    def check_finished(self) -> None:
+        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
+        self.written.notify()
+        if self.finished:
+            self.fleet.end()
+            self.changed.notify()
 
     async def run(self) -> None:
         """Score until the input is exhausted and every taken item is written."""
@@ -4038,13 +4055,13 @@ class Run:
         while len(self.backlog.fresh) >= QUEUE_SIZE:
             await self.backlog.space.wait()
         self.backlog.fresh.append(item)
-        self.wake_idle()
+        self.drivers.wake_idle()
 
     # ── the workers
 
     async def drive(self, endpoint: Endpoint) -> None:
         """Keep the endpoint's in-flight count at its limit while there is work."""
-        wake = self.wakes[endpoint]
+        wake = self.drivers.wakes[endpoint]
         while not self.finished and not endpoint.gone:
             wake.clear()
             item = self.backlog.take(endpoint, time.monotonic())
@@ -4052,25 +4069,20 @@ class Run:
                 item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
                 self.launch(endpoint, item)
                 continue
-            self.rest(endpoint)
-            if self.backlog.waiting and not self.backlog.closed and endpoint not in self.idle:
-                self.wake_idle()            # it was woken for a row it cannot take: pass it on
+            self.drivers.rest(endpoint)
+            if self.backlog.waiting and not self.backlog.closed and endpoint not in self.drivers.idle:
+                self.drivers.wake_idle()            # it was woken for a row it cannot take: pass it on
             await wake.wait()
-
-    def rest(self, endpoint: Endpoint) -> None:
-        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
-        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
-            self.idle[endpoint] = None
 
     def launch(self, endpoint: Endpoint, item: Item) -> None:
         """Count a row as started here (a race, if it is the raced copy); if it is one of the last, wake idle
         endpoints fast enough to race it."""
-        self.idle.pop(endpoint, None)
+        self.drivers.idle.pop(endpoint, None)
         endpoint.inflight[item] = time.monotonic()
         if item.racer is endpoint and any(other is not endpoint for other in item.tasks):
             self.tally.hedges += 1
-        if self.backlog.closed and self.config.hedge and self.idle:
-            self.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
+        if self.backlog.closed and self.config.hedge and self.drivers.idle:
+            self.drivers.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
 
     def free_slot(self, endpoint: Endpoint, item: Item) -> None:
         """Forget an item's request on an endpoint: the slot is free again."""
@@ -4104,11 +4116,11 @@ class Run:
     def carry_on(self, endpoint: Endpoint, item: Item | None) -> None:
         """After a completion: wake the endpoint's driver if it has room left, or let racers look."""
         if item is None:
-            self.rest(endpoint)
+            self.drivers.rest(endpoint)
             return
         self.launch(endpoint, item)
         if len(endpoint.inflight) < endpoint.limiter.limit and self.backlog.waiting:
-            self.wakes[endpoint].set()      # the limit went up
+            self.drivers.wakes[endpoint].set()      # the limit went up
 
     def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
@@ -4248,7 +4260,7 @@ class Run:
                     await self.fleet.over.wait()
             await self.checkpoint.sync_soon()
             if self.backlog.closed or self.backlog.waiting:
-                self.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
+                self.drivers.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
             self.fleet.stop_or_pause(time.monotonic())
             self.progress.show(self.endpoints, paused=self.fleet.all_down_since is not None)
 
