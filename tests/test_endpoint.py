@@ -36,7 +36,7 @@ def bring(endpoint: score.Endpoint, health: Health) -> None:
     """Walk a fresh endpoint to the given health the way a run would."""
     if health is Health.PENDING:
         return
-    endpoint.checked = True
+    endpoint.passed_check(None)
     if health is Health.WARMING:
         endpoint.loading()
         return
@@ -150,7 +150,7 @@ def test_a_failed_start_leaves_an_unchecked_endpoint_pending_and_a_checked_one_d
     never, loaded = endpoints_from(tmp_path, "127.0.0.1:9 name=never\n127.0.0.1:10 name=loaded\n")
     never.failed_to_come_up("connect timed out", 3.0)
     assert (never.health, never.detail, never.down_since) == (Health.PENDING, "connect timed out", None)
-    loaded.checked = True
+    loaded.passed_check(None)
     loaded.loading()
     loaded.failed_to_come_up("cannot load qwen: out of memory", 3.0)
     assert (loaded.health, loaded.detail, loaded.down_since) == (Health.DOWN, "cannot load qwen: out of memory", 3.0)
