@@ -606,12 +606,15 @@ class Item:
     avoid: set[str] | None = None  # endpoints that gave it an unusable answer
     max_chars: int | None = None  # code budget learned from a context overflow
     shrinks: int = 0
-    last_error: str = ""
     tasks: dict[Any, asyncio.Task] = field(default_factory=dict)
     hedged: bool = False
     racer: Any = None             # the endpoint that sent the raced copy
     finished: bool = False
     followers: list[Item] | None = None
+
+    def answered_badly_by(self, name: str) -> bool:
+        """Say whether the named endpoint already gave this row an unusable answer."""
+        return self.avoid is not None and name in self.avoid
 
 
 @dataclass(slots=True)
@@ -2169,6 +2172,7 @@ class Limiter:
         self.restart(0.0)
 
     def restart(self, now: float) -> None:
+        """Start a new measurement window."""
         self.since, self.first, self.count, self.starved = now, None, 0, False
         self.latency = 0.0               # summed over the window's completions
         self.seen, self.seen_first = 0, now
@@ -2182,7 +2186,7 @@ class Limiter:
         """Say whether a request started during a trial, so it may have waited on the server."""
         return any(begin <= started <= end for begin, end in self.trials)
 
-    def on_done(self, started: float, now: float, answered: bool = True) -> None:
+    def on_answered(self, started: float, now: float, answered: bool = True) -> None:
         """Account one completed request (successful, answered, or failed after the server worked on it)."""
         if answered and not self.queued(started):
             latency = now - started
@@ -2240,22 +2244,25 @@ class Limiter:
             self.ceiling = self.limit
             self.limit = self.best_limit = max(1, self.limit // 2)
             self.best_rate = 0.0
-            self._settle(now, AUTO_PROBE_SECONDS)
+            self._hold_at_best(now, AUTO_PROBE_SECONDS)
 
     def _set(self, limit: int, phase: str, now: float) -> None:
+        """Move to a limit and phase, noting when a trial above the best limit begins and ends."""
         if self.trials and self.trials[-1][1] == math.inf:
             self.trials[-1][1] = now
         if limit > self.best_limit:
             self.trials.append([now, math.inf])
         self.limit, self.phase = limit, phase
 
-    def _settle(self, now: float, probe_every: float) -> None:
+    def _hold_at_best(self, now: float, probe_every: float) -> None:
+        """Go back to the best limit measured and hold it, probing again after `probe_every` seconds."""
         self._set(self.best_limit, "hold", now)
         self.probe_every = min(AUTO_PROBE_MAX, probe_every)
         self.next_probe = now + self.probe_every
         self.settled_rate = self.best_rate
 
     def _pays(self, rate: float) -> bool:
+        """Say whether a step up raised throughput enough to keep."""
         step = self.limit / self.best_limit - 1
         if self.best_limit == 1 and self.service and self.count:
             if self.latency / self.count > AUTO_QUEUED * self.service:
@@ -2263,6 +2270,7 @@ class Limiter:
         return rate >= self.best_rate * (1 + max(AUTO_GAIN, AUTO_STEP_SHARE * step))
 
     def _decide(self, rate: float, now: float) -> None:
+        """Judge a full window's throughput according to the phase."""
         if self.limit > self.best_limit:
             self._judge_step(rate, now)
         elif self.limit < self.best_limit:              # a step down: refining, or throughput fell
@@ -2271,7 +2279,7 @@ class Limiter:
                 if self.phase == "probe" and self.limit > 1:
                     self._set(self.limit - 1, "probe", now)           # after a fall: maybe fewer still
                     return
-            self._settle(now, AUTO_PROBE_SECONDS)
+            self._hold_at_best(now, AUTO_PROBE_SECONDS)
         elif self.phase == "climb":                     # the first window, at limit 1
             self.best_rate = rate
             self._set(min(AUTO_MAX, 2 * self.limit), "climb", now)
@@ -2293,13 +2301,13 @@ class Limiter:
             if step > tried:
                 self._set(step, self.phase, now)
             else:
-                self._settle(now, AUTO_PROBE_SECONDS)
+                self._hold_at_best(now, AUTO_PROBE_SECONDS)
             return
         self.ceiling = min(self.ceiling, tried)
         if self.phase == "climb" and below < knee < tried:
             self._set(knee, "refine", now)
         else:
-            self._settle(now, 2 * self.probe_every if self.phase == "probe" else AUTO_PROBE_SECONDS)
+            self._hold_at_best(now, 2 * self.probe_every if self.phase == "probe" else AUTO_PROBE_SECONDS)
 
     def _hold(self, rate: float, now: float) -> None:
         """Track the held limit's throughput; probe one step up now and then, down if it fell."""
@@ -2351,14 +2359,14 @@ class Endpoint:
         self._chat_url: httpx.URL | None = None
         self.trouble = asyncio.Event()              # wakes supervise(): down, gone, or run over
         # counters for the display and the summary
-        self.scored = self.errors = self.fault_count = 0
+        self.answers = 0                             # usable answers, whether or not a race had already finished the row
+        self.scored = self.errors = self.fault_count = 0   # scored: rows whose record this endpoint wrote
         self.bad = self.bad_run = 0                  # unusable answers: in all, and since the last usable one
         self.bad_rows = 0                            # rows answered unusably (first answers) since the last usable one
         self.last_bad = ""
         self.first_seen = self.first_bad = 0.0       # running counts of first answers to a row, and bad ones
         self.outcomes = self.fault_weight = 0.0      # running counts of requests, and of faults among them
         self.run_share = 0.0                         # the fault share when the current run of faults began
-        self.latency_sum = 0.0
         self.prompt_tokens = self.output_tokens = 0
 
     @property
@@ -2377,6 +2385,7 @@ class Endpoint:
 
     @property
     def usable(self) -> bool:
+        """Serving rows, now or after its back-off."""
         return self._health in (Health.READY, Health.BACKOFF)
 
     @property
@@ -2389,6 +2398,7 @@ class Endpoint:
         return self._health is Health.GONE
 
     def _move(self, health: Health) -> None:
+        """Move to another health, refusing any move HEALTH_MOVES does not list."""
         if health not in HEALTH_MOVES[self._health]:
             raise RuntimeError(f"{self.name}: health cannot go from {self._health} to {health}")
         self._health = health
@@ -2402,12 +2412,28 @@ class Endpoint:
         self._move(Health.READY)
         self.faults, self.down_since, self.detail, self.proven = 0, None, "", False
 
+    def passed_check(self, digest: str | None) -> None:
+        """Note that the endpoint answered its check serving the model (build `digest`): from now on a failure is down."""
+        self.digest, self.checked = digest, True
+
     def failed_to_come_up(self, reason: str, now: float) -> None:
         """Note a failed check, probe or load: still pending if it never passed a check, else down."""
         self._move(Health.DOWN if self.checked else Health.PENDING)
         self.detail = reason
         if self.checked:
             self.down_since = self.down_since or now
+
+    def start_failed(self, exc: EndpointFault | EndpointGone, now: float) -> None:
+        """Note why a check, probe or load failed: out of the run if the server refused for good, else not up yet."""
+        if isinstance(exc, EndpointGone):
+            self.taken_out(str(exc))
+        else:
+            self.failed_to_come_up(str(exc), now)
+
+    def probe_failed(self, exc: EndpointFault | EndpointGone, now: float) -> None:
+        """Note a failed attempt to bring the endpoint (back) into service, and probe it less often."""
+        self.start_failed(exc, now)
+        self.probe_pause = min(PROBE_CAP, self.probe_pause * 2)
 
     def backed_off(self, until: float) -> None:
         """Rest the endpoint until the given time after a fault."""
@@ -2433,18 +2459,18 @@ class Endpoint:
         """Say whether the endpoint may start one more request now."""
         return self._health is Health.READY or (self._health is Health.BACKOFF and now >= self.backoff_until)
 
-    def record_success(self, latency: float, now: float) -> None:
+    def record_success(self) -> None:
         """Note a good answer: the endpoint is healthy."""
         self.faults = 0
         self.note_outcome(fault=False)
         self.proven, self.probe_pause = True, 1.0
         if self._health is Health.BACKOFF:
             self._move(Health.READY)
-        self.scored += 1
-        self.latency_sum += latency
+        self.answers += 1
 
     def count_answer(self, answer: Answer) -> None:
-        """Count a written answer's tokens and whether it carried an expected score."""
+        """Count a row this endpoint's answer scored: its record, its tokens, whether it carried an expected score."""
+        self.scored += 1
         self.prompt_tokens += answer.prompt_tokens or 0
         self.output_tokens += answer.output_tokens or 0
         self.expected += answer.score_expected is not None
@@ -2467,9 +2493,10 @@ class Endpoint:
             self.first_seen = self.first_seen * (1 - OUTCOME_DECAY) + 1
             self.first_bad = self.first_bad * (1 - OUTCOME_DECAY) + (not usable)
 
-    def fault_share(self) -> float:
-        """Estimate the share of requests that fail here (a prior of a little under one in ten to start)."""
-        return (self.fault_weight + 0.5) / (self.outcomes + 10)
+    def fault_share(self, excluding: float = 0.0, prior: float = 0.5) -> float:
+        """Estimate the share of requests that fail here, leaving out `excluding` faults; `prior` faults in ten
+        requests to start."""
+        return (max(0.0, self.fault_weight - excluding) + prior) / (self.outcomes + 10)
 
     def fault_run_limit(self, share: float | None = None) -> int:
         """Consecutive faults too unlikely by chance at this fault share: more for an endpoint that often fails."""
@@ -2694,7 +2721,7 @@ async def list_models(endpoint: Endpoint, timeout: float) -> dict[str, str | Non
     return models
 
 
-async def pull_model(endpoint: Endpoint, config: Config) -> None:
+async def pull_model(endpoint: Endpoint) -> None:
     """Ask an Ollama endpoint to pull its model, showing progress on stderr."""
     warn(f"{endpoint.name}: pulling {endpoint.model} (--pull)")
     last = ""
@@ -2722,7 +2749,7 @@ async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
         models = await list_models(endpoint, PROBE_TIMEOUT)
     found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
     if found is None and config.pull and endpoint.api == Api.OLLAMA:
-        await pull_model(endpoint, config)
+        await pull_model(endpoint)
         async with deadline(PROBE_TIMEOUT, "listing models"):
             models = await list_models(endpoint, PROBE_TIMEOUT)
         found = next((name for name in models if name and model_matches(endpoint.model, name)), None)
@@ -2730,8 +2757,7 @@ async def check_endpoint(endpoint: Endpoint, config: Config) -> None:
         have = ", ".join(sorted(str(n) for n in models)[:8]) or "none"
         hint = " (try --pull)" if endpoint.api == Api.OLLAMA else ""
         raise EndpointGone(f"model {endpoint.model} not found{hint}; it has: {have}")
-    endpoint.digest = models[found]
-    endpoint.checked = True
+    endpoint.passed_check(models[found])
 
 
 def ollama_options(config: Config, temperature: float, seed: int) -> dict[str, Any]:
@@ -2777,7 +2803,8 @@ async def load_model(endpoint: Endpoint, config: Config) -> None:
 async def start_endpoint(endpoint: Endpoint, config: Config) -> None:
     """Check an endpoint and load its model: what preflight waits for."""
     await check_endpoint(endpoint, config)
-    endpoint.loading()
+    if endpoint.api == Api.OLLAMA:          # an OpenAI-compatible server loads its model on its own
+        endpoint.loading()
     await load_model(endpoint, config)
     endpoint.came_up()
 
@@ -2788,6 +2815,14 @@ def load_failures(endpoints: list[Endpoint]) -> str | None:
     if not live or any(e.alive or not e.load_error for e in live):
         return None
     return "no endpoint can serve: " + "; ".join(f"{e.name}: {e.load_error}" for e in live)
+
+
+def build_clash(endpoint: Endpoint, endpoints: Iterable[Endpoint]) -> Endpoint | None:
+    """Return another endpoint serving the same model name as a different build: their scores would not compare."""
+    if not endpoint.digest:
+        return None
+    return next((other for other in endpoints if other is not endpoint and other.model == endpoint.model
+                 and other.digest and other.digest != endpoint.digest), None)
 
 
 # ── Scoring protocol ──────────────────────────────────────────────────────────────
@@ -2823,6 +2858,7 @@ def render_prompt(template: str, item: Item, budget: int, cap: int | None = None
     return template.format_map({**fields, "code": code}), truncated
 
 
+@functools.cache
 def placeholder_uses(template: str) -> Counter:
     """Count how often each {column} appears in the template."""
     return Counter(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
@@ -2854,22 +2890,27 @@ def prompt_plan(ctx_tokens: int, template: str, item: Item) -> tuple[int, int | 
     return (room - fields) // codes, cap
 
 
+def learned_cut(budget: int, item: Item) -> int:
+    """Cap a plan's characters of code by what a context overflow taught about the row."""
+    budget = max(0, budget)
+    return min(budget, item.max_chars) if item.max_chars else budget
+
+
 def code_budget(endpoint: Endpoint, template: str, item: Item) -> int:
     """Characters of code that fit, at each {code}, the endpoint's context beside the instructions,
     the other columns and the answer."""
-    budget = max(0, prompt_plan(endpoint.ctx_tokens, template, item)[0])
-    return min(budget, item.max_chars) if item.max_chars else budget
+    return learned_cut(prompt_plan(endpoint.ctx_tokens, template, item)[0], item)
 
 
 def fit_prompt(endpoint: Endpoint, config: Config, item: Item) -> tuple[str, bool]:
     """Render the prompt to fit the endpoint's context, or raise a hopeless ContextOverflow when
     even the template with the other columns cut leaves too little room for the code at --num-ctx."""
-    budget, _ = prompt_plan(config.num_ctx, config.prompt, item)
-    if budget < min(MIN_CODE_CHARS, len(item.text or "")):
+    budget, cap = prompt_plan(endpoint.ctx_tokens, config.prompt, item)
+    widest = budget if endpoint.ctx_tokens == config.num_ctx else prompt_plan(config.num_ctx, config.prompt, item)[0]
+    if widest < min(MIN_CODE_CHARS, len(item.text or "")):
         raise ContextOverflow(f"the prompt cannot fit --num-ctx {config.num_ctx} even with its columns cut "
                               f"(template {len(config.prompt):,} characters)", None, None, hopeless=True)
-    _, cap = prompt_plan(endpoint.ctx_tokens, config.prompt, item)
-    return render_prompt(config.prompt, item, code_budget(endpoint, config.prompt, item), cap)
+    return render_prompt(config.prompt, item, learned_cut(budget, item), cap)
 
 
 def parse_answer(content: str) -> tuple[int, str | None]:
@@ -3120,11 +3161,9 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
     messages = [{"role": "user", "content": prompt}]
     schema = score_schema(config.reason)
     if endpoint.api == Api.OLLAMA:
-        url = endpoint.chat_url
         body = {"model": endpoint.model, "messages": messages, "stream": False, "format": schema,
                 "options": ollama_options(config, temperature, seed), "keep_alive": config.keep_alive}
     else:
-        url = endpoint.chat_url
         if endpoint.response_format == "json_schema":
             fmt = {"type": "json_schema", "json_schema": {"name": "score", "schema": schema}}
         else:
@@ -3133,7 +3172,7 @@ async def request_answer(endpoint: Endpoint, config: Config, prompt: str,
                 "max_tokens": NUM_PREDICT, "stream": False, "response_format": fmt}
     if endpoint.logprobs:
         body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
-    data = await post_chat(endpoint, url, body)
+    data = await post_chat(endpoint, endpoint.chat_url, body)
     content, prompt_tokens, output_tokens = answer_fields(endpoint.api, data)    # validates the shape first
     return content, prompt_tokens, output_tokens, token_entries(endpoint.api, data)
 
@@ -3436,7 +3475,7 @@ class Verdict:
 class Answers:
     """What the outcome rules know about one endpoint's answers at one moment."""
 
-    usable: int                 # usable answers in all
+    good: int                   # usable answers in all
     bad_run: int = 0            # unusable answers since the last usable one
     bad_rows: int = 0           # rows answered unusably (first answers) since the last usable one
     first_seen: float = 0.0     # running count of first answers to a row
@@ -3446,7 +3485,7 @@ class Answers:
 
 def answers_of(endpoint: Endpoint) -> Answers:
     """Freeze what the outcome rules need to know about an endpoint's answers."""
-    return Answers(endpoint.scored, endpoint.bad_run, endpoint.bad_rows, endpoint.first_seen, endpoint.first_bad,
+    return Answers(endpoint.answers, endpoint.bad_run, endpoint.bad_rows, endpoint.first_seen, endpoint.first_bad,
                    endpoint.last_bad)
 
 
@@ -3494,7 +3533,7 @@ def unusable_reason(mine: Answers, fleet: float | None) -> str | None:
     good answers, so it never makes such a run.
     """
     last = mine.last_bad[:160]
-    if mine.usable == 0 and mine.bad_run >= UNUSABLE_RUN:
+    if mine.good == 0 and mine.bad_run >= UNUSABLE_RUN:
         return f"{mine.bad_run} answers in a row, none usable (last: {last})"
     if mine.bad_rows >= UNUSABLE_RUN:
         return f"{mine.bad_rows} rows in a row answered, none usable (last: {last})"
@@ -3515,7 +3554,7 @@ def judge_bad_answer(outcome: Exception, mine: Answers, fleet: float | None, oth
     """
     if reason := unusable_reason(mine, fleet):
         return Verdict(Act.RETIRE, message=reason)
-    if isinstance(outcome, ItemFault) and mine.usable and (again or not suspect(mine, fleet, others_usable)):
+    if isinstance(outcome, ItemFault) and mine.good and (again or not suspect(mine, fleet, others_usable)):
         return Verdict(Act.CHARGE, outcome.kind, str(outcome))
     return Verdict(Act.RESEND)
 
@@ -3565,9 +3604,9 @@ def judge_attempts(attempts: int, max_attempts: int, kind: ErrorKind, last_error
 class Backlog:
     """The rows waiting for an endpoint, and the rules that give an endpoint its next one."""
 
-    def __init__(self, endpoints: list[Endpoint], hedge: bool, tally: Tally,
+    def __init__(self, endpoints: list[Endpoint], hedge: bool,
                  wake_faster: Callable[[float], None] = lambda than: None) -> None:
-        self.endpoints, self.hedge, self.tally = endpoints, hedge, tally
+        self.endpoints, self.hedge = endpoints, hedge
         self.wake_faster = wake_faster          # wakes idle drivers of endpoints faster than the given service time
         self.fresh: deque[Item] = deque()
         self.retry: deque[Item] = deque()
@@ -3634,7 +3673,7 @@ class Backlog:
         input, a row answered badly here still waits for any other usable
         endpoint that has not answered it badly (see left_for).
         """
-        bad = item.avoid is not None and endpoint.name in item.avoid
+        bad = item.answered_badly_by(endpoint.name)
         faulted = item.fault_endpoints is not None and endpoint.name in item.fault_endpoints
         if not (bad or faulted) or len(self.retry) >= RETRY_BOUND:
             return False
@@ -3651,7 +3690,7 @@ class Backlog:
     def left_for(self, endpoint: Endpoint, now: float) -> Item | None:
         """Take a waiting row that others answered badly, if no endpoint the end-of-input rule prefers may take it."""
         for i, item in enumerate(self.retry):
-            if item.finished or item.tasks or not item.avoid or endpoint.name in item.avoid:
+            if item.finished or item.tasks or not item.avoid or item.answered_badly_by(endpoint.name):
                 continue
             if not any(e is not endpoint and e.usable and e.name not in item.avoid and self.prefers(e, now)
                        for e in self.endpoints):
@@ -3679,19 +3718,19 @@ class Backlog:
             return None
 
         def copies() -> Iterator[tuple[Item, Lane, float, int]]:
+            """Yield each copy in flight elsewhere that this endpoint may race, with its lane, start and rank."""
             for other in self.endpoints:
                 if other is endpoint or not other.inflight:
                     continue
                 lane = lane_of(other)
                 for rank, (item, started) in enumerate(other.inflight.items(), 1):
                     if not (item.hedged or item.finished or len(item.tasks) > 1
-                            or (item.avoid and endpoint.name in item.avoid)):    # it answered this row badly
+                            or item.answered_badly_by(endpoint.name)):
                         yield item, lane, started, rank
 
         best = race_target(mine, copies(), now)
         if best is not None:
             best.hedged, best.racer = True, endpoint
-            self.tally.hedges += 1
         return best
 
 
@@ -3729,7 +3768,7 @@ class Fleet:
                             if other is not endpoint and not other.gone)
         return fleet, any(e is not endpoint and e.usable for e in self.endpoints)
 
-    def check(self, now: float) -> None:
+    def stop_or_pause(self, now: float) -> None:
         """End the run if it cannot go on; pause it (nothing is lost) while every endpoint is down."""
         live = [e for e in self.endpoints if not e.gone]
         if not live:
@@ -3750,17 +3789,17 @@ class Fleet:
             raise StopRun(f"every endpoint is down and none has answered for "
                           f"{format_duration(now - self.last_answer)} (--max-downtime {self.config.max_downtime:g}s)")
 
-    def answered(self, endpoint: Endpoint, answer: Answer, first: bool, started: float, now: float) -> None:
+    def answered(self, endpoint: Endpoint, first: bool, started: float, now: float) -> None:
         """Count a usable answer: the endpoint is healthy."""
         self.last_answer = now
-        endpoint.record_success(answer.latency, now)
+        endpoint.record_success()
         endpoint.note_answer(True, first=first)
-        endpoint.limiter.on_done(started, now)
+        endpoint.limiter.on_answered(started, now)
 
     def judge_answer(self, endpoint: Endpoint, outcome: Exception, again: bool, started: float,
                      now: float) -> Verdict:
         """Count an unusable answer and judge it against the fleet; take the endpoint out if it is to blame."""
-        endpoint.limiter.on_done(started, now)
+        endpoint.limiter.on_answered(started, now)
         endpoint.note_answer(False, first=not again, message=str(outcome))
         verdict = judge_bad_answer(outcome, answers_of(endpoint), *self.compare(endpoint), again)
         if verdict.act is Act.RETIRE:
@@ -3769,7 +3808,7 @@ class Fleet:
 
     def note_overflow(self, endpoint: Endpoint, overflow: ContextOverflow, started: float, now: float) -> None:
         """Learn the endpoint's context size from a prompt it found too long."""
-        endpoint.limiter.on_done(started, now)
+        endpoint.limiter.on_answered(started, now)
         if overflow.limit:
             endpoint.ctx_tokens = min(endpoint.ctx_tokens, overflow.limit)
 
@@ -3780,7 +3819,7 @@ class Fleet:
         elif not fault.connect:
             # The server spent a slot on it: counting it keeps a few random faults in a short
             # window from reading as a limit that does not pay (its latency says nothing of service).
-            endpoint.limiter.on_done(started, now, answered=False)
+            endpoint.limiter.on_answered(started, now, answered=False)
         if endpoint.record_fault(fault, now):
             self.take_down(endpoint, str(fault))
         else:
@@ -3801,10 +3840,15 @@ class Fleet:
         if endpoint.gone:
             return
         endpoint.taken_out(reason)
+        self.gone_out(endpoint, reason)
+
+    def gone_out(self, endpoint: Endpoint, reason: str) -> None:
+        """Say an endpoint was taken out, and hand its in-flight items to the others."""
         self.progress.note(f"{endpoint.name} taken out: {reason}")
         self.cancel_inflight(endpoint)
 
     def cancel_inflight(self, endpoint: Endpoint) -> None:
+        """Cancel the endpoint's requests in flight: each puts its row back in the queue."""
         for item in list(endpoint.inflight):
             task = item.tasks.get(endpoint)
             if task is not None:
@@ -3831,14 +3875,13 @@ class Fleet:
                     return
             try:
                 await self.bring_up(endpoint)
-            except EndpointGone as exc:
-                self.retire(endpoint, str(exc))
-                return
-            except EndpointFault as exc:
+            except (EndpointGone, EndpointFault) as exc:
                 if isinstance(exc, LoadFailed) and endpoint.detail != str(exc):
                     self.progress.note(f"{endpoint.name} {exc}; trying again in the background")
-                endpoint.failed_to_come_up(str(exc), time.monotonic())
-                endpoint.probe_pause = min(PROBE_CAP, endpoint.probe_pause * 2)
+                endpoint.probe_failed(exc, time.monotonic())
+                if endpoint.gone:
+                    self.gone_out(endpoint, str(exc))
+                    return
                 if endpoint.health is Health.PENDING:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
@@ -3877,11 +3920,9 @@ class Fleet:
         """Retire a late-joining endpoint whose model build differs from the fleet's."""
         if self.config.allow_mixed_models or not endpoint.digest:
             return
-        for other in self.endpoints:
-            if other is not endpoint and other.digest and other.model == endpoint.model \
-                    and other.digest != endpoint.digest:
-                raise EndpointGone(f"{endpoint.model} here is build {endpoint.digest[:12]}, but "
-                                   f"{other.name} has {other.digest[:12]} (--allow-mixed-models to accept)")
+        if other := build_clash(endpoint, self.endpoints):
+            raise EndpointGone(f"{endpoint.model} here is build {endpoint.digest[:12]}, but "
+                               f"{other.name} has {other.digest[:12]} (--allow-mixed-models to accept)")
         self.meta["endpoints"][endpoint.name] = endpoint.sidecar_entry()
         self.checkpoint.save_meta(self.meta)
 
@@ -3890,37 +3931,17 @@ class Fleet:
 # The core loop: read rows, dispatch them, write their records, watch the clock.
 
 
-class Run:
-    """Move items from the reader through the fleet into the checkpoint."""
+class Drivers:
+    """When each endpoint's driver wakes up.
 
-    def __init__(self, config: Config, endpoints: list[Endpoint], checkpoint: Checkpoint, resume: ResumeState,
-                 meta: dict[str, Any], reader: Reader, preloaded: list[Item], tally: Tally,
-                 progress: Progress) -> None:
-        self.config, self.endpoints, self.checkpoint, self.resume = config, endpoints, checkpoint, resume
-        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
-        # Each endpoint's driver sleeps on its own event. A rare change (an endpoint up or down,
-        # a row back in the queue, the input or the run over) wakes them all; a new row wakes one
-        # idle driver, so the cost of a completion does not grow with the fleet.
+    Each driver sleeps on its own event. A rare change (an endpoint up or down, a row back in the
+    queue, the input or the run over) wakes them all; a new row wakes one idle driver, so the cost
+    of a completion does not grow with the fleet.
+    """
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
         self.wakes = {endpoint: asyncio.Event() for endpoint in endpoints}
         self.idle: dict[Endpoint, None] = {}    # drivers asleep with room and nothing worth taking
-        self.changed = Wakeup(also=self.wake_all)
-        self.written = Wakeup()                  # a row was written (the producer waits for duplicates' leaders)
-        self.backlog = Backlog(endpoints, config.hedge, tally, self.wake_faster)
-        self.fleet = Fleet(endpoints, config, meta, checkpoint, progress, self.changed)
-        self.leaders: dict[int, Item] = {}       # text hash → item whose answer duplicates await
-        self.waiting_followers = self.unfinished = 0
-        self.tg: asyncio.TaskGroup | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.backlog.closed and self.unfinished == 0
-
-    def check_finished(self) -> None:
-        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
-        self.written.notify()
-        if self.finished:
-            self.fleet.end()
-            self.changed.notify()
 
     def wake_all(self) -> None:
         """Wake every driver to re-check its endpoint (after a rare change)."""
@@ -3942,6 +3963,40 @@ class Run:
         for endpoint in [e for e in self.idle if (e.limiter.service or math.inf) < than * ratio]:
             del self.idle[endpoint]
             self.wakes[endpoint].set()
+
+    def rest(self, endpoint: Endpoint) -> None:
+        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
+        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
+            self.idle[endpoint] = None
+
+
+class Run:
+    """Move items from the reader through the fleet into the checkpoint."""
+
+    def __init__(self, config: Config, endpoints: list[Endpoint], checkpoint: Checkpoint, hashes: HashIndex,
+                 meta: dict[str, Any], reader: Reader, preloaded: list[Item], tally: Tally,
+                 progress: Progress) -> None:
+        self.config, self.endpoints, self.checkpoint, self.hashes = config, endpoints, checkpoint, hashes
+        self.reader, self.preloaded, self.tally, self.progress = reader, preloaded, tally, progress
+        self.drivers = Drivers(endpoints)
+        self.changed = Wakeup(also=self.drivers.wake_all)
+        self.written = Wakeup()                  # a row was written (the producer waits for duplicates' leaders)
+        self.backlog = Backlog(endpoints, config.hedge, self.drivers.wake_faster)
+        self.fleet = Fleet(endpoints, config, meta, checkpoint, progress, self.changed)
+        self.leaders: dict[int, Item] = {}       # text hash → item whose answer duplicates await
+        self.waiting_followers = self.unfinished = 0
+        self.tg: asyncio.TaskGroup | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.backlog.closed and self.unfinished == 0
+
+    def check_finished(self) -> None:
+        """Wake whoever waits for a write; when the last item is written, tell every task to end."""
+        self.written.notify()
+        if self.finished:
+            self.fleet.end()
+            self.changed.notify()
 
     async def run(self) -> None:
         """Score until the input is exhausted and every taken item is written."""
@@ -3993,7 +4048,7 @@ class Run:
                 while self.waiting_followers > 4 * QUEUE_SIZE and not leader.finished:
                     await self.written.wait()
                 return
-            offset = self.resume.hashes.get(item.text_hash)
+            offset = self.hashes.get(item.text_hash)
             if offset is not None:
                 original = self.checkpoint.read_at(offset)
                 self.write(item, duplicate_record(item, original))
@@ -4002,13 +4057,13 @@ class Run:
         while len(self.backlog.fresh) >= QUEUE_SIZE:
             await self.backlog.space.wait()
         self.backlog.fresh.append(item)
-        self.wake_idle()
+        self.drivers.wake_idle()
 
     # ── the workers
 
     async def drive(self, endpoint: Endpoint) -> None:
         """Keep the endpoint's in-flight count at its limit while there is work."""
-        wake = self.wakes[endpoint]
+        wake = self.drivers.wakes[endpoint]
         while not self.finished and not endpoint.gone:
             wake.clear()
             item = self.backlog.take(endpoint, time.monotonic())
@@ -4016,24 +4071,23 @@ class Run:
                 item.tasks[endpoint] = self.tg.create_task(self.work(endpoint, item))
                 self.launch(endpoint, item)
                 continue
-            self.rest(endpoint)
-            if self.backlog.waiting and not self.backlog.closed and endpoint not in self.idle:
-                self.wake_idle()            # it was woken for a row it cannot take: pass it on
+            self.drivers.rest(endpoint)
+            if self.backlog.waiting and not self.backlog.closed and endpoint not in self.drivers.idle:
+                self.drivers.wake_idle()            # it was woken for a row it cannot take: pass it on
             await wake.wait()
 
-    def rest(self, endpoint: Endpoint) -> None:
-        """Note an endpoint whose driver sleeps with room for work: a new row wakes it."""
-        if endpoint.can_take(time.monotonic()) and len(endpoint.inflight) < endpoint.limiter.limit:
-            self.idle[endpoint] = None
-
     def launch(self, endpoint: Endpoint, item: Item) -> None:
-        """Count a row as started here; if it is one of the last, wake idle endpoints fast enough to race it."""
-        self.idle.pop(endpoint, None)
+        """Count a row as started here (a race, if it is the raced copy); if it is one of the last, wake idle
+        endpoints fast enough to race it."""
+        self.drivers.idle.pop(endpoint, None)
         endpoint.inflight[item] = time.monotonic()
-        if self.backlog.closed and self.config.hedge and self.idle:
-            self.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
+        if item.racer is endpoint and any(other is not endpoint for other in item.tasks):
+            self.tally.hedges += 1
+        if self.backlog.closed and self.config.hedge and self.drivers.idle:
+            self.drivers.wake_faster(endpoint.limiter.service or math.inf, HEDGE_RATIO)
 
-    def release(self, endpoint: Endpoint, item: Item) -> None:
+    def free_slot(self, endpoint: Endpoint, item: Item) -> None:
+        """Forget an item's request on an endpoint: the slot is free again."""
         endpoint.inflight.pop(item, None)
         item.tasks.pop(endpoint, None)
 
@@ -4050,13 +4104,13 @@ class Run:
             try:
                 outcome: Answer | Exception = await score_item(endpoint, item, self.config)
             except asyncio.CancelledError:
-                self.release(endpoint, item)
+                self.free_slot(endpoint, item)
                 # Cancelled because its endpoint went down: a real re-send; otherwise the run is stopping.
                 self.requeue(item, resent=endpoint.health in (Health.DOWN, Health.GONE))
                 raise
             except (EndpointFault, ItemFault, ContextOverflow, EndpointGone) as exc:
                 outcome = exc
-            self.release(endpoint, item)
+            self.free_slot(endpoint, item)
             self.settle(endpoint, item, outcome, started)
             item = None if self.finished else self.backlog.take(endpoint, time.monotonic())
             self.carry_on(endpoint, item)
@@ -4064,11 +4118,11 @@ class Run:
     def carry_on(self, endpoint: Endpoint, item: Item | None) -> None:
         """After a completion: wake the endpoint's driver if it has room left, or let racers look."""
         if item is None:
-            self.rest(endpoint)
+            self.drivers.rest(endpoint)
             return
         self.launch(endpoint, item)
         if len(endpoint.inflight) < endpoint.limiter.limit and self.backlog.waiting:
-            self.wakes[endpoint].set()      # the limit went up
+            self.drivers.wakes[endpoint].set()      # the limit went up
 
     def requeue(self, item: Item, *, front: bool = True, resent: bool = True) -> None:
         """Put an unfinished item back for any endpoint, unless a copy is still running."""
@@ -4086,61 +4140,80 @@ class Run:
         """Carry out what an outcome means for the item and for the endpoint."""
         now = time.monotonic()
         if isinstance(outcome, Answer):
-            self.fleet.answered(endpoint, outcome, not item.avoid or endpoint.name not in item.avoid, started, now)
-            if not item.finished:
-                if item.racer is endpoint and item.tasks:
-                    self.tally.hedges_won += 1
-                self.write(item, success_record(item, endpoint, outcome))
-                endpoint.count_answer(outcome)
+            self.settle_answer(endpoint, item, outcome, started, now)
         elif isinstance(outcome, ItemFault) or (isinstance(outcome, EndpointFault) and outcome.unusable):
-            again = item.avoid is not None and endpoint.name in item.avoid
-            verdict = self.fleet.judge_answer(endpoint, outcome, again, started, now)
-            item.avoid = (item.avoid or set()) | {endpoint.name}
-            if verdict.act is Act.CHARGE:
-                self.charge(endpoint, item, verdict.message, verdict.kind)
-                return
-            endpoint.errors += 1
-            item.last_error = f"{endpoint.name}: {outcome}"
-            self.requeue(item, front=False)
+            self.settle_unusable(endpoint, item, outcome, started, now)
         elif isinstance(outcome, EndpointFault):
-            if blames_row(outcome, endpoint.proven, item.faults, endpoint.scored):
-                item.faults += 1
-                item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
-            # On an endpoint that often fails a request (not counting this row), a row meets faults by chance.
-            chance = endpoint.fault_run_limit(max(0.0, endpoint.fault_weight - item.faults) / max(endpoint.outcomes, 10))
-            verdict = judge_fault(outcome, item.faults, len(item.fault_endpoints or ()), chance, self.fleet.live())
-            if verdict.act is Act.CHARGE:
-                self.charge(endpoint, item, verdict.message, verdict.kind)
-                return
-            self.fleet.note_fault(endpoint, outcome, started, now)
-            self.requeue(item)
+            self.settle_fault(endpoint, item, outcome, started, now)
         elif isinstance(outcome, ContextOverflow):
-            if not outcome.hopeless:
-                self.fleet.note_overflow(endpoint, outcome, started, now)
-                item.shrinks += 1
-            verdict = judge_overflow(outcome, item.shrinks)
-            if verdict.act is Act.WRITE and not item.finished:
-                self.write(item, error_record(item, verdict.kind, verdict.message, endpoint.model, endpoint.name))
-            elif verdict.act is Act.CHARGE:
-                self.charge(endpoint, item, verdict.message, verdict.kind)
-            elif verdict.act is Act.SHRINK:
-                item.max_chars = cut_to(min(len(item.text or ""), code_budget(endpoint, self.config.prompt, item)),
-                                        outcome)
-                self.requeue(item)
+            self.settle_overflow(endpoint, item, outcome, started, now)
         elif isinstance(outcome, EndpointGone):
-            self.fleet.retire(endpoint, str(outcome))
+            self.settle_gone(endpoint, item, outcome)
+
+    def settle_answer(self, endpoint: Endpoint, item: Item, answer: Answer, started: float, now: float) -> None:
+        """Count a usable answer, and write the row's record unless a raced copy already did."""
+        self.fleet.answered(endpoint, not item.answered_badly_by(endpoint.name), started, now)
+        if not item.finished:
+            if item.racer is endpoint and item.tasks:
+                self.tally.hedges_won += 1
+            self.write(item, success_record(item, endpoint, answer))
+            endpoint.count_answer(answer)
+
+    def settle_unusable(self, endpoint: Endpoint, item: Item, outcome: Exception, started: float, now: float) -> None:
+        """Judge an unusable answer: charge the row, or send it to another endpoint."""
+        again = item.answered_badly_by(endpoint.name)
+        verdict = self.fleet.judge_answer(endpoint, outcome, again, started, now)
+        item.avoid = (item.avoid or set()) | {endpoint.name}
+        if verdict.act is Act.CHARGE:
+            self.charge(endpoint, item, verdict.message, verdict.kind)
+            return
+        endpoint.errors += 1
+        self.requeue(item, front=False)
+
+    def settle_fault(self, endpoint: Endpoint, item: Item, fault: EndpointFault, started: float, now: float) -> None:
+        """Charge a row that keeps breaking servers; otherwise count the fault on the endpoint and resend the row."""
+        if blames_row(fault, endpoint.proven, item.faults, endpoint.answers):
+            item.faults += 1
+            item.fault_endpoints = (item.fault_endpoints or set()) | {endpoint.name}
+        # On an endpoint that often fails a request (not counting this row's faults), a row meets faults by chance.
+        chance = endpoint.fault_run_limit(endpoint.fault_share(excluding=item.faults, prior=0.0))
+        verdict = judge_fault(fault, item.faults, len(item.fault_endpoints or ()), chance, self.fleet.live())
+        if verdict.act is Act.CHARGE:
+            self.charge(endpoint, item, verdict.message, verdict.kind)
+            return
+        self.fleet.note_fault(endpoint, fault, started, now)
+        self.requeue(item)
+
+    def settle_overflow(self, endpoint: Endpoint, item: Item, overflow: ContextOverflow, started: float,
+                        now: float) -> None:
+        """Give up on a prompt that cannot fit, charge the row, or resend it with less code."""
+        if not overflow.hopeless:
+            self.fleet.note_overflow(endpoint, overflow, started, now)
+            item.shrinks += 1
+        verdict = judge_overflow(overflow, item.shrinks)
+        if verdict.act is Act.WRITE and not item.finished:
+            self.write(item, error_record(item, verdict.kind, verdict.message, endpoint.model, endpoint.name))
+        elif verdict.act is Act.CHARGE:
+            self.charge(endpoint, item, verdict.message, verdict.kind)
+        elif verdict.act is Act.SHRINK:
+            chars = min(len(item.text or ""), code_budget(endpoint, self.config.prompt, item))
+            item.max_chars = cut_to(chars, overflow)
             self.requeue(item)
+
+    def settle_gone(self, endpoint: Endpoint, item: Item, gone: EndpointGone) -> None:
+        """Take out an endpoint that refused for good, and resend its row."""
+        self.fleet.retire(endpoint, str(gone))
+        self.requeue(item)
 
     def charge(self, endpoint: Endpoint, item: Item, message: str, kind: ErrorKind) -> None:
         """Spend one of the item's attempts; write an error record when none are left."""
         if item.finished:
             return
         item.attempts += 1
-        item.last_error = f"{endpoint.name}: {message}"
         endpoint.errors += 1
         if item.tasks:              # a raced copy is still running: let it decide
             return
-        verdict = judge_attempts(item.attempts, self.config.max_attempts, kind, item.last_error)
+        verdict = judge_attempts(item.attempts, self.config.max_attempts, kind, f"{endpoint.name}: {message}")
         if verdict.act is Act.WRITE:
             self.write(item, error_record(item, verdict.kind, verdict.message, endpoint.model, endpoint.name))
         else:
@@ -4161,7 +4234,7 @@ class Run:
             if self.leaders.get(item.text_hash) is item:
                 del self.leaders[item.text_hash]
             if record["score"] is not None:
-                self.resume.hashes.add(item.text_hash, offset)
+                self.hashes.add(item.text_hash, offset)
         followers, item.followers = item.followers or [], None
         self.waiting_followers -= len(followers)
         for follower in followers:
@@ -4172,6 +4245,7 @@ class Run:
         self.check_finished()
 
     def count(self, record: dict[str, Any], duplicate: bool = False) -> None:
+        """Count a written record in the tally and on the progress bar."""
         if record["score"] is not None:
             self.tally.scored += 1
             self.tally.duplicates += duplicate or record.get("duplicate_of") is not None
@@ -4188,8 +4262,8 @@ class Run:
                     await self.fleet.over.wait()
             await self.checkpoint.sync_soon()
             if self.backlog.closed or self.backlog.waiting:
-                self.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
-            self.fleet.check(time.monotonic())
+                self.drivers.wake_idle(every=True)     # estimates move with time: stalls, overdue copies to race
+            self.fleet.stop_or_pause(time.monotonic())
             self.progress.show(self.endpoints, paused=self.fleet.all_down_since is not None)
 
 
@@ -5351,17 +5425,14 @@ def rerun_command(config: Config) -> str:
     return shlex.join(config.command) if config.command else resume_command(config)
 
 
-def settle_start(endpoint: Endpoint, task: asyncio.Task) -> None:
+def record_start(endpoint: Endpoint, task: asyncio.Task) -> None:
     """Record what preflight's check-and-load of one endpoint came to."""
     exc = task.exception()
     if exc is None:
         return
-    if isinstance(exc, EndpointGone):
-        endpoint.taken_out(str(exc))
-    elif isinstance(exc, EndpointFault):
-        endpoint.failed_to_come_up(str(exc), time.monotonic())
-    else:
+    if not isinstance(exc, (EndpointGone, EndpointFault)):
         raise exc
+    endpoint.start_failed(exc, time.monotonic())
 
 
 def try_it_command() -> str | None:
@@ -5407,7 +5478,7 @@ async def wait_for_fleet(endpoints: list[Endpoint], config: Config, tasks: dict[
         for e, task in list(tasks.items()):
             if task.done():
                 del tasks[e]
-                settle_start(e, task)
+                record_start(e, task)
                 retry_at[e] = now + 5.0
         if ready_at is None and any(e.health is Health.READY for e in endpoints):
             ready_at = now
@@ -5443,14 +5514,11 @@ async def preflight(endpoints: list[Endpoint], config: Config) -> None:
     try:
         await wait_for_fleet(endpoints, config, tasks)
         warn(preflight_table(endpoints))
-        builds: dict[str, dict[str, str]] = {}
-        for e in endpoints:
-            if e.digest:
-                builds.setdefault(e.model, {})[e.name] = e.digest
-        mixed = {model: names for model, names in builds.items() if len(set(names.values())) > 1}
+        mixed = [e for e in endpoints if build_clash(e, endpoints)]
         if mixed and not config.allow_mixed_models:
-            rows = [["model", "endpoint", "build"]] + [[m, n, d[:12]] for m, names in mixed.items()
-                                                       for n, d in names.items()]
+            models = list(dict.fromkeys(e.model for e in mixed))
+            rows = [["model", "endpoint", "build"]] + [[e.model, e.name, e.digest[:12]]
+                                                       for e in sorted(mixed, key=lambda e: models.index(e.model))]
             raise UsageError("the same model name is a different build on different endpoints, so their scores "
                              "would not be comparable:\n" + text_table(rows) +
                              "\nmake the builds match (ollama pull on each), or pass --allow-mixed-models")
@@ -5677,7 +5745,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                 return EXIT_OK
             checkpoint.save_meta(meta)
             progress = Progress(config.progress, info.total, len(resume.scored) + len(resume.permanent))
-            run = Run(config, endpoints, checkpoint, resume, meta, reader, first, tally, progress)
+            run = Run(config, endpoints, checkpoint, resume.hashes, meta, reader, first, tally, progress)
             if info.total is None and config.progress:
                 counter = asyncio.create_task(asyncio.to_thread(count_rows, info))
                 counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))

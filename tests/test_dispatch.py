@@ -193,7 +193,7 @@ def fleet_run(n: int) -> tuple[score.Backlog, list[score.Endpoint]]:
     endpoints = [score.Endpoint(score.EndpointSpec(url=f"http://127.0.0.1:{9 + i}", name=f"e{i}", api="ollama",
                                                    model=None, concurrency=None, key_env=None, line=i + 1), config)
                  for i in range(n)]
-    backlog = score.Backlog(endpoints, config.hedge, score.Tally())
+    backlog = score.Backlog(endpoints, config.hedge)
     backlog.closed = True
     return backlog, endpoints
 

@@ -36,7 +36,7 @@ def bring(endpoint: score.Endpoint, health: Health) -> None:
     """Walk a fresh endpoint to the given health the way a run would."""
     if health is Health.PENDING:
         return
-    endpoint.checked = True
+    endpoint.passed_check(None)
     if health is Health.WARMING:
         endpoint.loading()
         return
@@ -117,7 +117,7 @@ def test_a_backoff_rests_until_its_time_and_a_good_answer_ends_it(endpoint):
     endpoint.backed_off(10.0)
     assert endpoint.usable and endpoint.status == "backing off"
     assert not endpoint.can_take(9.9) and endpoint.can_take(10.0)
-    endpoint.record_success(0.1, 10.0)
+    endpoint.record_success()
     assert endpoint.health is Health.READY and endpoint.proven and endpoint.probe_pause == 1.0
 
 
@@ -141,7 +141,7 @@ def test_going_down_notes_when_and_why_and_wakes_the_supervisor(endpoint):
 
 def test_a_proven_endpoint_going_down_keeps_its_probe_pace(endpoint):
     endpoint.came_up()
-    endpoint.record_success(0.1, 0.0)
+    endpoint.record_success()
     endpoint.went_down("HTTP 500", 5.0)
     assert endpoint.probe_pause == 1.0
 
@@ -150,10 +150,66 @@ def test_a_failed_start_leaves_an_unchecked_endpoint_pending_and_a_checked_one_d
     never, loaded = endpoints_from(tmp_path, "127.0.0.1:9 name=never\n127.0.0.1:10 name=loaded\n")
     never.failed_to_come_up("connect timed out", 3.0)
     assert (never.health, never.detail, never.down_since) == (Health.PENDING, "connect timed out", None)
-    loaded.checked = True
+    loaded.passed_check(None)
     loaded.loading()
     loaded.failed_to_come_up("cannot load qwen: out of memory", 3.0)
     assert (loaded.health, loaded.detail, loaded.down_since) == (Health.DOWN, "cannot load qwen: out of memory", 3.0)
+
+
+def test_a_passed_check_keeps_the_build_and_makes_a_later_failure_down(endpoint):
+    endpoint.passed_check("sha256:abc")
+    assert endpoint.checked and endpoint.digest == "sha256:abc"
+    endpoint.failed_to_come_up("connect refused", 4.0)
+    assert endpoint.health is Health.DOWN and endpoint.down_since == 4.0
+
+
+@pytest.mark.parametrize("exc, health", [
+    (score.EndpointGone("model qwen not found"), Health.GONE),
+    (score.LoadFailed("cannot load qwen: out of memory"), Health.PENDING),
+    (score.EndpointFault("connect refused", connect=True), Health.PENDING),
+])
+def test_a_failed_start_takes_out_or_leaves_pending_by_one_rule_and_only_the_supervisor_slows_probes(tmp_path, exc,
+                                                                                                   health):
+    preflight, supervised = endpoints_from(tmp_path, "127.0.0.1:9 name=p\n127.0.0.1:10 name=s\n")
+    preflight.start_failed(exc, 2.0)
+    supervised.probe_failed(exc, 2.0)
+    assert preflight.health is supervised.health is health
+    assert preflight.detail == supervised.detail == str(exc)
+    assert (preflight.probe_pause, supervised.probe_pause) == (1.0, 2.0)
+
+
+def test_rows_scored_count_only_the_records_an_endpoint_wrote(endpoint):
+    endpoint.came_up()
+    answer = score.Answer(7, None, 100, 5, 0.2, False, 1, 0.0)
+    endpoint.record_success()                      # a raced copy's answer: the other endpoint wrote the row
+    endpoint.record_success()
+    endpoint.count_answer(answer)                  # this one wrote it
+    assert endpoint.answers == 2 and endpoint.scored == 1
+    assert (endpoint.prompt_tokens, endpoint.output_tokens) == (100, 5)
+    assert endpoint.label().startswith("e0 1 x")
+    assert score.answers_of(endpoint).good == 2    # the judging rules count every usable answer
+
+
+def test_the_fault_share_can_leave_out_a_rows_own_faults(endpoint):
+    for fault in (True, False, True, False):
+        endpoint.note_outcome(fault)
+    share = endpoint.fault_share()
+    assert endpoint.fault_share(excluding=1.0) < share
+    assert endpoint.fault_share(excluding=100.0, prior=0.0) == 0.0
+    assert endpoint.fault_share(prior=0.0) == pytest.approx(endpoint.fault_weight / (endpoint.outcomes + 10))
+
+
+def test_a_build_clash_is_the_same_model_name_as_another_build(tmp_path):
+    a, b, c, other = endpoints_from(tmp_path, "127.0.0.1:9 name=a\n127.0.0.1:10 name=b\n127.0.0.1:11 name=c\n"
+                                              "127.0.0.1:12 name=o model=llama3\n")
+    everyone = [a, b, c, other]
+    a.passed_check("sha256:one")
+    assert score.build_clash(a, everyone) is None and score.build_clash(b, everyone) is None   # b unknown yet
+    b.passed_check("sha256:one")
+    other.passed_check("sha256:two")                                # another model: no clash
+    assert score.build_clash(b, everyone) is None
+    c.passed_check("sha256:two")
+    assert score.build_clash(c, everyone) is a and score.build_clash(a, everyone) is c
 
 
 def test_taken_out_is_final_and_says_why(endpoint):

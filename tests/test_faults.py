@@ -457,7 +457,7 @@ def test_plain_faults_on_a_productive_endpoint_take_it_down_only_after_an_unlike
         if rng.random() < 0.2:
             assert not endpoint.record_fault(fault, 0.0)
         else:
-            endpoint.record_success(0.1, 0.0)
+            endpoint.record_success()
         assert endpoint.health is score.Health.READY and endpoint.can_take(0.0)   # no backoff, no idling
     for _ in range(score.DOWN_AFTER):                 # a run of 3 is common at that rate: still up
         assert not endpoint.record_fault(fault, 0.0)
@@ -467,7 +467,7 @@ def test_plain_faults_on_a_productive_endpoint_take_it_down_only_after_an_unlike
     steady.came_up()
     steady.proven = True
     for _ in range(300):
-        steady.record_success(0.1, 0.0)
+        steady.record_success()
     assert [steady.record_fault(fault, 0.0) for _ in range(score.DOWN_AFTER)] == [False, False, True]
 
 
@@ -529,7 +529,7 @@ def fleet_run(tmp_path, names=("e0", "e1")):
     fleet = [score.Endpoint(spec, config) for spec in config.endpoints]
     for endpoint in fleet:
         endpoint.came_up()
-    return score.Backlog(fleet, config.hedge, score.Tally())
+    return score.Backlog(fleet, config.hedge)
 
 
 def row_item(i: int, avoid=None) -> score.Item:
@@ -597,7 +597,7 @@ def unusable_reason(fleet, endpoint) -> str | None:
 
 def test_a_run_of_different_rows_answered_badly_makes_an_endpoint_suspect_then_takes_it_out():
     run, endpoint = lone_run(score.parse_args(["x.jsonl"]))
-    endpoint.record_success(0.1, 0.0)
+    endpoint.record_success()
     endpoint.note_answer(True, first=True)
     for n in range(1, score.UNUSABLE_RUN + 1):
         assert unusable_reason(run, endpoint) is None
@@ -611,7 +611,7 @@ def test_a_run_of_different_rows_answered_badly_makes_an_endpoint_suspect_then_t
 
 def test_one_row_answered_badly_again_and_again_never_takes_a_proven_endpoint_out():
     run, endpoint = lone_run(score.parse_args(["x.jsonl"]))
-    endpoint.record_success(0.1, 0.0)
+    endpoint.record_success()
     endpoint.note_answer(False, first=True, message="score 0 outside 1..10")
     for _ in range(3 * score.UNUSABLE_RUN):
         endpoint.note_answer(False, first=False, message="score 0 outside 1..10")

@@ -110,7 +110,7 @@ def test_limiter_climbs_to_the_peak_and_backs_off_on_overload():
         rate = capacity.get(limiter.limit, 2.0)
         started = now
         now += 1.0 / rate
-        limiter.on_done(started, now)
+        limiter.on_answered(started, now)
     assert limiter.limit in (3, 4, 5) and limiter.best_limit == 4
     limiter.on_overload(now)
     assert limiter.limit == 2
@@ -123,7 +123,7 @@ def drive_limiter(limiter, capacity, seconds: float, now: float = 0.0, trace: li
     while now < end:
         started = now
         now += 1.0 / capacity(limiter.limit)
-        limiter.on_done(started, now)
+        limiter.on_answered(started, now)
         if trace is not None and (not trace or trace[-1][1] != limiter.limit):
             trace.append((now, limiter.limit))
     return now
@@ -165,7 +165,7 @@ def serve_in_order(limiter, slots: int, services: list[float]) -> list[int]:
         while len(inflight) >= limiter.limit:
             done, sent = heapq.heappop(inflight)
             now = done
-            limiter.on_done(sent, now)
+            limiter.on_answered(sent, now)
             limits.append(limiter.limit)
         slot = min(range(slots), key=free.__getitem__)
         free[slot] = max(now, free[slot]) + service
@@ -205,7 +205,7 @@ def test_limiter_passes_two_slots_on_a_server_failing_one_request_in_five():
             while len(inflight) >= limiter.limit:
                 done, sent, failed = heapq.heappop(inflight)
                 now = done
-                limiter.on_done(sent, now, answered=not failed)
+                limiter.on_answered(sent, now, answered=not failed)
             slot = min(range(4), key=free.__getitem__)
             free[slot] = max(now, free[slot]) + rng.uniform(0.7, 1.3)
             heapq.heappush(inflight, (free[slot], now, rng.random() < 0.2))
