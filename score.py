@@ -5688,11 +5688,13 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
             raise
         main_task.uncancel()
         code = EXIT_SIGNAL[received[0]]
-    except StopRun as problem:                # from preflight: nothing was sent
+    except StopRun as problem:
         warn(f"score.py: stopped: {problem}")
-        if problem.code == EXIT_INCOMPLETE:
-            warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
-        return problem.code
+        if run is None:                       # from preflight: nothing was sent
+            if problem.code == EXIT_INCOMPLETE:
+                warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
+            return problem.code
+        code, stopped = problem.code, True    # writing the records held back under --overwrite failed
     except ExceptionGroup as group:
         problem = run_stopper(group)
         warn(f"score.py: stopped: {problem}")
