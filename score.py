@@ -1276,11 +1276,22 @@ def count_rows(info: InputInfo) -> int:
 # The record format, its fast scanner, each id's final record, the checkpoint and its sidecar.
 
 
+def last_of_runs(ordered: pa.Array) -> pa.Array:
+    """Mark the last of each run of equal values in a sorted array (its unique values, without a hash table)."""
+    if not len(ordered):
+        return pa.array([], pa.bool_())
+    return pa.concat_arrays([pc.not_equal(ordered[:-1], ordered[1:]), pa.array([True])])
+
+
 class KeySet:
     """A frozen set of 64-bit keys in a sorted array: 8 bytes per key."""
 
     def __init__(self, keys: array) -> None:
-        (self._keys,) = sort_together(keys)
+        (ordered,) = sort_together(keys)
+        if ordered:                         # an id scored twice is one key
+            ordered = arrow_int64(ordered)
+            ordered = to_array(ordered.filter(last_of_runs(ordered)))
+        self._keys = ordered
 
     def __contains__(self, key: int) -> bool:
         i = bisect.bisect_left(self._keys, key)
@@ -1328,7 +1339,7 @@ class HashIndex:
 
 
 @dataclass(slots=True)
-class SkippedLines:
+class ForeignLines:
     """Checkpoint lines that are not records score.py writes: counted, the first few by line number."""
 
     count: int = 0
@@ -1340,9 +1351,9 @@ class SkippedLines:
             self.first.append(number)
 
     def describe(self, path: Path) -> str:
-        """Say which lines were skipped, for a one-line warning."""
+        """Say which lines were ignored, for a one-line warning."""
         where = ", ".join(map(str, self.first)) + (", ..." if self.count > len(self.first) else "")
-        return (f"{path}: skipped {self.count:,} line(s) that are not records score.py writes "
+        return (f"{path}: ignored {self.count:,} line(s) that are not records score.py writes "
                 f"(line {where}); they count for nothing")
 
 
@@ -1355,7 +1366,7 @@ class ResumeState:
     hashes: HashIndex
     records: int = 0
     retried: int = 0                # ids whose last attempt failed: resume retries them
-    skipped: SkippedLines = field(default_factory=SkippedLines)
+    foreign: ForeignLines = field(default_factory=ForeignLines)
     torn_bytes: int = 0
     repeated: KeySet = field(default_factory=lambda: KeySet(array("q")))   # ids noted as duplicate_id
 
@@ -1389,9 +1400,10 @@ class FinalRecords:
 
     def positions(self) -> pa.Array:
         """Return the values (positions, given with positions=True) of every key's final record."""
-        last = pa.table({"key": arrow_int64(self._keys), "at": arrow_int64(self._positions)}) \
-            .group_by("key").aggregate([("at", "max")]).column("at_max").combine_chunks()
-        return pa.concat_arrays([last.cast(pa.int64()), pa.array(self.finish()[1].values(), pa.int64())])
+        # a stable sort keeps each key's records in file order, so a run's last is its final one; an
+        # Arrow group_by would need ~180 bytes a record
+        keys, at = (arrow_int64(a) for a in sort_together(self._keys, self._positions))
+        return pa.concat_arrays([at.filter(last_of_runs(keys)), pa.array(self.finish()[1].values(), pa.int64())])
 
 
 # Every record score.py writes has these keys in this order (base_record builds them so).
@@ -1732,7 +1744,7 @@ class Checkpoint:
         finals = FinalRecords()
         add = finals.add
         hash_keys, hash_offsets = array("q"), array("q")
-        skipped, repeated = SkippedLines(), array("q")
+        foreign, repeated = ForeignLines(), array("q")
         records = 0
         offset = 0
         with open(self.path, "rb", buffering=1 << 20) as f:
@@ -1742,7 +1754,7 @@ class Checkpoint:
                 here, offset = offset, offset + len(line)
                 fields = scan_record(line)
                 if fields is None:
-                    skipped.add(number)
+                    foreign.add(number)
                     continue
                 key, score, stored_hash, kind = fields
                 records += 1
@@ -1755,7 +1767,7 @@ class Checkpoint:
         scored, errors = finals.finish()
         permanent = array("q", (key for key, kind in errors.items() if kind in PERMANENT_ERRORS))
         hashes = HashIndex(hash_keys, hash_offsets)
-        return ResumeState(scored, KeySet(permanent), hashes, records, len(errors) - len(permanent), skipped,
+        return ResumeState(scored, KeySet(permanent), hashes, records, len(errors) - len(permanent), foreign,
                            torn, KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
@@ -4596,21 +4608,17 @@ class Stats:
     timeline: dict[str, array] = field(default_factory=dict)    # endpoint -> completion times (8 bytes each)
     first_ts: float | None = None
     last_ts: float | None = None
-    skipped: SkippedLines = field(default_factory=SkippedLines)
+    foreign: ForeignLines = field(default_factory=ForeignLines)
     expected: dict[str, Moments] = field(default_factory=dict)  # endpoint -> moments of score_expected
     expected_histogram: Counter = field(default_factory=Counter)  # score_expected rounded to the nearest score
     expected_rows: int = 0
     token_rows: int = 0             # answers that report output_tokens, and their sum
     tokens: int = 0
 
-    def mean(self, counts: Counter) -> float:
-        total = sum(counts.values())
-        return sum(score * n for score, n in counts.items()) / total if total else float("nan")
 
-
-def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[dict[str, Any]]:
-    """Yield each record score.py could have written, counting torn or foreign lines in `skipped`."""
-    skipped = skipped if skipped is not None else SkippedLines()
+def iter_records(path: Path, foreign: ForeignLines | None = None) -> Iterator[dict[str, Any]]:
+    """Yield each record score.py could have written, counting torn or foreign lines in `foreign`."""
+    foreign = foreign if foreign is not None else ForeignLines()
     with open(path, "rb", buffering=1 << 20) as f:
         for number, line in enumerate(f, 1):
             try:
@@ -4620,52 +4628,78 @@ def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[di
             if valid_record(record):
                 yield clean_details(record)
             else:
-                skipped.add(number)
+                foreign.add(number)
 
 
 def add_answer_stats(stats: Stats, endpoint: str, record: dict[str, Any]) -> None:
-    """Count a scored record's expected score and generated tokens."""
+    """Count a scored record's expected score and generated tokens (clean_details nulled odd ones)."""
     expected = record.get("score_expected")
-    if isinstance(expected, (int, float)) and not isinstance(expected, bool) and math.isfinite(expected):
+    if expected is not None:
         stats.expected.setdefault(endpoint, Moments()).add(float(expected))
         stats.expected_histogram[min(10, max(1, math.floor(expected + 0.5)))] += 1
         stats.expected_rows += 1
     tokens = record.get("output_tokens")
-    if isinstance(tokens, int) and not isinstance(tokens, bool):
+    if tokens is not None:
         stats.token_rows += 1
         stats.tokens += tokens
 
 
+def add_scored(stats: Stats, record: dict[str, Any]) -> None:
+    """Count a final scored record in the histograms, per endpoint and on the timeline."""
+    score = record["score"]
+    stats.rows_scored += 1
+    stats.histogram[score] += 1
+    stats.truncated += bool(record.get("truncated"))
+    if record.get("duplicate_of") is not None:
+        stats.duplicates += 1
+        return                        # a copied verdict says nothing about its endpoint
+    endpoint = record.get("endpoint") or "?"
+    stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
+    add_answer_stats(stats, endpoint, record)
+    ts = record.get("ts")
+    if ts is not None:
+        stats.timeline.setdefault(endpoint, array("d")).append(ts)
+        stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
+        stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
+
+
+def recount_final(path: Path, finals: FinalRecords, stats: Stats) -> Stats:
+    """Count the scored records again, each id key's final one only (an id was scored twice)."""
+    wanted = finals.positions()
+    wanted = to_array(wanted.take(pc.sort_indices(wanted)))
+    fresh = Stats(errors=stats.errors, foreign=stats.foreign)
+    taken = 0
+    for position, record in enumerate(iter_records(path)):
+        if taken == len(wanted):
+            break                     # records appended since the first pass are not in its count
+        if position == wanted[taken]:
+            taken += 1
+            if record["score"] is not None:
+                add_scored(fresh, record)
+    return fresh
+
+
 def read_stats(path: Path) -> Stats:
-    """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
+    """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing, each id
+    key counted by its final record (FinalRecords' rule)."""
     stats = Stats()
-    finals, repeated_keys = FinalRecords(), array("q")
-    for record in iter_records(path, stats.skipped):
+    finals, kinds, repeated_keys = FinalRecords(positions=True), {}, array("q")
+    for position, record in enumerate(iter_records(path, stats.foreign)):
         score, kind = record["score"], record.get("error_kind")
-        if not finals.add(record_key(record["id"], kind), score, kind, kind):
+        if not finals.add(record_key(record["id"], kind), score, kind, position):
             # a later row's note says nothing of the id's own row; it names the row's line, so
             # equal notes are one row noted again by a later run
             repeated_keys.append(id_key(str(record.get("error"))))
-            continue
-        if score is None:
-            continue
-        stats.rows_scored += 1
-        stats.histogram[score] += 1
-        stats.truncated += bool(record.get("truncated"))
-        if record.get("duplicate_of") is not None:
-            stats.duplicates += 1
-            continue                  # a copied verdict says nothing about its endpoint
-        endpoint = record.get("endpoint") or "?"
-        stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
-        add_answer_stats(stats, endpoint, record)
-        ts = record.get("ts")
-        if isinstance(ts, (int, float)):
-            stats.timeline.setdefault(endpoint, array("d")).append(ts)
-            stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
-            stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
-    stats.errors = Counter(finals.finish()[1].values())
+        elif score is None:
+            kinds[position] = kind
+        else:
+            add_scored(stats, record)
+    scored, errors = finals.finish()
+    stats.errors = Counter(kinds[position] for position in errors.values())
     if repeated_keys:
         stats.errors[ErrorKind.DUPLICATE_ID] = len(pc.unique(arrow_int64(repeated_keys)))
+    if len(scored) < stats.rows_scored:
+        stats = recount_final(path, finals, stats)
     return stats
 
 
@@ -4819,7 +4853,7 @@ def distribution_lines(stats: Stats) -> list[str]:
         n = stats.histogram[score]
         row = [str(score), f"{n:,}", f"{100 * n / total:.1f}%", "█" * round(40 * n / top)]
         rows.append(row + [f"{stats.expected_histogram[score]:,}"] if stats.expected_rows else row)
-    mean = format_mean(stats.mean(stats.histogram))
+    mean = format_mean(moments(stats.histogram).mean)
     rows.append(["mean", mean, "", ""] + ([format_mean(sum(stats.expected.values(), Moments()).mean)]
                                           if stats.expected_rows else []))
     lines = [f"Score distribution ({plural(stats.rows_scored, 'row')} scored"
@@ -4843,7 +4877,7 @@ def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
     top = max((max(v) for v in shares.values()), default=1.0)
     rows = [["endpoint", "items", "mean", *(["expected"] if stats.expected_rows else []), "scores 1..10"]]
     for name, counts in groups.items():
-        rows.append([name, f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
+        rows.append([name, f"{sum(counts.values()):,}", format_mean(moments(counts).mean),
                      *([format_mean(expected[name].mean)] if stats.expected_rows else []),
                      "|" + spark(shares[name], top) + "|"])
     laid = text_table(cut_names(rows, REPORT_WIDTH - 2), right={1, 2, 3} if stats.expected_rows else {1, 2})
@@ -5049,7 +5083,7 @@ def html_endpoints(stats: Stats) -> str:
         items = sum(stats.per_endpoint[n].values())
         expected = f"<td>{format_mean(stats.expected.get(n, Moments()).mean)}</td>" if stats.expected_rows else ""
         rows.append(f"<tr{' class=warn' if n in flagged else ''}><td>{html.escape(n)}</td><td>{items:,}</td>"
-                    f"<td>{100 * items / total:.1f}%</td><td>{format_mean(stats.mean(stats.per_endpoint[n]))}</td>"
+                    f"<td>{100 * items / total:.1f}%</td><td>{format_mean(moments(stats.per_endpoint[n]).mean)}</td>"
                     f"{expected}<td>{svg_mini(shares[n], top)}</td></tr>")
     note = ""
     if stats.duplicates:
@@ -5063,7 +5097,7 @@ def html_report(stats: Stats, source: Path) -> str:
     """The same report as one self-contained page (inline SVG, no network)."""
     labels = [str(s) for s in range(1, 11)]
     sections = [html_header(stats, source),
-                f"<h2>All rows ({stats.rows_scored:,} scored, mean {format_mean(stats.mean(stats.histogram))})</h2>",
+                f"<h2>All rows ({stats.rows_scored:,} scored, mean {format_mean(moments(stats.histogram).mean)})</h2>",
                 svg_bars([stats.histogram[s] for s in range(1, 11)], labels)]
     sections += [f"<p>{html.escape(line)}</p>" for line in filter(None, [tie_line(stats)])]
     if stats.expected_rows:
@@ -5228,8 +5262,8 @@ def write_reports(config: Config, ran: bool = False) -> int:
     if not config.output.exists():
         raise UsageError(f"{config.output}: no checkpoint to report on (score something first)")
     stats = read_stats(config.output)
-    if stats.skipped.count:
-        warn(stats.skipped.describe(config.output))
+    if stats.foreign.count:
+        warn(stats.foreign.describe(config.output))
     warn(text_report(stats, tokens=not ran))
     if config.report_html:
         config.report_html.write_text(html_report(stats, config.output))
@@ -5597,8 +5631,8 @@ def describe_resume(config: Config, resume: ResumeState) -> None:
     if resume.torn_bytes:
         warn(f"{config.output}: ends with a torn final line ({resume.torn_bytes} bytes) left by an interrupted "
              "run; it is cut before the next record")
-    if resume.skipped.count:
-        warn(resume.skipped.describe(config.output))
+    if resume.foreign.count:
+        warn(resume.foreign.describe(config.output))
     if resume.records:
         permanent = "a permanent error" if len(resume.permanent) == 1 else "permanent errors"
         warn(f"Resuming {config.output}: {plural(len(resume.scored), 'row')} scored, "
