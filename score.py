@@ -471,6 +471,16 @@ class Wakeup:
                 self._waiters.remove(waiter)
 
 
+def parse_concurrency(text: str) -> int | str:
+    """Read a concurrency as users write it, in endpoints.txt or --concurrency: a positive integer or auto."""
+    if text == AUTO:
+        return AUTO
+    with contextlib.suppress(ValueError):
+        if (value := int(text)) >= 1:
+            return value
+    raise ValueError(f"concurrency must be a positive integer or auto, not {text!r}")
+
+
 # ── Types and errors ──────────────────────────────────────────────────────────────
 # The values a run passes around, and whose fault decides what happens next.
 
@@ -1129,9 +1139,9 @@ def jsonl_batches(info: InputInfo, log: InputLog, skip: Callable[[int], bool] | 
         if obj is None:
             if not malformed:
                 continue
-            label = row_label(info.kind, number)
-            ident, key = (number, number) if numbered else (label, label_key(label))
+            ident = number if numbered else row_label(info.kind, number)
             problem, obj = (ErrorKind.MALFORMED, f"{row_place(info, number)}: not valid JSON ({why})"), {}
+            key = row_key(ident, problem)
         else:
             ident, problem, key = row_identity(info, number, obj.get(info.id_column) if info.id_column else None)
         if not numbered and skip(key):
@@ -1351,9 +1361,9 @@ class ForeignLines:
             self.first.append(number)
 
     def describe(self, path: Path) -> str:
-        """Say which lines were ignored, for a one-line warning."""
+        """Say which lines were passed over, for a one-line warning."""
         where = ", ".join(map(str, self.first)) + (", ..." if self.count > len(self.first) else "")
-        return (f"{path}: ignored {self.count:,} line(s) that are not records score.py writes "
+        return (f"{path}: skipped {self.count:,} line(s) that are not records score.py writes "
                 f"(line {where}); they count for nothing")
 
 
@@ -2094,14 +2104,10 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
         if key in options:
             raise UsageError(f"{where}: {key}= given twice ({options[key]!r} and {value!r}); keep one")
         options[key] = value
-    concurrency: int | str | None = options.get("concurrency")
-    if concurrency is not None and concurrency != AUTO:
-        try:
-            concurrency = int(concurrency)
-            if concurrency < 1:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"{where}: concurrency must be a positive integer or auto") from None
+    try:
+        concurrency = parse_concurrency(options["concurrency"]) if "concurrency" in options else None
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
     try:
         api = Api(options.get("api", implied_api or Api.AUTO))
     except ValueError:
@@ -5832,7 +5838,11 @@ def score_arg(text: str) -> int:
 
 
 def concurrency_arg(text: str) -> int | str:
-    return AUTO if text == AUTO else positive_int(text)
+    """Parse --concurrency N or auto (as endpoints.txt's concurrency= reads it)."""
+    try:
+        return parse_concurrency(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def top_arg(text: str) -> tuple[float, bool]:
