@@ -1788,12 +1788,12 @@ class Checkpoint:
                 self._held.append(data)
                 self._held_bytes += len(data)
                 return self._held_bytes - len(data)     # where it will land once the file is emptied
-            self.release()
+            self.write_held()
         if not self._started:
             self._start()
         return self._write(data)
 
-    def release(self) -> None:
+    def write_held(self) -> None:
         """Write the records held back under --overwrite: the run has scored a row or ended normally."""
         held, self._held = self._held, None
         if held:
@@ -5139,7 +5139,7 @@ def clean_strings(value: Any) -> Any:
     return value
 
 
-def answer_table(path: Path) -> pa.Table:
+def final_answers(path: Path) -> pa.Table:
     """Reduce a checkpoint to one row per id key: its final record (FinalRecords' rule)."""
     columns: dict[str, list] = {name: [] for name in ("key", *EXPORT_COLUMNS)}
     chunks = []
@@ -5189,7 +5189,7 @@ def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_pylist(mended, schema=schema)
 
 
-def rows_table(rows: Rows, schema: pa.Schema | None) -> pa.Table:
+def rows_arrow(rows: Rows, schema: pa.Schema | None) -> pa.Table:
     """Return rows read for export as an Arrow table (JSONL objects in the schema of the first run)."""
     if isinstance(rows.data, pa.RecordBatch):
         return pa.Table.from_batches([rows.data])
@@ -5225,7 +5225,7 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog)
     clash = [c for c in EXPORT_COLUMNS if c in info.columns]
     if clash:
         raise UsageError(f"{config.input} already has column(s) {', '.join(clash)}; export would overwrite them")
-    answers = answer_table(config.output)
+    answers = final_answers(config.output)
     keep = top_keys(answers, config.top) if config.top else None     # a threshold needs every row first
     temp = target.with_name(target.name + ".tmp")
     writer, schema = None, None
@@ -5234,7 +5234,7 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog)
         for rows in input_rows(info, log):
             keys, repeated = arrow_int64(rows.keys), pa.array(rows.repeated, pa.bool_())
             picked = answers.take(pc.index_in(keys, value_set=answers.column("key")))
-            table = rows_table(rows, schema)
+            table = rows_arrow(rows, schema)
             schema = schema or table.schema
             for name in EXPORT_COLUMNS:
                 table = table.append_column(name, picked.column(name).combine_chunks())
@@ -5721,7 +5721,7 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                 counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))
             started = time.monotonic()
             await run.run()
-            checkpoint.release()
+            checkpoint.write_held()
             code = exit_code(run.tally)
     except asyncio.CancelledError:
         if not received:

@@ -53,7 +53,7 @@ def agree(path: Path, finals: dict[int, tuple[int | None, str | None]], retried:
     assert stats.rows_scored == len(state.scored) and stats.histogram == histogram
     assert sum(stats.per_endpoint.values(), Counter()) == histogram              # none copied a verdict
 
-    table = score.answer_table(path).to_pylist()
+    table = score.final_answers(path).to_pylist()
     assert len(table) == len(finals)                            # one row per id key
     got = {row["key"]: (row["score"], row["error"]) for row in table}
     for key, (value, kind) in finals.items():
