@@ -97,7 +97,7 @@ except ImportError:  # pragma: no cover - Windows has no flock; run one writer p
 
 
 # ── Constants ─────────────────────────────────────────────────────────────────────
-# Defaults and limits, the answer schema, the built-in prompt and the calibration functions.
+# What several sections share (exit codes, defaults, answer schema, prompt, limits); one section's own open it.
 
 
 __version__ = "0.3.0"
@@ -105,7 +105,6 @@ __version__ = "0.3.0"
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
-DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_ENDPOINT = "http://localhost:11434"
 OLLAMA_PORT = 11434
 TEXT_COLUMNS = ("code", "function", "content", "text")
@@ -146,7 +145,6 @@ ANSWER_LINES = {
     "short": 'Answer with JSON only: {{"score": <integer 1-10>, "reason": "<a few words>"}}',
     "none": 'Answer with JSON only: {{"score": <integer 1-10>}}',
 }
-TOP_LOGPROBS = 20           # alternatives asked for at each generated token (Ollama's maximum)
 
 
 def score_schema(reason: str) -> dict[str, Any]:
@@ -165,104 +163,11 @@ def prompt_for(prompt: str, reason: str) -> str:
 
 
 CALIBRATE_MIN_ROWS = 1000   # jobs this big are calibrated at preflight unless told otherwise
-CALIBRATION_GAP = 1.0       # good samples must outscore poor ones by this much
-CALIBRATION_DRIFT = 2.0     # an endpoint whose means differ from the rest of the fleet's by more is suspect
-CALIBRATION_PARALLEL = 4    # calibration requests in flight per endpoint
 
-# Clearly good and clearly poor functions, varied in size and style, that every endpoint scores at
-# preflight: a model (or a machine serving another build) that cannot tell them apart shows up
-# before it spends days scoring. They are never written to the checkpoint.
-CALIBRATION_GOOD = (
-    '''def clamp(value: float, low: float, high: float) -> float:
-    """Return value limited to the closed interval [low, high]."""
-    if low > high:
-        raise ValueError(f"empty interval: {low} > {high}")
-    return max(low, min(value, high))
-''',
-    '''def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Yield successive lists of at most `size` items from `items`.
-
-    >>> list(chunked(range(5), 2))
-    [[0, 1], [2, 3], [4]]
-    """
-    if size < 1:
-        raise ValueError("size must be at least 1")
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-''',
-    '''/**
- * Delay calls to `fn` until `wait` milliseconds have passed without a new call.
- * @param {Function} fn  the function to call
- * @param {number} wait  the quiet period in milliseconds
- * @returns {Function} the debounced function
- */
-function debounce(fn, wait) {
-  let timer = null;
-  return function (...args) {
-    clearTimeout(timer);
-    timer = setTimeout(() => fn.apply(this, args), wait);
-  };
-}
-''',
-    '''    def get(self, key: str, default: V | None = None) -> V | None:
-        """Return the cached value for key and mark it most recently used."""
-        try:
-            value = self._entries.pop(key)
-        except KeyError:
-            self.misses += 1
-            return default
-        self._entries[key] = value      # re-insert: dicts keep insertion order
-        self.hits += 1
-        return value
-''',
-)
-CALIBRATION_POOR = (
-    '''def f(a,b,c,d):
-  x=a
-  if b==1: x=x+1
-  if b==1: x=x+1
-  if c: x=x
-  return x;d
-''',
-    '''def proc(l=[]):
-    global cnt
-    try:
-        for i in range(len(l)):
-            if l[i] != None:
-                cnt = cnt + 1
-                l[i] = l[i]
-    except:
-        pass
-    return l
-''',
-    '''function doIt(a){var b=a;var c=0;for(var i=0;i<b.length;i++){c=c+b[i]*1;};return c;c=0;}
-''',
-    '''def calc(x):
-    # TODO fix
-    y = 0
-    if x == 1:
-        y = 1
-    if x == 2:
-        y = 2
-    if x == 3:
-        y = 3
-    #if x == 4:
-    #    y = 4
-    return y
-''',
-)
 
 NUM_PREDICT = 256           # answer budget; a score and one sentence fit easily
-CHARS_PER_TOKEN = 2.5       # conservative for code: cut more rather than overflow
 CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own markup
 MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
-TRUNCATION_MARK = "\n... [truncated]"
 
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
 FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
@@ -280,8 +185,6 @@ BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
 PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
 POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
-PREFLIGHT_GRACE = 5.0       # once one endpoint is ready, seconds the others get to join the preflight table
-ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a few hundred)
 DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
 
 AUTO = "auto"               # a concurrency found by measuring (the rules below), as users spell it
@@ -301,19 +204,12 @@ OVERDUE = 3.0               # a request running this many service times may be s
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
-READ_BATCH = 1024           # rows the reader decodes at once for scoring
-FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
-
-HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
-MIN_BAR = 10                # the progress bar keeps at least this many columns
-BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"   # the rate is in the status
-RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
-LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
 
 FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
 REPORT_WIDTH = 100          # columns the end summary and the text report stay within
 
 NAME_WIDTH = 28             # endpoint names longer than this are cut in the middle in tables and charts
+WARN_FIRST = 5              # bad rows of one kind named on the console before they are only counted
 
 
 # ── Small utilities ───────────────────────────────────────────────────────────────
@@ -723,6 +619,17 @@ class Tally:
 # One reader for Parquet and JSONL: rows, their ids and keys, bad rows, finished rows passed over.
 
 
+READ_BATCH = 1024           # rows the reader decodes at once for scoring
+
+# Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
+# never share a key with a string id that reads the same.
+BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
+
+LABEL_KINDS = frozenset({ErrorKind.NO_ID, ErrorKind.BAD_ID, ErrorKind.MALFORMED})    # records whose string id is the row's label
+TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
+NAMED_PROBLEMS = frozenset({ErrorKind.MALFORMED, ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
+
+
 @dataclass(frozen=True, slots=True)
 class InputInfo:
     """What the dataset looks like: its files, columns and size."""
@@ -739,12 +646,6 @@ class InputInfo:
 def hashed_key(data: bytes) -> int:
     """Return a signed 64-bit hash of data."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-# Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
-# never share a key with a string id that reads the same.
-BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
-LABEL_KINDS = frozenset({ErrorKind.NO_ID, ErrorKind.BAD_ID, ErrorKind.MALFORMED})    # records whose string id is the row's label
 
 
 def id_key(value: int | str) -> int:
@@ -770,9 +671,6 @@ def record_key(ident: int | str, kind: str | None) -> int:
     """Return the key of a checkpoint record: the row's label for a record of a null, bad or
     unreadable id (the reader's row_key), its id otherwise."""
     return label_key(ident) if kind in LABEL_KINDS and type(ident) is str else id_key(ident)
-
-
-TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
 
 
 def text_hash(text: str) -> int:
@@ -888,10 +786,6 @@ def inspect_input(path: Path, id_column: str | None, text_column: str | None, te
         raise UsageError(f"prompt template uses {', '.join(missing)}, which the input lacks; columns are: {', '.join(columns)}")
     fields = tuple(n for n in names if n != "code")
     return InputInfo(kind, files, columns, total, id_column, text_column, fields)
-
-
-WARN_FIRST = 5              # bad rows of one kind named on the console before they are only counted
-NAMED_PROBLEMS = frozenset({ErrorKind.MALFORMED, ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
 
 
 def row_id(ident: Any, label: str) -> int | str:
@@ -1286,6 +1180,25 @@ def count_rows(info: InputInfo) -> int:
 # The record format, its fast scanner, each id's final record, the checkpoint and its sidecar.
 
 
+FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
+
+# Every record score.py writes has these keys in this order (base_record builds them so).
+RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
+               "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
+               "duplicate_of", "ts", "error", "error_kind")
+
+# So our own lines start with id and score and end with error_kind, with hash between: reading
+# just those with one regex is ~6x faster than json.loads, which stays the fallback. A test pins
+# this pattern to RECORD_KEYS and the builders.
+RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
+                           rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
+
+LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
+TAIL_MAX = 1 << 20           # a last line longer than this, without its newline, is no record of ours
+HOLD_MAX = (10_000, 4 << 20)    # --overwrite keeps at most this many records / bytes back
+PIN_BLOCK = 1 << 16         # bytes hashed at each end of an input file
+
+
 def last_of_runs(ordered: pa.Array) -> pa.Array:
     """Mark the last of each run of equal values in a sorted array (its unique values, without a hash table)."""
     if not len(ordered):
@@ -1416,23 +1329,9 @@ class FinalRecords:
         return pa.concat_arrays([at.filter(last_of_runs(keys)), pa.array(self.finish()[1].values(), pa.int64())])
 
 
-# Every record score.py writes has these keys in this order (base_record builds them so).
-RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
-               "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
-               "duplicate_of", "ts", "error", "error_kind")
-# So our own lines start with id and score and end with error_kind, with hash between: reading
-# just those with one regex is ~6x faster than json.loads, which stays the fallback. A test pins
-# this pattern to RECORD_KEYS and the builders.
-RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
-                           rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
-
-
 def finite(value: Any) -> bool:
     """Tell whether a JSON value is a finite number (not a bool, NaN or infinity)."""
     return type(value) is int or type(value) is float and math.isfinite(value)
-
-
-LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
 
 
 def is_text(value: Any) -> bool:
@@ -1578,10 +1477,6 @@ def record_line(record: dict[str, Any]) -> bytes:
         return (json.dumps(record, ensure_ascii=False) + "\n").encode()
     except UnicodeEncodeError:
         return (json.dumps(record) + "\n").encode()
-
-
-TAIL_MAX = 1 << 20           # a last line longer than this, without its newline, is no record of ours
-HOLD_MAX = (10_000, 4 << 20)    # --overwrite keeps at most this many records / bytes back
 
 
 def meta_path(output: Path) -> Path:
@@ -1847,9 +1742,6 @@ class Checkpoint:
                 self.sync()
             os.close(self._fd)
             self._fd = -1
-
-
-PIN_BLOCK = 1 << 16         # bytes hashed at each end of an input file
 
 
 def block_hash(f, start: int, length: int) -> str:
@@ -2810,14 +2702,120 @@ def load_failures(endpoints: list[Endpoint]) -> str | None:
 # Prompt, request, answer and expected score; the calibration sets at preflight.
 
 
+TOP_LOGPROBS = 20           # alternatives asked for at each generated token (Ollama's maximum)
+CALIBRATION_GAP = 1.0       # good samples must outscore poor ones by this much
+CALIBRATION_DRIFT = 2.0     # an endpoint whose means differ from the rest of the fleet's by more is suspect
+CALIBRATION_PARALLEL = 4    # calibration requests in flight per endpoint
+
+# Clearly good and clearly poor functions, varied in size and style, that every endpoint scores at
+# preflight: a model (or a machine serving another build) that cannot tell them apart shows up
+# before it spends days scoring. They are never written to the checkpoint.
+CALIBRATION_GOOD = (
+    '''def clamp(value: float, low: float, high: float) -> float:
+    """Return value limited to the closed interval [low, high]."""
+    if low > high:
+        raise ValueError(f"empty interval: {low} > {high}")
+    return max(low, min(value, high))
+''',
+    '''def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Yield successive lists of at most `size` items from `items`.
+
+    >>> list(chunked(range(5), 2))
+    [[0, 1], [2, 3], [4]]
+    """
+    if size < 1:
+        raise ValueError("size must be at least 1")
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+''',
+    '''/**
+ * Delay calls to `fn` until `wait` milliseconds have passed without a new call.
+ * @param {Function} fn  the function to call
+ * @param {number} wait  the quiet period in milliseconds
+ * @returns {Function} the debounced function
+ */
+function debounce(fn, wait) {
+  let timer = null;
+  return function (...args) {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn.apply(this, args), wait);
+  };
+}
+''',
+    '''    def get(self, key: str, default: V | None = None) -> V | None:
+        """Return the cached value for key and mark it most recently used."""
+        try:
+            value = self._entries.pop(key)
+        except KeyError:
+            self.misses += 1
+            return default
+        self._entries[key] = value      # re-insert: dicts keep insertion order
+        self.hits += 1
+        return value
+''',
+)
+
+CALIBRATION_POOR = (
+    '''def f(a,b,c,d):
+  x=a
+  if b==1: x=x+1
+  if b==1: x=x+1
+  if c: x=x
+  return x;d
+''',
+    '''def proc(l=[]):
+    global cnt
+    try:
+        for i in range(len(l)):
+            if l[i] != None:
+                cnt = cnt + 1
+                l[i] = l[i]
+    except:
+        pass
+    return l
+''',
+    '''function doIt(a){var b=a;var c=0;for(var i=0;i<b.length;i++){c=c+b[i]*1;};return c;c=0;}
+''',
+    '''def calc(x):
+    # TODO fix
+    y = 0
+    if x == 1:
+        y = 1
+    if x == 2:
+        y = 2
+    if x == 3:
+        y = 3
+    #if x == 4:
+    #    y = 4
+    return y
+''',
+)
+
+CHARS_PER_TOKEN = 2.5       # conservative for code: cut more rather than overflow
+TRUNCATION_MARK = "\n... [truncated]"
+ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a few hundred)
+MIN_CODE_CHARS = 200        # less code than this (where the code is longer) is not worth a verdict
+SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
+SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the score's digits in one token
+ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
+LOGPROB_SLACK = 1e-6        # a log-probability is at most 0; rounding may leave a hair above
+CONTEXT_PATTERNS = (
+    re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"),
+    re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S),
+)
+
+
 def retry_settings(config: Config, attempt: int) -> tuple[float, int]:
     """Vary a retry: the same prompt at temperature 0 gives the same bad answer again."""
     if attempt == 0:
         return config.temperature, config.seed
     return max(config.temperature, min(1.0, 0.3 * attempt)), config.seed + 1009 * attempt
-
-
-MIN_CODE_CHARS = 200        # less code than this (where the code is longer) is not worth a verdict
 
 
 def cut_text(text: str, limit: int) -> str:
@@ -2912,11 +2910,6 @@ def parse_answer(content: str) -> tuple[int, str | None]:
     return score, reason if reason is None or isinstance(reason, str) else json.dumps(reason)
 
 
-SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
-SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the score's digits in one token
-ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
-
-
 def token_entries(api: Api, data: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Return an answer's per-token probability entries (Ollama or OpenAI shape), or None."""
     if api == Api.OLLAMA:
@@ -2930,9 +2923,6 @@ def token_entries(api: Api, data: dict[str, Any]) -> list[dict[str, Any]] | None
     if not all(isinstance(e, dict) and isinstance(e.get("token"), str) for e in entries):
         return None
     return entries
-
-
-LOGPROB_SLACK = 1e-6        # a log-probability is at most 0; rounding may leave a hair above
 
 
 def probability(logprob: int | float) -> float | None:
@@ -3032,12 +3022,6 @@ def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | 
     if not total > 0:
         return None
     return round(sum(k * p for k, p in mass.items()) / total, 3)
-
-
-CONTEXT_PATTERNS = (
-    re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"),
-    re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S),
-)
 
 
 def context_overflow(status: int, response: httpx.Response, message: str) -> ContextOverflow | None:
@@ -3431,7 +3415,6 @@ def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int
     return best
 
 
-
 class Act(enum.Enum):
     """What happens to a row after an outcome."""
 
@@ -3575,7 +3558,6 @@ def judge_attempts(attempts: int, max_attempts: int, kind: ErrorKind, last_error
         final = ErrorKind.ATTEMPTS_EXHAUSTED if kind in (ErrorKind.BAD_ANSWER, ErrorKind.REJECTED) else kind
         return Verdict(Act.WRITE, final, f"{attempts} attempts; last: {last_error}")
     return Verdict(Act.RESEND)
-
 
 
 class Backlog:
@@ -4213,6 +4195,13 @@ class Run:
 # The progress line, the preflight table and the end-of-run summary.
 
 
+HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
+MIN_BAR = 10                # the progress bar keeps at least this many columns
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"   # the rate is in the status
+RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
+LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
+
+
 def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[str]:
     """Name the endpoints a user should look at, grouped: out of service, failing, stuck on a request."""
     groups: dict[str, list[str]] = {"down": [], "out": [], "errors": [], "slow": []}
@@ -4560,6 +4549,9 @@ DISAGREE_ALPHA = 0.01       # and beyond chance (family-wise, across the fleet) 
 GAP_SECONDS = 120.0         # no answer from any endpoint for this long (and 20× the usual pace) is a gap
 EXPORT_COLUMNS = ("score", "score_expected", "reason", "model", "endpoint", "error")
 NUMERIC_COLUMNS = {"score": pa.int64(), "score_expected": pa.float64()}
+CURVE_COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#8c6d31",
+                "#17a2b8", "#9a9a1f", "#d4589f", "#1f3f6e", "#c0392b", "#2e7d32"]
+OTHERS_COLOR = "#777777"
 
 
 @dataclass(slots=True)
@@ -4960,11 +4952,6 @@ def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[f
     return [c / width for c in counts]
 
 
-CURVE_COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#8c6d31",
-                "#17a2b8", "#9a9a1f", "#d4589f", "#1f3f6e", "#c0392b", "#2e7d32"]
-OTHERS_COLOR = "#777777"
-
-
 def svg_legend(colors: dict[str, str], left: float, top: float, width: float) -> tuple[str, float]:
     """Lay legend entries out in rows that wrap before `width`; return the SVG and the height it takes."""
     parts, x, y = [], left, top
@@ -5289,6 +5276,9 @@ def write_reports(config: Config, ran: bool = False) -> int:
 
 # ── Job running ───────────────────────────────────────────────────────────────────
 # Preflight, one whole job from the first request to its exit code, signals, the resume command.
+
+
+PREFLIGHT_GRACE = 5.0       # once one endpoint is ready, seconds the others get to join the preflight table
 
 
 class QuietStream:
@@ -5770,6 +5760,10 @@ async def amain(config: Config) -> int:
 # Arguments become a Config at the boundary; main.
 
 
+DEFAULT_MODEL = "qwen2.5-coder:7b"
+DURATION_HELP = "90, 90s, 15m, 2h or 1d"
+
+
 def parse_duration(text: str) -> float:
     """Parse 90, 90s, 15m, 2h or 1d into seconds."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
@@ -5862,9 +5856,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see --help)")
-
-
-DURATION_HELP = "90, 90s, 15m, 2h or 1d"
 
 
 def build_parser() -> argparse.ArgumentParser:
