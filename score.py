@@ -1269,6 +1269,7 @@ class ForeignLines:
     first: list[int] = field(default_factory=list)
 
     def add(self, number: int) -> None:
+        """Count a foreign line, remembering its number if it is among the first few."""
         self.count += 1
         if len(self.first) < WARN_FIRST:
             self.first.append(number)
@@ -1335,10 +1336,12 @@ def finite(value: Any) -> bool:
 
 
 def is_text(value: Any) -> bool:
+    """Tell whether a JSON value is a string."""
     return type(value) is str
 
 
 def is_count(value: Any) -> bool:
+    """Tell whether a JSON value is a whole number of things (an int, not a bool, never negative)."""
     return type(value) is int and value >= 0
 
 
@@ -1804,6 +1807,7 @@ def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str
 
 
 def sha256_of(text: str) -> str:
+    """Return the hex SHA-256 of a text (the sidecar pins the prompt and the answer schema by it)."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -1852,6 +1856,7 @@ def prompt_difference(config: Config, old: dict[str, Any], reason: str) -> str |
 def same_content(old: Any, new: list[dict[str, Any]]) -> bool:
     """Tell whether the input files are the pinned ones, whatever they are called now."""
     def bare(pins: Any) -> list:
+        """Drop the file names from the pins, keeping what the files hold."""
         return [{k: v for k, v in pin.items() if k != "file"} for pin in pins] if isinstance(pins, list) else []
     return bool(new) and bare(old) == bare(new)
 
@@ -4563,6 +4568,7 @@ class Moments:
     squares: float = 0.0
 
     def add(self, value: float, times: int = 1) -> None:
+        """Count value `times` times."""
         self.n += times
         self.total += value * times
         self.squares += value * value * times
@@ -4813,6 +4819,7 @@ def spark(values: list[float], top: float | None = None) -> str:
 
 
 def format_mean(value: float) -> str:
+    """Show a mean to two decimals, or "-" where there was nothing to average."""
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
@@ -5134,6 +5141,7 @@ def final_answers(path: Path) -> pa.Table:
     position = 0
 
     def flush() -> None:
+        """Turn the columns gathered so far into an Arrow chunk (one, empty, for an empty checkpoint)."""
         if columns["key"] or not chunks:
             chunks.append(pa.table({"key": pa.array(columns["key"], pa.int64()),
                                     **{name: pa.array(columns[name], NUMERIC_COLUMNS.get(name, pa.string()))
@@ -5292,6 +5300,7 @@ class QuietStream:
         self.broken = False
 
     def write(self, text: str) -> int:
+        """Write text, or nothing once the reader has gone; always report it all written."""
         if not self.broken:
             try:
                 self.stream.write(text)
@@ -5301,6 +5310,7 @@ class QuietStream:
         return len(text)
 
     def flush(self) -> None:
+        """Flush, unless the reader has gone."""
         if not self.broken:
             try:
                 self.stream.flush()
@@ -5308,6 +5318,7 @@ class QuietStream:
                 self.silence()
 
     def isatty(self) -> bool:
+        """Tell whether a terminal still reads the stream."""
         try:
             return not self.broken and self.stream.isatty()
         except (OSError, ValueError):
@@ -5342,6 +5353,7 @@ def guard_streams() -> Callable[[], None]:
     sys.stdout, sys.stderr = (QuietStream(stream if stream is not None else next(spare)) for stream in saved)
 
     def restore() -> None:
+        """Put the original streams back and close the ones opened here."""
         sys.stdout, sys.stderr = saved
         for stream in opened:
             stream.close()
@@ -5592,6 +5604,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.
     received: list[int] = []
 
     def on_signal(sig: int) -> None:
+        """Cancel the job on the first signal; leave at once on the second."""
         if received:   # every line written is already complete, so leaving now loses nothing
             os._exit(EXIT_SIGNAL[sig])
         received.append(sig)
@@ -5784,6 +5797,7 @@ def keep_alive_arg(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
+    """Parse an option that takes a whole number of at least 1."""
     try:
         value = int(text)
         if value >= 1:
