@@ -79,7 +79,7 @@ import time
 import zlib
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Container, Iterator, Sized
+from collections.abc import Callable, Container, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ except ImportError:  # pragma: no cover - Windows has no flock; run one writer p
 
 
 # ── Constants ─────────────────────────────────────────────────────────────────────
-# Defaults and limits, the answer schema, the built-in prompt and the calibration functions.
+# What several sections share (exit codes, defaults, answer schema, prompt, limits); one section's own open it.
 
 
 __version__ = "0.3.0"
@@ -105,7 +105,6 @@ __version__ = "0.3.0"
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
-DEFAULT_MODEL = "qwen2.5-coder:7b"
 DEFAULT_ENDPOINT = "http://localhost:11434"
 OLLAMA_PORT = 11434
 TEXT_COLUMNS = ("code", "function", "content", "text")
@@ -146,7 +145,6 @@ ANSWER_LINES = {
     "short": 'Answer with JSON only: {{"score": <integer 1-10>, "reason": "<a few words>"}}',
     "none": 'Answer with JSON only: {{"score": <integer 1-10>}}',
 }
-TOP_LOGPROBS = 20           # alternatives asked for at each generated token (Ollama's maximum)
 
 
 def score_schema(reason: str) -> dict[str, Any]:
@@ -165,104 +163,11 @@ def prompt_for(prompt: str, reason: str) -> str:
 
 
 CALIBRATE_MIN_ROWS = 1000   # jobs this big are calibrated at preflight unless told otherwise
-CALIBRATION_GAP = 1.0       # good samples must outscore poor ones by this much
-CALIBRATION_DRIFT = 2.0     # an endpoint whose means differ from the rest of the fleet's by more is suspect
-CALIBRATION_PARALLEL = 4    # calibration requests in flight per endpoint
 
-# Clearly good and clearly poor functions, varied in size and style, that every endpoint scores at
-# preflight: a model (or a machine serving another build) that cannot tell them apart shows up
-# before it spends days scoring. They are never written to the checkpoint.
-CALIBRATION_GOOD = (
-    '''def clamp(value: float, low: float, high: float) -> float:
-    """Return value limited to the closed interval [low, high]."""
-    if low > high:
-        raise ValueError(f"empty interval: {low} > {high}")
-    return max(low, min(value, high))
-''',
-    '''def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Yield successive lists of at most `size` items from `items`.
-
-    >>> list(chunked(range(5), 2))
-    [[0, 1], [2, 3], [4]]
-    """
-    if size < 1:
-        raise ValueError("size must be at least 1")
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-''',
-    '''/**
- * Delay calls to `fn` until `wait` milliseconds have passed without a new call.
- * @param {Function} fn  the function to call
- * @param {number} wait  the quiet period in milliseconds
- * @returns {Function} the debounced function
- */
-function debounce(fn, wait) {
-  let timer = null;
-  return function (...args) {
-    clearTimeout(timer);
-    timer = setTimeout(() => fn.apply(this, args), wait);
-  };
-}
-''',
-    '''    def get(self, key: str, default: V | None = None) -> V | None:
-        """Return the cached value for key and mark it most recently used."""
-        try:
-            value = self._entries.pop(key)
-        except KeyError:
-            self.misses += 1
-            return default
-        self._entries[key] = value      # re-insert: dicts keep insertion order
-        self.hits += 1
-        return value
-''',
-)
-CALIBRATION_POOR = (
-    '''def f(a,b,c,d):
-  x=a
-  if b==1: x=x+1
-  if b==1: x=x+1
-  if c: x=x
-  return x;d
-''',
-    '''def proc(l=[]):
-    global cnt
-    try:
-        for i in range(len(l)):
-            if l[i] != None:
-                cnt = cnt + 1
-                l[i] = l[i]
-    except:
-        pass
-    return l
-''',
-    '''function doIt(a){var b=a;var c=0;for(var i=0;i<b.length;i++){c=c+b[i]*1;};return c;c=0;}
-''',
-    '''def calc(x):
-    # TODO fix
-    y = 0
-    if x == 1:
-        y = 1
-    if x == 2:
-        y = 2
-    if x == 3:
-        y = 3
-    #if x == 4:
-    #    y = 4
-    return y
-''',
-)
 
 NUM_PREDICT = 256           # answer budget; a score and one sentence fit easily
-CHARS_PER_TOKEN = 2.5       # conservative for code: cut more rather than overflow
 CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own markup
 MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
-TRUNCATION_MARK = "\n... [truncated]"
 
 DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
 FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
@@ -280,8 +185,6 @@ BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
 PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
 POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
-PREFLIGHT_GRACE = 5.0       # once one endpoint is ready, seconds the others get to join the preflight table
-ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a few hundred)
 DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
 
 AUTO = "auto"               # a concurrency found by measuring (the rules below), as users spell it
@@ -301,19 +204,12 @@ OVERDUE = 3.0               # a request running this many service times may be s
 
 QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
-READ_BATCH = 1024           # rows the reader decodes at once for scoring
-FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
-
-HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
-MIN_BAR = 10                # the progress bar keeps at least this many columns
-BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"   # the rate is in the status
-RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
-LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
 
 FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
 REPORT_WIDTH = 100          # columns the end summary and the text report stay within
 
 NAME_WIDTH = 28             # endpoint names longer than this are cut in the middle in tables and charts
+WARN_FIRST = 5              # bad rows of one kind named on the console before they are only counted
 
 
 # ── Small utilities ───────────────────────────────────────────────────────────────
@@ -469,6 +365,16 @@ class Wakeup:
         finally:
             if waiter in self._waiters and not waiter.done():
                 self._waiters.remove(waiter)
+
+
+def parse_concurrency(text: str) -> int | str:
+    """Read a concurrency as users write it, in endpoints.txt or --concurrency: a positive integer or auto."""
+    if text == AUTO:
+        return AUTO
+    with contextlib.suppress(ValueError):
+        if (value := int(text)) >= 1:
+            return value
+    raise ValueError(f"concurrency must be a positive integer or auto, not {text!r}")
 
 
 # ── Types and errors ──────────────────────────────────────────────────────────────
@@ -716,6 +622,17 @@ class Tally:
 # One reader for Parquet and JSONL: rows, their ids and keys, bad rows, finished rows passed over.
 
 
+READ_BATCH = 1024           # rows the reader decodes at once for scoring
+
+# Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
+# never share a key with a string id that reads the same.
+BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
+
+LABEL_KINDS = frozenset({ErrorKind.NO_ID, ErrorKind.BAD_ID, ErrorKind.MALFORMED})    # records whose string id is the row's label
+TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
+NAMED_PROBLEMS = frozenset({ErrorKind.MALFORMED, ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
+
+
 @dataclass(frozen=True, slots=True)
 class InputInfo:
     """What the dataset looks like: its files, columns and size."""
@@ -732,12 +649,6 @@ class InputInfo:
 def hashed_key(data: bytes) -> int:
     """Return a signed 64-bit hash of data."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-# Prefixes no UTF-8 text starts with (0xff never occurs in it): a big int, or a row's label, can
-# never share a key with a string id that reads the same.
-BIG_INT_PREFIX, LABEL_PREFIX = b"\xffi", b"\xffl"
-LABEL_KINDS = frozenset({ErrorKind.NO_ID, ErrorKind.BAD_ID, ErrorKind.MALFORMED})    # records whose string id is the row's label
 
 
 def id_key(value: int | str) -> int:
@@ -763,9 +674,6 @@ def record_key(ident: int | str, kind: str | None) -> int:
     """Return the key of a checkpoint record: the row's label for a record of a null, bad or
     unreadable id (the reader's row_key), its id otherwise."""
     return label_key(ident) if kind in LABEL_KINDS and type(ident) is str else id_key(ident)
-
-
-TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n)")
 
 
 def text_hash(text: str) -> int:
@@ -881,10 +789,6 @@ def inspect_input(path: Path, id_column: str | None, text_column: str | None, te
         raise UsageError(f"prompt template uses {', '.join(missing)}, which the input lacks; columns are: {', '.join(columns)}")
     fields = tuple(n for n in names if n != "code")
     return InputInfo(kind, files, columns, total, id_column, text_column, fields)
-
-
-WARN_FIRST = 5              # bad rows of one kind named on the console before they are only counted
-NAMED_PROBLEMS = frozenset({ErrorKind.MALFORMED, ErrorKind.BAD_TEXT, ErrorKind.BAD_ID, ErrorKind.DUPLICATE_ID})
 
 
 def row_id(ident: Any, label: str) -> int | str:
@@ -1132,9 +1036,9 @@ def jsonl_batches(info: InputInfo, log: InputLog, skip: Callable[[int], bool] | 
         if obj is None:
             if not malformed:
                 continue
-            label = row_label(info.kind, number)
-            ident, key = (number, number) if numbered else (label, label_key(label))
+            ident = number if numbered else row_label(info.kind, number)
             problem, obj = (ErrorKind.MALFORMED, f"{row_place(info, number)}: not valid JSON ({why})"), {}
+            key = row_key(ident, problem)
         else:
             ident, problem, key = row_identity(info, number, obj.get(info.id_column) if info.id_column else None)
         if not numbered and skip(key):
@@ -1279,11 +1183,41 @@ def count_rows(info: InputInfo) -> int:
 # The record format, its fast scanner, each id's final record, the checkpoint and its sidecar.
 
 
+FSYNC_EVERY = 2.0           # seconds between fsyncs of the checkpoint while running
+
+# Every record score.py writes has these keys in this order (base_record builds them so).
+RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
+               "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
+               "duplicate_of", "ts", "error", "error_kind")
+
+# So our own lines start with id and score and end with error_kind, with hash between: reading
+# just those with one regex is ~6x faster than json.loads, which stays the fallback. A test pins
+# this pattern to RECORD_KEYS and the builders.
+RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
+                           rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
+
+LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
+TAIL_MAX = 1 << 20           # a last line longer than this, without its newline, is no record of ours
+HOLD_MAX = (10_000, 4 << 20)    # --overwrite keeps at most this many records / bytes back
+PIN_BLOCK = 1 << 16         # bytes hashed at each end of an input file
+
+
+def last_of_runs(ordered: pa.Array) -> pa.Array:
+    """Mark the last of each run of equal values in a sorted array (its unique values, without a hash table)."""
+    if not len(ordered):
+        return pa.array([], pa.bool_())
+    return pa.concat_arrays([pc.not_equal(ordered[:-1], ordered[1:]), pa.array([True])])
+
+
 class KeySet:
     """A frozen set of 64-bit keys in a sorted array: 8 bytes per key."""
 
     def __init__(self, keys: array) -> None:
-        (self._keys,) = sort_together(keys)
+        (ordered,) = sort_together(keys)
+        if ordered:                         # an id scored twice is one key
+            ordered = arrow_int64(ordered)
+            ordered = to_array(ordered.filter(last_of_runs(ordered)))
+        self._keys = ordered
 
     def __contains__(self, key: int) -> bool:
         i = bisect.bisect_left(self._keys, key)
@@ -1331,19 +1265,20 @@ class HashIndex:
 
 
 @dataclass(slots=True)
-class SkippedLines:
+class ForeignLines:
     """Checkpoint lines that are not records score.py writes: counted, the first few by line number."""
 
     count: int = 0
     first: list[int] = field(default_factory=list)
 
     def add(self, number: int) -> None:
+        """Count a foreign line, remembering its number if it is among the first few."""
         self.count += 1
         if len(self.first) < WARN_FIRST:
             self.first.append(number)
 
     def describe(self, path: Path) -> str:
-        """Say which lines were skipped, for a one-line warning."""
+        """Say which lines were passed over, for a one-line warning."""
         where = ", ".join(map(str, self.first)) + (", ..." if self.count > len(self.first) else "")
         return (f"{path}: skipped {self.count:,} line(s) that are not records score.py writes "
                 f"(line {where}); they count for nothing")
@@ -1358,7 +1293,7 @@ class ResumeState:
     hashes: HashIndex
     records: int = 0
     retried: int = 0                # ids whose last attempt failed: resume retries them
-    skipped: SkippedLines = field(default_factory=SkippedLines)
+    foreign: ForeignLines = field(default_factory=ForeignLines)
     torn_bytes: int = 0
     repeated: KeySet = field(default_factory=lambda: KeySet(array("q")))   # ids noted as duplicate_id
 
@@ -1392,20 +1327,10 @@ class FinalRecords:
 
     def positions(self) -> pa.Array:
         """Return the values (positions, given with positions=True) of every key's final record."""
-        last = pa.table({"key": arrow_int64(self._keys), "at": arrow_int64(self._positions)}) \
-            .group_by("key").aggregate([("at", "max")]).column("at_max").combine_chunks()
-        return pa.concat_arrays([last.cast(pa.int64()), pa.array(self.finish()[1].values(), pa.int64())])
-
-
-# Every record score.py writes has these keys in this order (base_record builds them so).
-RECORD_KEYS = ("id", "score", "reason", "score_expected", "model", "model_digest", "endpoint", "attempts",
-               "latency_s", "prompt_tokens", "output_tokens", "truncated", "temperature", "seed", "hash",
-               "duplicate_of", "ts", "error", "error_kind")
-# So our own lines start with id and score and end with error_kind, with hash between: reading
-# just those with one regex is ~6x faster than json.loads, which stays the fallback. A test pins
-# this pattern to RECORD_KEYS and the builders.
-RECORD_FIELDS = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"|-?\d+), "score": (null|\d+), '
-                           rb'.*"hash": (null|"[0-9a-f]{16}"), .*"error_kind": (null|"[a-z_]+")\}\r?\n?$', re.S)
+        # a stable sort keeps each key's records in file order, so a run's last is its final one; an
+        # Arrow group_by would need ~180 bytes a record
+        keys, at = (arrow_int64(a) for a in sort_together(self._keys, self._positions))
+        return pa.concat_arrays([at.filter(last_of_runs(keys)), pa.array(self.finish()[1].values(), pa.int64())])
 
 
 def finite(value: Any) -> bool:
@@ -1413,14 +1338,13 @@ def finite(value: Any) -> bool:
     return type(value) is int or type(value) is float and math.isfinite(value)
 
 
-LATEST_TS = 1e11            # seconds since 1970: year 5138; a bigger ts is not a clock reading
-
-
 def is_text(value: Any) -> bool:
+    """Tell whether a JSON value is a string."""
     return type(value) is str
 
 
 def is_count(value: Any) -> bool:
+    """Tell whether a JSON value is a whole number of things (an int, not a bool, never negative)."""
     return type(value) is int and value >= 0
 
 
@@ -1559,10 +1483,6 @@ def record_line(record: dict[str, Any]) -> bytes:
         return (json.dumps(record, ensure_ascii=False) + "\n").encode()
     except UnicodeEncodeError:
         return (json.dumps(record) + "\n").encode()
-
-
-TAIL_MAX = 1 << 20           # a last line longer than this, without its newline, is no record of ours
-HOLD_MAX = (10_000, 4 << 20)    # --overwrite keeps at most this many records / bytes back
 
 
 def meta_path(output: Path) -> Path:
@@ -1735,7 +1655,7 @@ class Checkpoint:
         finals = FinalRecords()
         add = finals.add
         hash_keys, hash_offsets = array("q"), array("q")
-        skipped, repeated = SkippedLines(), array("q")
+        foreign, repeated = ForeignLines(), array("q")
         records = 0
         offset = 0
         with open(self.path, "rb", buffering=1 << 20) as f:
@@ -1745,7 +1665,7 @@ class Checkpoint:
                 here, offset = offset, offset + len(line)
                 fields = scan_record(line)
                 if fields is None:
-                    skipped.add(number)
+                    foreign.add(number)
                     continue
                 key, score, stored_hash, kind = fields
                 records += 1
@@ -1758,7 +1678,7 @@ class Checkpoint:
         scored, errors = finals.finish()
         permanent = array("q", (key for key, kind in errors.items() if kind in PERMANENT_ERRORS))
         hashes = HashIndex(hash_keys, hash_offsets)
-        return ResumeState(scored, KeySet(permanent), hashes, records, len(errors) - len(permanent), skipped,
+        return ResumeState(scored, KeySet(permanent), hashes, records, len(errors) - len(permanent), foreign,
                            torn, KeySet(repeated))
 
     def append(self, record: dict[str, Any]) -> int:
@@ -1769,12 +1689,12 @@ class Checkpoint:
                 self._held.append(data)
                 self._held_bytes += len(data)
                 return self._held_bytes - len(data)     # where it will land once the file is emptied
-            self.release()
+            self.write_held()
         if not self._started:
             self._start()
         return self._write(data)
 
-    def release(self) -> None:
+    def write_held(self) -> None:
         """Write the records held back under --overwrite: the run has scored a row or ended normally."""
         held, self._held = self._held, None
         if held:
@@ -1828,9 +1748,6 @@ class Checkpoint:
                 self.sync()
             os.close(self._fd)
             self._fd = -1
-
-
-PIN_BLOCK = 1 << 16         # bytes hashed at each end of an input file
 
 
 def block_hash(f, start: int, length: int) -> str:
@@ -1893,6 +1810,7 @@ def input_changes(info: InputInfo, old: list[dict[str, Any]], new: list[dict[str
 
 
 def sha256_of(text: str) -> str:
+    """Return the hex SHA-256 of a text (the sidecar pins the prompt and the answer schema by it)."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -1941,6 +1859,7 @@ def prompt_difference(config: Config, old: dict[str, Any], reason: str) -> str |
 def same_content(old: Any, new: list[dict[str, Any]]) -> bool:
     """Tell whether the input files are the pinned ones, whatever they are called now."""
     def bare(pins: Any) -> list:
+        """Drop the file names from the pins, keeping what the files hold."""
         return [{k: v for k, v in pin.items() if k != "file"} for pin in pins] if isinstance(pins, list) else []
     return bool(new) and bare(old) == bare(new)
 
@@ -2085,14 +2004,10 @@ def parse_endpoint_line(text: str, number: int, source: str) -> EndpointSpec:
         if key in options:
             raise UsageError(f"{where}: {key}= given twice ({options[key]!r} and {value!r}); keep one")
         options[key] = value
-    concurrency: int | str | None = options.get("concurrency")
-    if concurrency is not None and concurrency != AUTO:
-        try:
-            concurrency = int(concurrency)
-            if concurrency < 1:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"{where}: concurrency must be a positive integer or auto") from None
+    try:
+        concurrency = parse_concurrency(options["concurrency"]) if "concurrency" in options else None
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
     try:
         api = Api(options.get("api", implied_api or Api.AUTO))
     except ValueError:
@@ -2829,14 +2744,120 @@ def build_clash(endpoint: Endpoint, endpoints: Iterable[Endpoint]) -> Endpoint |
 # Prompt, request, answer and expected score; the calibration sets at preflight.
 
 
+TOP_LOGPROBS = 20           # alternatives asked for at each generated token (Ollama's maximum)
+CALIBRATION_GAP = 1.0       # good samples must outscore poor ones by this much
+CALIBRATION_DRIFT = 2.0     # an endpoint whose means differ from the rest of the fleet's by more is suspect
+CALIBRATION_PARALLEL = 4    # calibration requests in flight per endpoint
+
+# Clearly good and clearly poor functions, varied in size and style, that every endpoint scores at
+# preflight: a model (or a machine serving another build) that cannot tell them apart shows up
+# before it spends days scoring. They are never written to the checkpoint.
+CALIBRATION_GOOD = (
+    '''def clamp(value: float, low: float, high: float) -> float:
+    """Return value limited to the closed interval [low, high]."""
+    if low > high:
+        raise ValueError(f"empty interval: {low} > {high}")
+    return max(low, min(value, high))
+''',
+    '''def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Yield successive lists of at most `size` items from `items`.
+
+    >>> list(chunked(range(5), 2))
+    [[0, 1], [2, 3], [4]]
+    """
+    if size < 1:
+        raise ValueError("size must be at least 1")
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+''',
+    '''/**
+ * Delay calls to `fn` until `wait` milliseconds have passed without a new call.
+ * @param {Function} fn  the function to call
+ * @param {number} wait  the quiet period in milliseconds
+ * @returns {Function} the debounced function
+ */
+function debounce(fn, wait) {
+  let timer = null;
+  return function (...args) {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn.apply(this, args), wait);
+  };
+}
+''',
+    '''    def get(self, key: str, default: V | None = None) -> V | None:
+        """Return the cached value for key and mark it most recently used."""
+        try:
+            value = self._entries.pop(key)
+        except KeyError:
+            self.misses += 1
+            return default
+        self._entries[key] = value      # re-insert: dicts keep insertion order
+        self.hits += 1
+        return value
+''',
+)
+
+CALIBRATION_POOR = (
+    '''def f(a,b,c,d):
+  x=a
+  if b==1: x=x+1
+  if b==1: x=x+1
+  if c: x=x
+  return x;d
+''',
+    '''def proc(l=[]):
+    global cnt
+    try:
+        for i in range(len(l)):
+            if l[i] != None:
+                cnt = cnt + 1
+                l[i] = l[i]
+    except:
+        pass
+    return l
+''',
+    '''function doIt(a){var b=a;var c=0;for(var i=0;i<b.length;i++){c=c+b[i]*1;};return c;c=0;}
+''',
+    '''def calc(x):
+    # TODO fix
+    y = 0
+    if x == 1:
+        y = 1
+    if x == 2:
+        y = 2
+    if x == 3:
+        y = 3
+    #if x == 4:
+    #    y = 4
+    return y
+''',
+)
+
+CHARS_PER_TOKEN = 2.5       # conservative for code: cut more rather than overflow
+TRUNCATION_MARK = "\n... [truncated]"
+ANSWER_CAP = 1 << 20        # bytes read of one scoring answer (a real one is a few hundred)
+MIN_CODE_CHARS = 200        # less code than this (where the code is longer) is not worth a verdict
+SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
+SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the score's digits in one token
+ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
+LOGPROB_SLACK = 1e-6        # a log-probability is at most 0; rounding may leave a hair above
+CONTEXT_PATTERNS = (
+    re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"),
+    re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S),
+)
+
+
 def retry_settings(config: Config, attempt: int) -> tuple[float, int]:
     """Vary a retry: the same prompt at temperature 0 gives the same bad answer again."""
     if attempt == 0:
         return config.temperature, config.seed
     return max(config.temperature, min(1.0, 0.3 * attempt)), config.seed + 1009 * attempt
-
-
-MIN_CODE_CHARS = 200        # less code than this (where the code is longer) is not worth a verdict
 
 
 def cut_text(text: str, limit: int) -> str:
@@ -2937,11 +2958,6 @@ def parse_answer(content: str) -> tuple[int, str | None]:
     return score, reason if reason is None or isinstance(reason, str) else json.dumps(reason)
 
 
-SCORE_KEY = re.compile(r'(?<!\\)"score"\s*:\s*(?=\d)')   # the key anywhere in the object, not inside a string
-SCORE_TAIL = re.compile(r"\s*(?:[,}].*)?", re.S)           # what may follow the score's digits in one token
-ONE_OR_TEN = 5.5    # "1" seen only as an alternative counts as 10 when the other scores centre above this
-
-
 def token_entries(api: Api, data: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Return an answer's per-token probability entries (Ollama or OpenAI shape), or None."""
     if api == Api.OLLAMA:
@@ -2955,9 +2971,6 @@ def token_entries(api: Api, data: dict[str, Any]) -> list[dict[str, Any]] | None
     if not all(isinstance(e, dict) and isinstance(e.get("token"), str) for e in entries):
         return None
     return entries
-
-
-LOGPROB_SLACK = 1e-6        # a log-probability is at most 0; rounding may leave a hair above
 
 
 def probability(logprob: int | float) -> float | None:
@@ -3057,12 +3070,6 @@ def expected_score(entries: list[dict[str, Any]] | None, score: int) -> float | 
     if not total > 0:
         return None
     return round(sum(k * p for k, p in mass.items()) / total, 3)
-
-
-CONTEXT_PATTERNS = (
-    re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"),
-    re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S),
-)
 
 
 def context_overflow(status: int, response: httpx.Response, message: str) -> ContextOverflow | None:
@@ -3454,7 +3461,6 @@ def race_target(mine: float | None, copies: Iterator[tuple[Any, Lane, float, int
     return best
 
 
-
 class Act(enum.Enum):
     """What happens to a row after an outcome."""
 
@@ -3598,7 +3604,6 @@ def judge_attempts(attempts: int, max_attempts: int, kind: ErrorKind, last_error
         final = ErrorKind.ATTEMPTS_EXHAUSTED if kind in (ErrorKind.BAD_ANSWER, ErrorKind.REJECTED) else kind
         return Verdict(Act.WRITE, final, f"{attempts} attempts; last: {last_error}")
     return Verdict(Act.RESEND)
-
 
 
 class Backlog:
@@ -4271,6 +4276,13 @@ class Run:
 # The progress line, the preflight table and the end-of-run summary.
 
 
+HANDFUL = 4                 # up to this many endpoints, the progress line names each; beyond, it summarises
+MIN_BAR = 10                # the progress bar keeps at least this many columns
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"   # the rate is in the status
+RATE_WINDOW = 30.0          # seconds over which the progress line's items/s is measured
+LOG_STATUS = 160            # characters of fleet status in the once-a-minute log line
+
+
 def attention(endpoints: list[Endpoint], erring: set[str], now: float) -> list[str]:
     """Name the endpoints a user should look at, grouped: out of service, failing, stuck on a request."""
     groups: dict[str, list[str]] = {"down": [], "out": [], "errors": [], "slow": []}
@@ -4618,6 +4630,9 @@ DISAGREE_ALPHA = 0.01       # and beyond chance (family-wise, across the fleet) 
 GAP_SECONDS = 120.0         # no answer from any endpoint for this long (and 20× the usual pace) is a gap
 EXPORT_COLUMNS = ("score", "score_expected", "reason", "model", "endpoint", "error")
 NUMERIC_COLUMNS = {"score": pa.int64(), "score_expected": pa.float64()}
+CURVE_COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#8c6d31",
+                "#17a2b8", "#9a9a1f", "#d4589f", "#1f3f6e", "#c0392b", "#2e7d32"]
+OTHERS_COLOR = "#777777"
 
 
 @dataclass(slots=True)
@@ -4629,6 +4644,7 @@ class Moments:
     squares: float = 0.0
 
     def add(self, value: float, times: int = 1) -> None:
+        """Count value `times` times."""
         self.n += times
         self.total += value * times
         self.squares += value * value * times
@@ -4672,21 +4688,17 @@ class Stats:
     timeline: dict[str, array] = field(default_factory=dict)    # endpoint -> completion times (8 bytes each)
     first_ts: float | None = None
     last_ts: float | None = None
-    skipped: SkippedLines = field(default_factory=SkippedLines)
+    foreign: ForeignLines = field(default_factory=ForeignLines)
     expected: dict[str, Moments] = field(default_factory=dict)  # endpoint -> moments of score_expected
     expected_histogram: Counter = field(default_factory=Counter)  # score_expected rounded to the nearest score
     expected_rows: int = 0
     token_rows: int = 0             # answers that report output_tokens, and their sum
     tokens: int = 0
 
-    def mean(self, counts: Counter) -> float:
-        total = sum(counts.values())
-        return sum(score * n for score, n in counts.items()) / total if total else float("nan")
 
-
-def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[dict[str, Any]]:
-    """Yield each record score.py could have written, counting torn or foreign lines in `skipped`."""
-    skipped = skipped if skipped is not None else SkippedLines()
+def iter_records(path: Path, foreign: ForeignLines | None = None) -> Iterator[dict[str, Any]]:
+    """Yield each record score.py could have written, counting torn or foreign lines in `foreign`."""
+    foreign = foreign if foreign is not None else ForeignLines()
     with open(path, "rb", buffering=1 << 20) as f:
         for number, line in enumerate(f, 1):
             try:
@@ -4696,52 +4708,78 @@ def iter_records(path: Path, skipped: SkippedLines | None = None) -> Iterator[di
             if valid_record(record):
                 yield clean_details(record)
             else:
-                skipped.add(number)
+                foreign.add(number)
 
 
 def add_answer_stats(stats: Stats, endpoint: str, record: dict[str, Any]) -> None:
-    """Count a scored record's expected score and generated tokens."""
+    """Count a scored record's expected score and generated tokens (clean_details nulled odd ones)."""
     expected = record.get("score_expected")
-    if isinstance(expected, (int, float)) and not isinstance(expected, bool) and math.isfinite(expected):
+    if expected is not None:
         stats.expected.setdefault(endpoint, Moments()).add(float(expected))
         stats.expected_histogram[min(10, max(1, math.floor(expected + 0.5)))] += 1
         stats.expected_rows += 1
     tokens = record.get("output_tokens")
-    if isinstance(tokens, int) and not isinstance(tokens, bool):
+    if tokens is not None:
         stats.token_rows += 1
         stats.tokens += tokens
 
 
+def add_scored(stats: Stats, record: dict[str, Any]) -> None:
+    """Count a final scored record in the histograms, per endpoint and on the timeline."""
+    score = record["score"]
+    stats.rows_scored += 1
+    stats.histogram[score] += 1
+    stats.truncated += bool(record.get("truncated"))
+    if record.get("duplicate_of") is not None:
+        stats.duplicates += 1
+        return                        # a copied verdict says nothing about its endpoint
+    endpoint = record.get("endpoint") or "?"
+    stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
+    add_answer_stats(stats, endpoint, record)
+    ts = record.get("ts")
+    if ts is not None:
+        stats.timeline.setdefault(endpoint, array("d")).append(ts)
+        stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
+        stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
+
+
+def recount_final(path: Path, finals: FinalRecords, stats: Stats) -> Stats:
+    """Count the scored records again, each id key's final one only (an id was scored twice)."""
+    wanted = finals.positions()
+    wanted = to_array(wanted.take(pc.sort_indices(wanted)))
+    fresh = Stats(errors=stats.errors, foreign=stats.foreign)
+    taken = 0
+    for position, record in enumerate(iter_records(path)):
+        if taken == len(wanted):
+            break                     # records appended since the first pass are not in its count
+        if position == wanted[taken]:
+            taken += 1
+            if record["score"] is not None:
+                add_scored(fresh, record)
+    return fresh
+
+
 def read_stats(path: Path) -> Stats:
-    """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing."""
+    """Stream a checkpoint: score histograms (overall, per endpoint), errors, and timing, each id
+    key counted by its final record (FinalRecords' rule)."""
     stats = Stats()
-    finals, repeated_keys = FinalRecords(), array("q")
-    for record in iter_records(path, stats.skipped):
+    finals, kinds, repeated_keys = FinalRecords(positions=True), {}, array("q")
+    for position, record in enumerate(iter_records(path, stats.foreign)):
         score, kind = record["score"], record.get("error_kind")
-        if not finals.add(record_key(record["id"], kind), score, kind, kind):
+        if not finals.add(record_key(record["id"], kind), score, kind, position):
             # a later row's note says nothing of the id's own row; it names the row's line, so
             # equal notes are one row noted again by a later run
             repeated_keys.append(id_key(str(record.get("error"))))
-            continue
-        if score is None:
-            continue
-        stats.rows_scored += 1
-        stats.histogram[score] += 1
-        stats.truncated += bool(record.get("truncated"))
-        if record.get("duplicate_of") is not None:
-            stats.duplicates += 1
-            continue                  # a copied verdict says nothing about its endpoint
-        endpoint = record.get("endpoint") or "?"
-        stats.per_endpoint.setdefault(endpoint, Counter())[score] += 1
-        add_answer_stats(stats, endpoint, record)
-        ts = record.get("ts")
-        if isinstance(ts, (int, float)):
-            stats.timeline.setdefault(endpoint, array("d")).append(ts)
-            stats.first_ts = ts if stats.first_ts is None else min(stats.first_ts, ts)
-            stats.last_ts = ts if stats.last_ts is None else max(stats.last_ts, ts)
-    stats.errors = Counter(finals.finish()[1].values())
+        elif score is None:
+            kinds[position] = kind
+        else:
+            add_scored(stats, record)
+    scored, errors = finals.finish()
+    stats.errors = Counter(kinds[position] for position in errors.values())
     if repeated_keys:
         stats.errors[ErrorKind.DUPLICATE_ID] = len(pc.unique(arrow_int64(repeated_keys)))
+    if len(scored) < stats.rows_scored:
+        stats = recount_final(path, finals, stats)
     return stats
 
 
@@ -4857,6 +4895,7 @@ def spark(values: list[float], top: float | None = None) -> str:
 
 
 def format_mean(value: float) -> str:
+    """Show a mean to two decimals, or "-" where there was nothing to average."""
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
@@ -4895,7 +4934,7 @@ def distribution_lines(stats: Stats) -> list[str]:
         n = stats.histogram[score]
         row = [str(score), f"{n:,}", f"{100 * n / total:.1f}%", "█" * round(40 * n / top)]
         rows.append(row + [f"{stats.expected_histogram[score]:,}"] if stats.expected_rows else row)
-    mean = format_mean(stats.mean(stats.histogram))
+    mean = format_mean(moments(stats.histogram).mean)
     rows.append(["mean", mean, "", ""] + ([format_mean(sum(stats.expected.values(), Moments()).mean)]
                                           if stats.expected_rows else []))
     lines = [f"Score distribution ({plural(stats.rows_scored, 'row')} scored"
@@ -4919,7 +4958,7 @@ def endpoint_lines(stats: Stats, shown: list[str]) -> list[str]:
     top = max((max(v) for v in shares.values()), default=1.0)
     rows = [["endpoint", "items", "mean", *(["expected"] if stats.expected_rows else []), "scores 1..10"]]
     for name, counts in groups.items():
-        rows.append([name, f"{sum(counts.values()):,}", format_mean(stats.mean(counts)),
+        rows.append([name, f"{sum(counts.values()):,}", format_mean(moments(counts).mean),
                      *([format_mean(expected[name].mean)] if stats.expected_rows else []),
                      "|" + spark(shares[name], top) + "|"])
     laid = text_table(cut_names(rows, REPORT_WIDTH - 2), right={1, 2, 3} if stats.expected_rows else {1, 2})
@@ -4994,11 +5033,6 @@ def span_rates(times: list[float], lo: float, hi: float, buckets: int) -> list[f
     for t in times[bisect.bisect_left(times, lo):bisect.bisect_right(times, hi)]:
         counts[min(buckets - 1, int((t - lo) / width))] += 1
     return [c / width for c in counts]
-
-
-CURVE_COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#a83b6e", "#7b5ea8", "#8c6d31",
-                "#17a2b8", "#9a9a1f", "#d4589f", "#1f3f6e", "#c0392b", "#2e7d32"]
-OTHERS_COLOR = "#777777"
 
 
 def svg_legend(colors: dict[str, str], left: float, top: float, width: float) -> tuple[str, float]:
@@ -5125,7 +5159,7 @@ def html_endpoints(stats: Stats) -> str:
         items = sum(stats.per_endpoint[n].values())
         expected = f"<td>{format_mean(stats.expected.get(n, Moments()).mean)}</td>" if stats.expected_rows else ""
         rows.append(f"<tr{' class=warn' if n in flagged else ''}><td>{html.escape(n)}</td><td>{items:,}</td>"
-                    f"<td>{100 * items / total:.1f}%</td><td>{format_mean(stats.mean(stats.per_endpoint[n]))}</td>"
+                    f"<td>{100 * items / total:.1f}%</td><td>{format_mean(moments(stats.per_endpoint[n]).mean)}</td>"
                     f"{expected}<td>{svg_mini(shares[n], top)}</td></tr>")
     note = ""
     if stats.duplicates:
@@ -5139,7 +5173,7 @@ def html_report(stats: Stats, source: Path) -> str:
     """The same report as one self-contained page (inline SVG, no network)."""
     labels = [str(s) for s in range(1, 11)]
     sections = [html_header(stats, source),
-                f"<h2>All rows ({stats.rows_scored:,} scored, mean {format_mean(stats.mean(stats.histogram))})</h2>",
+                f"<h2>All rows ({stats.rows_scored:,} scored, mean {format_mean(moments(stats.histogram).mean)})</h2>",
                 svg_bars([stats.histogram[s] for s in range(1, 11)], labels)]
     sections += [f"<p>{html.escape(line)}</p>" for line in filter(None, [tie_line(stats)])]
     if stats.expected_rows:
@@ -5175,7 +5209,7 @@ def clean_strings(value: Any) -> Any:
     return value
 
 
-def answer_table(path: Path) -> pa.Table:
+def final_answers(path: Path) -> pa.Table:
     """Reduce a checkpoint to one row per id key: its final record (FinalRecords' rule)."""
     columns: dict[str, list] = {name: [] for name in ("key", *EXPORT_COLUMNS)}
     chunks = []
@@ -5183,6 +5217,7 @@ def answer_table(path: Path) -> pa.Table:
     position = 0
 
     def flush() -> None:
+        """Turn the columns gathered so far into an Arrow chunk (one, empty, for an empty checkpoint)."""
         if columns["key"] or not chunks:
             chunks.append(pa.table({"key": pa.array(columns["key"], pa.int64()),
                                     **{name: pa.array(columns[name], NUMERIC_COLUMNS.get(name, pa.string()))
@@ -5225,7 +5260,7 @@ def arrow_rows(records: list[dict], schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_pylist(mended, schema=schema)
 
 
-def rows_table(rows: Rows, schema: pa.Schema | None) -> pa.Table:
+def rows_arrow(rows: Rows, schema: pa.Schema | None) -> pa.Table:
     """Return rows read for export as an Arrow table (JSONL objects in the schema of the first run)."""
     if isinstance(rows.data, pa.RecordBatch):
         return pa.Table.from_batches([rows.data])
@@ -5261,7 +5296,7 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog)
     clash = [c for c in EXPORT_COLUMNS if c in info.columns]
     if clash:
         raise UsageError(f"{config.input} already has column(s) {', '.join(clash)}; export would overwrite them")
-    answers = answer_table(config.output)
+    answers = final_answers(config.output)
     keep = top_keys(answers, config.top) if config.top else None     # a threshold needs every row first
     temp = target.with_name(target.name + ".tmp")
     writer, schema = None, None
@@ -5270,7 +5305,7 @@ def export_parquet(config: Config, info: InputInfo, target: Path, log: InputLog)
         for rows in input_rows(info, log):
             keys, repeated = arrow_int64(rows.keys), pa.array(rows.repeated, pa.bool_())
             picked = answers.take(pc.index_in(keys, value_set=answers.column("key")))
-            table = rows_table(rows, schema)
+            table = rows_arrow(rows, schema)
             schema = schema or table.schema
             for name in EXPORT_COLUMNS:
                 table = table.append_column(name, picked.column(name).combine_chunks())
@@ -5304,8 +5339,8 @@ def write_reports(config: Config, ran: bool = False) -> int:
     if not config.output.exists():
         raise UsageError(f"{config.output}: no checkpoint to report on (score something first)")
     stats = read_stats(config.output)
-    if stats.skipped.count:
-        warn(stats.skipped.describe(config.output))
+    if stats.foreign.count:
+        warn(stats.foreign.describe(config.output))
     warn(text_report(stats, tokens=not ran))
     if config.report_html:
         config.report_html.write_text(html_report(stats, config.output))
@@ -5327,6 +5362,9 @@ def write_reports(config: Config, ran: bool = False) -> int:
 # Preflight, one whole job from the first request to its exit code, signals, the resume command.
 
 
+PREFLIGHT_GRACE = 5.0       # once one endpoint is ready, seconds the others get to join the preflight table
+
+
 class QuietStream:
     """A console stream that falls silent, instead of raising, once nobody reads it.
 
@@ -5338,6 +5376,7 @@ class QuietStream:
         self.broken = False
 
     def write(self, text: str) -> int:
+        """Write text, or nothing once the reader has gone; always report it all written."""
         if not self.broken:
             try:
                 self.stream.write(text)
@@ -5347,6 +5386,7 @@ class QuietStream:
         return len(text)
 
     def flush(self) -> None:
+        """Flush, unless the reader has gone."""
         if not self.broken:
             try:
                 self.stream.flush()
@@ -5354,6 +5394,7 @@ class QuietStream:
                 self.silence()
 
     def isatty(self) -> bool:
+        """Tell whether a terminal still reads the stream."""
         try:
             return not self.broken and self.stream.isatty()
         except (OSError, ValueError):
@@ -5388,6 +5429,7 @@ def guard_streams() -> Callable[[], None]:
     sys.stdout, sys.stderr = (QuietStream(stream if stream is not None else next(spare)) for stream in saved)
 
     def restore() -> None:
+        """Put the original streams back and close the ones opened here."""
         sys.stdout, sys.stderr = saved
         for stream in opened:
             stream.close()
@@ -5632,6 +5674,7 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, main_task: asyncio.
     received: list[int] = []
 
     def on_signal(sig: int) -> None:
+        """Cancel the job on the first signal; leave at once on the second."""
         if received:   # every line written is already complete, so leaving now loses nothing
             os._exit(EXIT_SIGNAL[sig])
         received.append(sig)
@@ -5667,8 +5710,8 @@ def describe_resume(config: Config, resume: ResumeState) -> None:
     if resume.torn_bytes:
         warn(f"{config.output}: ends with a torn final line ({resume.torn_bytes} bytes) left by an interrupted "
              "run; it is cut before the next record")
-    if resume.skipped.count:
-        warn(resume.skipped.describe(config.output))
+    if resume.foreign.count:
+        warn(resume.foreign.describe(config.output))
     if resume.records:
         permanent = "a permanent error" if len(resume.permanent) == 1 else "permanent errors"
         warn(f"Resuming {config.output}: {plural(len(resume.scored), 'row')} scored, "
@@ -5751,18 +5794,20 @@ async def run_job(config: Config, info: InputInfo, meta: dict[str, Any], checkpo
                 counter.add_done_callback(lambda t: t.cancelled() or t.exception() or progress.set_total(t.result()))
             started = time.monotonic()
             await run.run()
-            checkpoint.release()
+            checkpoint.write_held()
             code = exit_code(run.tally)
     except asyncio.CancelledError:
         if not received:
             raise
         main_task.uncancel()
         code = EXIT_SIGNAL[received[0]]
-    except StopRun as problem:                # from preflight: nothing was sent
+    except StopRun as problem:
         warn(f"score.py: stopped: {problem}")
-        if problem.code == EXIT_INCOMPLETE:
-            warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
-        return problem.code
+        if run is None:                       # from preflight: nothing was sent
+            if problem.code == EXIT_INCOMPLETE:
+                warn(f"Nothing was sent; once that is fixed, run again with:\n  {rerun_command(config)}")
+            return problem.code
+        code, stopped = problem.code, True    # writing the records held back under --overwrite failed
     except ExceptionGroup as group:
         problem = run_stopper(group)
         warn(f"score.py: stopped: {problem}")
@@ -5798,6 +5843,10 @@ async def amain(config: Config) -> int:
 # Arguments become a Config at the boundary; main.
 
 
+DEFAULT_MODEL = "qwen2.5-coder:7b"
+DURATION_HELP = "90, 90s, 15m, 2h or 1d"
+
+
 def parse_duration(text: str) -> float:
     """Parse 90, 90s, 15m, 2h or 1d into seconds."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
@@ -5818,6 +5867,7 @@ def keep_alive_arg(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
+    """Parse an option that takes a whole number of at least 1."""
     try:
         value = int(text)
         if value >= 1:
@@ -5866,7 +5916,11 @@ def score_arg(text: str) -> int:
 
 
 def concurrency_arg(text: str) -> int | str:
-    return AUTO if text == AUTO else positive_int(text)
+    """Parse --concurrency N or auto (as endpoints.txt's concurrency= reads it)."""
+    try:
+        return parse_concurrency(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def top_arg(text: str) -> tuple[float, bool]:
@@ -5886,9 +5940,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see --help)")
-
-
-DURATION_HELP = "90, 90s, 15m, 2h or 1d"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -270,6 +270,8 @@ def test_concurrency_comes_from_the_line_then_the_command_line(tmp_path, option,
 def test_a_bad_concurrency_is_one_clear_line(tmp_path, value):
     with pytest.raises(score.UsageError, match=r"endpoints.txt:1: concurrency must be a positive integer or auto"):
         endpoints_from(tmp_path, f"127.0.0.1:9 concurrency={value}\n")
+    with pytest.raises(score.UsageError, match=r"--concurrency: concurrency must be a positive integer or auto"):
+        endpoints_from(tmp_path, "127.0.0.1:9\n", "--concurrency", value)
 
 
 # ── error kinds: the words records carry ────────────────────────────────────────

@@ -1,7 +1,9 @@
 """The single file reads top to bottom: sections in the documented order, definitions before use."""
 
 import ast
+import inspect
 import re
+import typing
 from pathlib import Path
 
 import score
@@ -85,3 +87,30 @@ def test_no_local_name_hides_a_module_level_one():
                 if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Store) and inner.id in module:
                     hidden.add(f"local {inner.id} (line {inner.lineno})")
     assert hidden == set()
+
+
+def module_functions() -> list[tuple[str, object]]:
+    """Every top-level function, class and method of score.py, by qualified name."""
+    found = []
+    for name, value in vars(score).items():
+        if getattr(value, "__module__", None) != "score":
+            continue
+        if inspect.isfunction(value) or inspect.isclass(value):
+            found.append((name, value))
+        if inspect.isclass(value):
+            for attribute, member in vars(value).items():
+                member = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+                if inspect.isfunction(member):
+                    found.append((f"{name}.{attribute}", member))
+    return found
+
+
+def test_every_annotation_names_something_defined():
+    unresolved = []
+    for name, value in module_functions():
+        try:
+            typing.get_type_hints(value)
+        except NameError as error:
+            unresolved.append(f"{name}: {error}")
+    assert len(module_functions()) > 100
+    assert unresolved == []

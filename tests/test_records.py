@@ -49,8 +49,11 @@ def agree(path: Path, finals: dict[int, tuple[int | None, str | None]], retried:
     stats = score.read_stats(path)
     errors = Counter(kind for value, kind in finals.values() if value is None)
     assert Counter({k: n for k, n in stats.errors.items() if k != "duplicate_id"}) == errors
+    histogram = Counter(value for value, _ in finals.values() if value is not None)
+    assert stats.rows_scored == len(state.scored) and stats.histogram == histogram
+    assert sum(stats.per_endpoint.values(), Counter()) == histogram              # none copied a verdict
 
-    table = score.answer_table(path).to_pylist()
+    table = score.final_answers(path).to_pylist()
     assert len(table) == len(finals)                            # one row per id key
     got = {row["key"]: (row["score"], row["error"]) for row in table}
     for key, (value, kind) in finals.items():
@@ -78,6 +81,17 @@ def test_resume_report_and_export_agree_on_each_ids_final_record(tmp_path):
     assert len(set(finals)) == 9                    # 1 and "1", a label and the same text as an id, stay apart
     agree(path, finals, retried=1)
     assert score.read_stats(path).errors["duplicate_id"] == 2
+
+
+def test_the_report_counts_only_the_final_of_two_scored_records_for_one_id(tmp_path):
+    first = {**record("x", 3), "endpoint": "slow", "score_expected": 3.4, "output_tokens": 9, "ts": 1_700_000_001.0}
+    second = {**record("x", 8), "endpoint": "fast", "score_expected": 7.6, "output_tokens": 5, "ts": 1_700_000_002.0}
+    path = write_checkpoint(tmp_path / "out.jsonl", [first, record("y", 5), second, record("y", kind="timeout")])
+    agree(path, {score.id_key("x"): (8, None), score.id_key("y"): (5, None)}, retried=0)
+    stats = score.read_stats(path)
+    assert stats.per_endpoint == {"fast": Counter({8: 1}), "gpu": Counter({5: 1})}
+    assert (stats.expected_rows, stats.tokens, sorted(stats.expected)) == (1, 5, ["fast"])
+    assert stats.expected_histogram == Counter({8: 1}) and list(stats.timeline["fast"]) == [1_700_000_002.0]
 
 
 def test_a_checkpoint_of_only_notes_and_errors_has_no_scored_id(tmp_path):

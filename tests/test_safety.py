@@ -358,6 +358,33 @@ def test_resuming_on_a_full_disk_is_one_line_and_changes_nothing(tmp_path, serve
     assert sorted(scored(read_records(out))) == sorted(r["id"] for r in rows(30))
 
 
+def test_overwrite_that_cannot_write_its_held_back_records_at_the_end_says_how_to_resume(tmp_path, serve, small_disk):
+    server = serve()
+    endpoints = write_endpoints(tmp_path / "e.txt", [server])
+    out = small_disk / "fns.scores.jsonl"
+    assert run_cli(write_jsonl(tmp_path / "one.jsonl", rows(1)), "--endpoints", endpoints, "-o", out).returncode == 0
+    # Only empty texts: every record is an error, so --overwrite holds them all back until the run ends.
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"id": f"e-{i}", "code": ""} for i in range(200)])
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match="No space left"):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.ftruncate(fd, os.fstat(fd).st_size - (16 << 10))     # room for the sidecar, not for 200 records
+    os.close(fd)
+    result = run_cli(empty, "--endpoints", endpoints, "-o", out, "--overwrite")
+    assert result.returncode == 1, result.stderr
+    assert "No space left" in result.stderr and "Nothing was sent" not in result.stderr
+    assert "Scored 0 rows" in result.stderr and "Rows without a score: 200 empty" in result.stderr
+    assert "--resume" in result.stderr.split("continue with:", 1)[1]
+    filler.unlink()
+    again = run_cli(empty, "--endpoints", endpoints, "-o", out, "--resume")
+    assert again.returncode == 1, again.stderr
+    finals = {r["id"]: r for r in read_records(out)}
+    assert sorted(finals) == sorted(f"e-{i}" for i in range(200))
+    assert {r["error_kind"] for r in finals.values()} == {"empty"}
+
+
 # ── exit codes of runs that only report or export
 
 def test_resume_export_with_nothing_left_exits_0_and_still_lists_permanent_errors(tmp_path, serve):
