@@ -106,9 +106,7 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 DEFAULT_ENDPOINT = "http://localhost:11434"
-OLLAMA_PORT = 11434
 TEXT_COLUMNS = ("code", "function", "content", "text")
-ENDPOINT_KEYS = ("concurrency", "model", "name", "api", "key_env")
 
 SCORE_SCHEMA = {
     "type": "object",
@@ -164,45 +162,14 @@ def prompt_for(prompt: str, reason: str) -> str:
 
 CALIBRATE_MIN_ROWS = 1000   # jobs this big are calibrated at preflight unless told otherwise
 
-
 NUM_PREDICT = 256           # answer budget; a score and one sentence fit easily
 CONTEXT_MARGIN = 64         # tokens kept free for the chat template's own markup
-MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
 
-DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
-FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
-FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
-OUTCOME_DECAY = 1 / 64      # weight of one request in an endpoint's running fault and bad-answer shares
-UNUSABLE_RUN = 10           # unusable answers in a row (to different rows, once it has answered well) that take
-                            # an endpoint out
-SUSPECT_RUN = 3             # rows in a row answered unusably after which its answers no longer cost rows attempts
-JUDGE_MIN = 8               # unusable answers before an endpoint can be judged against the fleet
-JUDGE_SEEN = 20             # answers the rest of the fleet must have given to compare with
-JUDGE_SHARE = 0.5           # an endpoint is out when this share of its answers is unusable,
-JUDGE_RATIO = 4.0           # and that is this many times the rest of the fleet's share
-RETRY_BOUND = 256           # rows waiting for a retry beyond which no preference delays them
-BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
-PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
 PROBE_TIMEOUT = 60.0        # single-slot servers answer probes only between generations
-POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
-DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
 
-AUTO = "auto"               # a concurrency found by measuring (the rules below), as users spell it
-AUTO_MAX = 64               # ceiling for adaptive concurrency
-AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
-AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
-AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
-AUTO_WINDOW = 4             # completions per measurement window (at least the limit) while ramping,
-AUTO_STEADY = 4             # times this while holding, where a noisy window could talk it down
-AUTO_FIRST_WINDOW = 2       # completions per measurement at limits 1 and 2 of the first climb
-AUTO_QUEUED = 1.4           # latency at limit 2 over the service time that says the second request only waited
-AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
-AUTO_PROBE_MAX = 600.0
-AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
+AUTO = "auto"               # a concurrency found by measuring (the limiter's AUTO_* rules), as users spell it
 HEDGE_RATIO = 0.5           # race an item when we expect to finish in < this share of its remaining time
-OVERDUE = 3.0               # a request running this many service times may be stalled: not counted on
 
-QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 READ_CHUNK = 256            # rows per hop from the reader thread to the event loop
 
 FLEET_ROWS = 12             # endpoints listed one by one; beyond this, the notable ones plus "others"
@@ -1951,6 +1918,28 @@ def check_meta(config: Config, info: InputInfo) -> dict[str, Any]:
 # The endpoints file, each endpoint's health and limit, and the requests of preflight.
 
 
+OLLAMA_PORT = 11434
+ENDPOINT_KEYS = ("concurrency", "model", "name", "api", "key_env")
+DOWN_AFTER = 3              # consecutive endpoint faults that take an endpoint down
+FAULT_RUN_ODDS = 1e-6       # a productive endpoint goes down on a run of faults this unlikely by chance
+FAULT_RUN_CAP = 12          # ... but never needs a longer run than this
+OUTCOME_DECAY = 1 / 64      # weight of one request in an endpoint's running fault and bad-answer shares
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+PROBE_CAP = 60.0            # longest wait between probes of a down endpoint
+DOCUMENT_CAP = 8 << 20      # bytes read of a model list, banner or error page
+AUTO_MAX = 64               # ceiling for adaptive concurrency
+AUTO_GAIN = 0.08            # a higher limit must raise throughput by this share to stay,
+AUTO_STEP_SHARE = 0.25      # and by this share of the step's relative size (x2 must gain 25%)
+AUTO_PROPORTIONAL = 0.85    # a doubling that raised throughput less than this share of x2 passed the server's capacity
+AUTO_WINDOW = 4             # completions per measurement window (at least the limit) while ramping,
+AUTO_STEADY = 4             # times this while holding, where a noisy window could talk it down
+AUTO_FIRST_WINDOW = 2       # completions per measurement at limits 1 and 2 of the first climb
+AUTO_QUEUED = 1.4           # latency at limit 2 over the service time that says the second request only waited
+AUTO_PROBE_SECONDS = 30.0   # first upward re-probe after settling; doubles while probes do not pay
+AUTO_PROBE_MAX = 600.0
+AUTO_DROP = 0.8             # a held limit whose throughput falls below this share is probed downward
+
+
 def normalize_url(text: str) -> tuple[str, Api | None]:
     """Turn host, host:port or a URL into (base URL, implied api); raise ValueError."""
     if "://" not in text:
@@ -3370,6 +3359,19 @@ async def calibrate(endpoints: list[Endpoint], config: Config) -> dict[str, dict
 # Pure rules: which endpoint takes which row, which row to race, what an outcome means.
 
 
+MAX_SHRINKS = 4             # context-overflow re-cuts of one item before giving up
+UNUSABLE_RUN = 10           # unusable answers in a row (to different rows, once it has answered well) that take
+                            # an endpoint out
+SUSPECT_RUN = 3             # rows in a row answered unusably after which its answers no longer cost rows attempts
+JUDGE_MIN = 8               # unusable answers before an endpoint can be judged against the fleet
+JUDGE_SEEN = 20             # answers the rest of the fleet must have given to compare with
+JUDGE_SHARE = 0.5           # an endpoint is out when this share of its answers is unusable,
+JUDGE_RATIO = 4.0           # and that is this many times the rest of the fleet's share
+RETRY_BOUND = 256           # rows waiting for a retry beyond which no preference delays them
+POISON_FAULTS = 3           # endpoint faults one item may cause before it is suspect
+OVERDUE = 3.0               # a request running this many service times may be stalled: not counted on
+
+
 @dataclass(frozen=True, slots=True)
 class Lane:
     """What the dispatch rules know about one endpoint at one moment."""
@@ -3934,6 +3936,9 @@ class Fleet:
 
 # ── Run ───────────────────────────────────────────────────────────────────────────
 # The core loop: read rows, dispatch them, write their records, watch the clock.
+
+
+QUEUE_SIZE = 256            # bounded hand-off between the reader and the workers
 
 
 class Drivers:
