@@ -288,7 +288,7 @@ def arrow_int64(values: array) -> pa.Array:
 def to_array(values: pa.Array) -> array:
     """Copy an Arrow int64 array back into an array('q')."""
     out = array("q")
-    out.frombytes(values.buffers()[1].to_pybytes()[values.offset * 8:(values.offset + len(values)) * 8])
+    out.frombytes(memoryview(values.buffers()[1])[values.offset * 8:(values.offset + len(values)) * 8])
     return out
 
 
@@ -1181,9 +1181,9 @@ class KeySet:
 
     def __init__(self, keys: array) -> None:
         (ordered,) = sort_together(keys)
-        if ordered:                         # an id scored twice is one key
-            ordered = arrow_int64(ordered)
-            ordered = to_array(ordered.filter(last_of_runs(ordered)))
+        last = last_of_runs(arrow_int64(ordered))
+        if not pc.all(last).as_py():        # an id scored twice is one key (a copy only then)
+            ordered = to_array(arrow_int64(ordered).filter(last))
         self._keys = ordered
 
     def __contains__(self, key: int) -> bool:
