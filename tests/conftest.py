@@ -51,6 +51,17 @@ def write_parquet(path: Path, records: list[dict], row_group_size: int = 1000) -
     return path
 
 
+def damage_row_group(path: Path, group: int, column: int) -> Path:
+    """Flip bytes inside one row group's column chunk of a Parquet file so its pages no longer decode."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    for i in range(start + 30, start + chunk.total_compressed_size - 5):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    return path
+
+
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -162,7 +173,8 @@ def interrupt_after(out: Path, *args, records: int = 3, sig: int = signal.SIGTER
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), [json.loads(l) for l in complete]
 
 
-__all__ = ["expected_score", "function_source", "rows", "write_jsonl", "write_parquet", "read_records", "scored",
+__all__ = ["expected_score", "function_source", "rows", "write_jsonl", "write_parquet", "damage_row_group",
+           "read_records", "scored",
            "write_endpoints", "run_cli", "start_cli", "wait_for", "lines_in", "interrupt_after", "SCORE"]
 
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import score
-from conftest import (expected_score, function_source, read_records, rows, run_cli, scored, write_endpoints,
-                      write_jsonl, write_parquet)
+from conftest import (damage_row_group, expected_score, function_source, read_records, rows, run_cli, scored,
+                      write_endpoints, write_jsonl, write_parquet)
 
 
 def exported(path) -> list[dict]:
@@ -114,12 +114,7 @@ def test_damaged_parquet_row_group_is_skipped_and_the_rest_is_scored(tmp_path, s
     server = serve()
     table = rows(30)
     data = write_parquet(tmp_path / "fns.parquet", table, row_group_size=10)
-    chunk = pq.ParquetFile(data).metadata.row_group(1).column(1)       # the middle group's code column
-    start = chunk.dictionary_page_offset or chunk.data_page_offset
-    raw = bytearray(data.read_bytes())
-    for i in range(start + 30, start + chunk.total_compressed_size - 5):
-        raw[i] ^= 0x5A                                                   # its compressed pages no longer decode
-    data.write_bytes(bytes(raw))
+    damage_row_group(data, 1, 1)                                       # the middle group's code column
     result = run_cli(data, "--endpoints", write_endpoints(tmp_path / "e.txt", [server]), "--no-progress")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and f"{data}: cannot read rows 10-19" in result.stderr

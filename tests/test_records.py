@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import score
-from conftest import run_cli, write_jsonl, write_parquet
+from conftest import damage_row_group, run_cli, write_jsonl, write_parquet
 
 BIG = 2 ** 70
 
@@ -171,12 +171,7 @@ def test_export_of_a_damaged_parquet_row_group_keeps_the_rows_it_can_read(tmp_pa
     code = "def f(x):\n    return x\n"
     data = write_parquet(tmp_path / "fns.parquet", [{"id": f"r{i}", "code": code * (i + 1)} for i in range(30)],
                          row_group_size=10)
-    chunk = pq.ParquetFile(data).metadata.row_group(1).column(1)       # the middle group's code column
-    start = chunk.dictionary_page_offset or chunk.data_page_offset
-    raw = bytearray(data.read_bytes())
-    for i in range(start + 30, start + chunk.total_compressed_size - 5):
-        raw[i] ^= 0x5A                                                   # its compressed pages no longer decode
-    data.write_bytes(bytes(raw))
+    damage_row_group(data, 1, 1)                                       # the middle group's code column
     write_checkpoint(tmp_path / "fns.scores.jsonl", [record(f"r{i}", 1 + i % 10) for i in range(30)])
     out = tmp_path / "out.parquet"
     done = run_cli(data, "--report", "--export", out)
