@@ -3875,9 +3875,7 @@ class Fleet:
                 await endpoint.trouble.wait()
                 continue
             if endpoint.health is Health.DOWN:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
-                        await self.over.wait()
+                await self.pause_before_probe(endpoint)
                 if self.over.is_set():
                     return
             try:
@@ -3890,9 +3888,7 @@ class Fleet:
                     self.gone_out(endpoint, str(exc))
                     return
                 if endpoint.health is Health.PENDING:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
-                            await self.over.wait()
+                    await self.pause_before_probe(endpoint)
                 continue
             if endpoint.down_since is not None:
                 self.progress.note(f"{endpoint.name} is back after "
@@ -3900,6 +3896,12 @@ class Fleet:
             endpoint.came_up()
             endpoint.limiter.restart(time.monotonic())
             self.changed.notify()
+
+    async def pause_before_probe(self, endpoint: Endpoint) -> None:
+        """Wait the endpoint's probe pause (give or take a fifth, so a fleet's probes spread), or until the run ends."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(endpoint.probe_pause * random.uniform(0.8, 1.2)):
+                await self.over.wait()
 
     async def bring_up(self, endpoint: Endpoint) -> None:
         """Check (first time) or probe (after trouble) an endpoint, then load its model.
